@@ -1,4 +1,4 @@
-"""Shared test setup: keep every Hugging Face / datasets cache inside a temporary folder, never the network."""
+"""Shared test setup: every Hugging Face / datasets cache in a temporary folder, and no network."""
 
 import os
 import tempfile

@@ -1,0 +1,25 @@
+"""lightning_rlhf: reward models, DPO and PPO as PyTorch Lightning modules."""
+
+from lightning_rlhf.data.sft import SFTDataModule
+from lightning_rlhf.losses import (
+    BradleyTerryLoss,
+    DPOLoss,
+    HingeDPOLoss,
+    IPOLoss,
+    RobustDPOLoss,
+    SigmoidDPOLoss,
+)
+from lightning_rlhf.modules.sft import SFTModule
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "BradleyTerryLoss",
+    "DPOLoss",
+    "HingeDPOLoss",
+    "IPOLoss",
+    "RobustDPOLoss",
+    "SFTDataModule",
+    "SFTModule",
+    "SigmoidDPOLoss",
+]

@@ -1,0 +1,76 @@
+"""The ``lightning-rlhf`` command: LightningCLI for every stage, plus the testbed helpers.
+
+lightning-rlhf fit --config configs/sft/testbed.yaml      # any stage, module and data by class_path
+lightning-rlhf testbed --out runs/testbed                  # write the embedded testbed's files
+lightning-rlhf quickstart                                  # the whole testbed pipeline
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lightning import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+_EXTRA_COMMANDS = """\
+lightning-rlhf also has these commands:
+  testbed      write the embedded testbed (data, tokenizer, initial model) to a folder
+  quickstart   run the testbed pipeline and print the gold reward of each stage
+"""
+
+
+class RLHFCLI(LightningCLI):
+    """LightningCLI with the package's modules and datamodules selectable by class_path."""
+
+
+def testbed_main(argv: list[str]) -> None:
+    from lightning_rlhf.testbed.files import SplitSizes, write_testbed
+    from lightning_rlhf.testbed.task import TaskConfig
+
+    parser = argparse.ArgumentParser(prog="lightning-rlhf testbed", description="Write the testbed's files.")
+    parser.add_argument("--out", default="runs/testbed", help="output folder")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the task and its data")
+    parser.add_argument("--model-size", default="tiny", help="size of the initial policy (nano, tiny, small)")
+    parser.add_argument(
+        "--behaviour-shift",
+        type=float,
+        default=TaskConfig.behaviour_shift,
+        help="distance of the preference data's behaviour distribution from the SFT data",
+    )
+    args = parser.parse_args(argv)
+    config = TaskConfig(seed=args.seed, behaviour_shift=args.behaviour_shift)
+    write_testbed(args.out, config, SplitSizes(), model_size=args.model_size)
+    print(f"testbed written to {args.out}")
+
+
+def build_cli(args: list[str] | None = None, *, run: bool = True) -> RLHFCLI:
+    """The LightningCLI behind ``lightning-rlhf fit|validate|test``; ``run=False`` only parses and builds."""
+    return RLHFCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+def cli_main(args: list[str] | None = None) -> None:
+    """Entry point of the ``lightning-rlhf`` console script (``args`` defaults to ``sys.argv[1:]``)."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] == "testbed":
+        testbed_main(argv[1:])
+    elif argv and argv[0] == "quickstart":
+        from lightning_rlhf.quickstart import main
+
+        main(argv[1:])
+    else:
+        if not argv or argv[0] in ("-h", "--help"):
+            print(_EXTRA_COMMANDS)
+        build_cli(args)
+
+
+if __name__ == "__main__":
+    cli_main()

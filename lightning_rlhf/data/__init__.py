@@ -1,0 +1,3 @@
+from lightning_rlhf.data.sft import SFTDataModule
+
+__all__ = ["SFTDataModule"]

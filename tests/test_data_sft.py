@@ -1,0 +1,148 @@
+"""Tokenization with truncation, collation, and SFTDataModule's handling of bad rows."""
+
+import json
+
+import pytest
+import torch
+
+from lightning_rlhf.data.collate import SFTCollator, pad_right
+from lightning_rlhf.data.loading import DataError
+from lightning_rlhf.data.sft import SFTDataModule
+from lightning_rlhf.data.tokenize import encode_prompt_response
+from lightning_rlhf.testbed.files import tokenizer_corpus
+from lightning_rlhf.testbed.task import TaskConfig, WordTask
+from lightning_rlhf.testbed.tokenizer import train_tokenizer
+
+WORDS = WordTask(TaskConfig(seed=0)).words  # each " word" is exactly one token of the testbed tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(tokenizer_corpus(WordTask(TaskConfig(seed=0))))
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("tok")
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_encode_appends_eos_exactly_once(tokenizer):
+    p, r, eos = ids(tokenizer, "P:"), ids(tokenizer, " a b"), tokenizer.eos_token_id
+    enc = encode_prompt_response(tokenizer, "P:", " a b", max_length=64)
+    assert enc.input_ids == p + r + [eos]
+    assert enc.response_mask == [0] * len(p) + [1] * (len(r) + 1)
+    assert not enc.truncated
+    again = encode_prompt_response(tokenizer, "P:", " a b</s>", max_length=64)
+    assert again.input_ids == enc.input_ids
+
+
+def test_truncation_cuts_prompt_left_then_response_right(tokenizer):
+    """Prompt 10 tokens, response 6 + EOS = 7, max_length 12, max_prompt_length 4.
+
+    Prompt keeps max(4, 12 - 7) = 5 tokens from its end; the response keeps 12 - 5 = 7 (all of it).
+    With max_length 8: prompt keeps max(4, 8 - 7) = 4 tokens, response keeps 8 - 4 = 4 tokens (EOS lost).
+    """
+    prompt = " " + " ".join(WORDS[:10])
+    response = " " + " ".join(WORDS[10:16])
+    p, r = ids(tokenizer, prompt), ids(tokenizer, response)
+    assert (len(p), len(r)) == (10, 6)
+    enc = encode_prompt_response(tokenizer, prompt, response, max_length=12, max_prompt_length=4)
+    assert enc.input_ids == p[-5:] + r + [tokenizer.eos_token_id] and enc.truncated
+    enc = encode_prompt_response(tokenizer, prompt, response, max_length=8, max_prompt_length=4)
+    assert enc.input_ids == p[-4:] + r[:4]
+    assert enc.response_mask == [0] * 4 + [1] * 4
+
+
+def test_empty_response_is_dropped(tokenizer):
+    assert encode_prompt_response(tokenizer, "P:", "", max_length=16) is None
+    assert encode_prompt_response(tokenizer, "P:", "</s>", max_length=16) is None
+    # A prompt that keeps every slot leaves no room for the response: dropped, not fed to a loss.
+    prompt = " " + " ".join(WORDS[:10])
+    assert (
+        encode_prompt_response(tokenizer, prompt, " " + WORDS[11], max_length=10, max_prompt_length=10)
+        is None
+    )
+    # One slot left: the response's first word survives (its EOS does not), so the example is kept.
+    kept = encode_prompt_response(tokenizer, prompt, " " + WORDS[11], max_length=11, max_prompt_length=10)
+    assert kept.input_ids[-1] == ids(tokenizer, " " + WORDS[11])[0] and kept.response_mask[-1] == 1
+
+
+def test_pad_right_and_collator():
+    assert pad_right([[1, 2, 3], [4]], 0).tolist() == [[1, 2, 3], [4, 0, 0]]
+    batch = SFTCollator(pad_token_id=9)(
+        [
+            {"input_ids": [5, 6, 7], "response_mask": [0, 1, 1]},
+            {"input_ids": [8], "response_mask": [1]},
+        ]
+    )
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 9, 9]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["response_mask"].tolist() == [[0, 1, 1], [1, 0, 0]]
+    with pytest.raises(ValueError, match="empty batch"):
+        pad_right([], 0)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_datamodule_counts_dropped_rows_and_batches(tmp_path, tokenizer_dir):
+    rows = [
+        {"prompt": "P:", "completion": " a b"},
+        {"prompt": "Q:", "completion": ""},
+        {"prompt": "R:", "completion": " c"},
+    ]
+    dm = SFTDataModule(tokenizer_dir, write_jsonl(tmp_path / "d.jsonl", rows), batch_size=2)
+    dm.setup("fit")
+    assert dm.dropped == {str(tmp_path / "d.jsonl"): 1}
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 2
+    assert torch.all(batch["response_mask"] <= batch["attention_mask"])
+    assert dm.val_dataloader() == []
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        (
+            {"prompt": None, "completion": " a"},
+            r"row 1 \(0-based\), field 'prompt': expected a string, got NoneType",
+        ),
+        (
+            {"prompt": "P:", "completion": 3},
+            r"row 1 \(0-based\), field 'completion': expected a string, got int",
+        ),
+    ],
+)
+def test_malformed_rows_name_file_row_and_field(tmp_path, tokenizer_dir, row, message):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok", "completion": " a"}, row])
+    with pytest.raises(DataError, match=message) as info:
+        SFTDataModule(tokenizer_dir, path).setup("fit")
+    assert "bad.jsonl" in str(info.value)
+
+
+def test_missing_column_names_the_flag(tmp_path, tokenizer_dir):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "P:", "completion": " a"}])
+    with pytest.raises(DataError, match="no column 'prompt'.*prompt_field|no column 'prompt'"):
+        SFTDataModule(tokenizer_dir, path).setup("fit")
+
+
+def test_missing_and_unparsable_files_are_named(tmp_path, tokenizer_dir):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        SFTDataModule(tokenizer_dir, str(tmp_path / "nope.jsonl")).setup("fit")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "P:", "completion": " a"}\n{"prompt": \n')
+    with pytest.raises(DataError, match="broken.jsonl"):
+        SFTDataModule(tokenizer_dir, str(broken)).setup("fit")
+
+
+def test_bad_arguments_name_the_flag(tokenizer_dir):
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        SFTDataModule(tokenizer_dir, "x.jsonl", batch_size=0)
