@@ -1,5 +1,6 @@
 """lightning_rlhf: reward models, DPO and PPO as PyTorch Lightning modules."""
 
+from lightning_rlhf.callbacks import HFExport
 from lightning_rlhf.data.sft import SFTDataModule
 from lightning_rlhf.losses import (
     BradleyTerryLoss,
@@ -9,6 +10,8 @@ from lightning_rlhf.losses import (
     RobustDPOLoss,
     SigmoidDPOLoss,
 )
+from lightning_rlhf.modules.dpo import DPOModule
+from lightning_rlhf.modules.reward import RewardModule
 from lightning_rlhf.modules.sft import SFTModule
 
 __version__ = "0.1.0.dev0"
@@ -16,8 +19,11 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "BradleyTerryLoss",
     "DPOLoss",
+    "DPOModule",
+    "HFExport",
     "HingeDPOLoss",
     "IPOLoss",
+    "RewardModule",
     "RobustDPOLoss",
     "SFTDataModule",
     "SFTModule",

@@ -1,3 +1,5 @@
+from lightning_rlhf.modules.dpo import DPOModule
+from lightning_rlhf.modules.reward import RewardModule
 from lightning_rlhf.modules.sft import SFTModule
 
-__all__ = ["SFTModule"]
+__all__ = ["DPOModule", "RewardModule", "SFTModule"]

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import torch
-from lightning import LightningModule
 from torch import Tensor
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
-from lightning_rlhf.ops import masked_mean, token_logprobs
-
-
-def response_token_logprobs(model: PreTrainedModel, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """Log-probs of each next token and the mask of those that are response tokens, both [B, T-1]."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    # Position t predicts token t+1: drop the last logit and the first label.
-    logps = token_logprobs(logits[:, :-1], batch["input_ids"][:, 1:])
-    return logps, batch["response_mask"][:, 1:]
+from lightning_rlhf.models import load_causal_lm, next_token_logprobs
+from lightning_rlhf.modules.base import HFModelModule
+from lightning_rlhf.ops import masked_mean
 
 
-class SFTModule(LightningModule):
+class SFTModule(HFModelModule):
     """Fine-tune a causal LM on demonstrations; the prompt tokens carry no loss."""
 
     def __init__(
@@ -35,26 +27,25 @@ class SFTModule(LightningModule):
             weight_decay: AdamW weight decay (biases and norms excluded).
             trust_remote_code: Allow model code shipped with the checkpoint to run (off for safety).
         """
-        super().__init__()
-        if learning_rate <= 0:
-            raise ValueError(f"SFTModule: learning_rate must be > 0 (got {learning_rate})")
+        super().__init__(learning_rate, weight_decay)
         self.save_hyperparameters()
         self.policy: PreTrainedModel | None = None
 
     def configure_model(self) -> None:
         # Built here, not in __init__, so that strategies such as DeepSpeed ZeRO-3 can shard it at creation.
         if self.policy is None:
-            self.policy = AutoModelForCausalLM.from_pretrained(
-                self.hparams.model, trust_remote_code=self.hparams.trust_remote_code
-            )
+            self.policy = load_causal_lm(self.hparams.model, trust_remote_code=self.hparams.trust_remote_code)
             # transformers may hand the model back in eval mode; fine-tuning runs in train mode (Lightning
             # switches to eval for validation and back).
             self.policy.train()
 
+    def trained_model(self) -> PreTrainedModel:
+        return self.policy
+
     def _loss(self, batch: dict[str, Tensor]) -> Tensor:
-        logps, mask = response_token_logprobs(self.policy, batch)
+        logps = next_token_logprobs(self.policy, batch["input_ids"], batch["attention_mask"])
         # Token-level mean over the batch: long responses weigh in proportion to their length.
-        return -masked_mean(logps, mask)
+        return -masked_mean(logps, batch["response_mask"][:, 1:])
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self._loss(batch)
@@ -64,12 +55,5 @@ class SFTModule(LightningModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self.log("val/loss", self._loss(batch), prog_bar=True, batch_size=batch["input_ids"].shape[0])
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        # Decay only matrices: decaying biases and norm gains shrinks them towards 0 for no regularising gain.
-        decay = [p for p in self.policy.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in self.policy.parameters() if p.requires_grad and p.ndim < 2]
-        groups = [
-            {"params": decay, "weight_decay": self.hparams.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        return torch.optim.AdamW(groups, lr=self.hparams.learning_rate)
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.log("test/loss", self._loss(batch), batch_size=batch["input_ids"].shape[0])

@@ -1,0 +1,3 @@
+from lightning_rlhf.callbacks.hf_export import HFExport
+
+__all__ = ["HFExport"]

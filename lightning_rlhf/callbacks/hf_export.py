@@ -1,0 +1,36 @@
+"""Export the trained model as a ``save_pretrained`` folder when fit ends."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from lightning import Callback, LightningModule, Trainer
+from typing_extensions import override
+
+log = logging.getLogger(__name__)
+
+
+class HFExport(Callback):
+    """At the end of ``fit``, write the policy (or reward model) and tokenizer for transformers to load.
+
+    The folder loads with ``AutoModelForCausalLM`` / ``AutoModelForSequenceClassification.from_pretrained``
+    with no lightning_rlhf installed. From a checkpoint instead: ``lightning-rlhf export --checkpoint X``.
+    """
+
+    def __init__(self, dirpath: str | None = None) -> None:
+        """
+        Args:
+            dirpath: Output folder (default: <default_root_dir>/hf_model).
+        """
+        self.dirpath = dirpath
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not hasattr(pl_module, "save_pretrained"):
+            raise TypeError(f"HFExport needs a lightning_rlhf module; got {type(pl_module).__name__}")
+        path = Path(self.dirpath or Path(trainer.default_root_dir) / "hf_model")
+        if trainer.is_global_zero:
+            pl_module.save_pretrained(path)
+            log.info("exported %s to %s", type(pl_module.trained_model()).__name__, path)
+        trainer.strategy.barrier()

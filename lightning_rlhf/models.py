@@ -1,0 +1,144 @@
+"""Loading Hugging Face models safely, and the forward passes every module shares.
+
+All forwards pass explicit ``position_ids`` derived from the attention mask, so a left-padded batch (as used
+for generation) and a right-padded one (as used for training) give the same numbers for the same tokens.
+Scores and values are read at positions chosen from the attention mask, never from ``pad_token_id``: a
+tokenizer whose pad token is its EOS token (or that has none) cannot make us pool the wrong position.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
+
+from lightning_rlhf.ops import sequence_logprobs, token_logprobs
+
+
+def _load(auto_class, name_or_path: str, what: str, **kwargs) -> PreTrainedModel:
+    looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
+    if looks_local and not Path(name_or_path).expanduser().is_dir():
+        raise FileNotFoundError(f"{what} folder not found: {name_or_path}")
+    try:
+        return auto_class.from_pretrained(name_or_path, **kwargs)
+    except OSError as err:
+        raise OSError(
+            f"could not load the {what} {name_or_path!r}: it is neither a local save_pretrained folder nor "
+            f"reachable on the hub (offline?). Pass a local folder, or pre-download it. ({err})"
+        ) from err
+
+
+def load_causal_lm(name_or_path: str, *, trust_remote_code: bool = False) -> PreTrainedModel:
+    """A causal LM from a hub name or a local folder (``trust_remote_code`` stays off unless asked for)."""
+    return _load(AutoModelForCausalLM, name_or_path, "model", trust_remote_code=trust_remote_code)
+
+
+def load_reward_model(name_or_path: str, *, trust_remote_code: bool = False) -> PreTrainedModel:
+    """A scalar-head model: a saved reward model, or a causal-LM backbone given a fresh one-label head."""
+    model = _load(
+        AutoModelForSequenceClassification,
+        name_or_path,
+        "reward model",
+        num_labels=1,
+        trust_remote_code=trust_remote_code,
+    )
+    _score_head(model)  # fail now, with a clear message, if the architecture has no usable head
+    return model
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """0, 1, 2, ... over the real tokens of each row, whatever the padding side (pads get 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_token_index(attention_mask: Tensor) -> Tensor:
+    """Index of the last real token of each row ([B]); works for left and right padding."""
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(-1)
+
+
+def policy_logits(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Logits [B, T, V] of a causal LM."""
+    position_ids = position_ids_from_mask(attention_mask)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+
+
+def next_token_logprobs(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """log p(token_t | tokens_<t) for t >= 1, shape [B, T-1] (position t-1 holds token t's log-prob)."""
+    logits = policy_logits(model, input_ids, attention_mask)
+    # Position t predicts token t+1: drop the last logit and the first label.
+    return token_logprobs(logits[:, :-1], input_ids[:, 1:])
+
+
+def response_logps(
+    model: PreTrainedModel, batch: dict[str, Tensor], *, average: bool
+) -> tuple[Tensor, Tensor]:
+    """Per-sequence response log-probs ([B], summed, or per-token mean if ``average``) and per-token means.
+
+    ``batch`` holds ``input_ids``, ``attention_mask`` and ``response_mask`` [B, T].
+    """
+    token_logps = next_token_logprobs(model, batch["input_ids"], batch["attention_mask"])
+    mask = batch["response_mask"][:, 1:]
+    per_token = sequence_logprobs(token_logps, mask, average=True)
+    return (per_token if average else sequence_logprobs(token_logps, mask)), per_token
+
+
+def _score_head(model: PreTrainedModel) -> torch.nn.Module:
+    head = getattr(model, "score", None)
+    if not isinstance(head, torch.nn.Module):
+        raise TypeError(
+            f"{type(model).__name__} has no `score` head; lightning_rlhf reward models and critics need a "
+            "decoder *ForSequenceClassification model (Llama, Mistral, Qwen, GPT-2, ... all have one)"
+        )
+    return head
+
+
+def token_scores(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """The scalar head at every position, [B, T]: a critic's values, a reward model's per-token view."""
+    hidden = model.base_model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+    ).last_hidden_state
+    return _score_head(model)(hidden).squeeze(-1)
+
+
+def sequence_scores(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """The reward of each sequence, read at its last real token: [B] (float32 for any model dtype)."""
+    scores = token_scores(model, input_ids, attention_mask)
+    index = last_token_index(attention_mask)
+    return scores.gather(1, index[:, None]).squeeze(1).float()
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over parameter names, shapes, dtypes and values (keys caches to the exact weights)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout probability to 0.
+
+    RLHF compares log-probs of the same tokens across forwards (policy vs reference, old vs new policy);
+    dropout makes those differ at random, so DPO and PPO turn it off by default (as TRL does).
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop"):
+        if config is not None and isinstance(getattr(config, key, None), float):
+            setattr(config, key, 0.0)
+
+
+def freeze(model: PreTrainedModel) -> PreTrainedModel:
+    """Eval mode and no gradients: how reference and reward models are held."""
+    model.eval()
+    model.requires_grad_(False)
+    return model

@@ -1,0 +1,59 @@
+"""What every module shares: AdamW over the trained model, and writing it as a save_pretrained folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lightning import LightningModule
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from lightning_rlhf.export import MODULE_CLASS_KEY, module_class_path
+
+
+def adamw_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay only matrices: decaying biases and norm gains pulls them to 0 for no regularising gain."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+class HFModelModule(LightningModule):
+    """Base of the stage modules: one trained Hugging Face model, optimised with AdamW by default.
+
+    ``configure_optimizers`` is used when the config sets no ``optimizer:``; with LightningCLI an
+    ``optimizer:`` / ``lr_scheduler:`` in YAML replaces it.
+    """
+
+    def __init__(self, learning_rate: float, weight_decay: float) -> None:
+        super().__init__()
+        if not learning_rate > 0:
+            raise ValueError(f"{type(self).__name__}: learning_rate must be > 0 (got {learning_rate})")
+        if not weight_decay >= 0:
+            raise ValueError(f"{type(self).__name__}: weight_decay must be >= 0 (got {weight_decay})")
+
+    def trained_model(self) -> PreTrainedModel:
+        """The model this stage trains and exports (the policy, or the reward model)."""
+        raise NotImplementedError
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        groups = adamw_param_groups(self.trained_model(), self.hparams.weight_decay)
+        return torch.optim.AdamW(groups, lr=self.hparams.learning_rate)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Lets `lightning-rlhf export --checkpoint X.ckpt` rebuild the right module from the file alone.
+        checkpoint[MODULE_CLASS_KEY] = module_class_path(self)
+
+    def tokenizer_for_export(self) -> PreTrainedTokenizerBase:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        return tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(self.hparams.model)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write the trained model and its tokenizer as a folder that transformers alone can load."""
+        path = Path(path)
+        self.trained_model().save_pretrained(path)
+        self.tokenizer_for_export().save_pretrained(path)
+        return path

@@ -1,0 +1,231 @@
+"""Direct Preference Optimization and its variants (the variant is the ``loss`` object, chosen in YAML)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torchmetrics import MeanMetric
+from transformers import PreTrainedModel
+
+from lightning_rlhf.losses import DPOLoss, DPOLossOutput, SigmoidDPOLoss
+from lightning_rlhf.models import disable_dropout, freeze, load_causal_lm, response_logps
+from lightning_rlhf.modules.base import HFModelModule
+from lightning_rlhf.modules.reference_cache import ReferenceLogps, precompute_reference_logps
+
+log = logging.getLogger(__name__)
+
+_METRICS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logps_per_token/chosen",
+    "logps_per_token/rejected",
+)
+
+
+class DPOModule(HFModelModule):
+    """DPO (Rafailov et al. 2023) with a frozen reference, or reference-free, on preference batches.
+
+    Chosen and rejected responses go through the policy in one concatenated forward pass (the
+    ``PreferenceDataModule`` lays a batch out as [chosen; rejected]). With ``precompute_reference`` the
+    reference log-probs of the whole training (and validation) set are computed once before the first step,
+    by this module and under whatever strategy runs it, then cached on disk under a fingerprint of the data,
+    the tokenizer and the reference weights; training then holds no reference model at all.
+
+    Logged metrics use TRL's names: ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
+    ``rewards/margins``, ``logps/chosen``, ``logps/rejected`` (prefixed ``val/`` in validation), plus the
+    distribution-shift diagnostic ``logps_per_token/{chosen,rejected}``: the policy's mean per-token log-prob
+    of the preference responses. Very low values at the start mean the pairs are far from what the policy
+    would say (the setting where the paper finds DPO fails); ``diagnostics/start/...`` records them before
+    the first update.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        loss: DPOLoss | None = None,
+        reference_model: str | None = None,
+        precompute_reference: bool = False,
+        reference_cache_dir: str | None = None,
+        average_log_probs: bool = False,
+        learning_rate: float = 1e-6,
+        weight_decay: float = 0.0,
+        disable_dropout: bool = True,
+        diagnostic_batches: int = 4,
+        trust_remote_code: bool = False,
+    ) -> None:
+        """
+        Args:
+            model: The policy to train: hub name or local ``save_pretrained`` folder (usually the SFT model).
+            loss: The DPO variant (default SigmoidDPOLoss(beta=0.1)); pick another by class_path in YAML.
+            reference_model: Reference weights if not the initial policy (hub name or folder).
+            precompute_reference: Compute reference log-probs once before training and cache them on disk.
+            reference_cache_dir: Cache folder for reference log-probs (default <root_dir>/reference_logps).
+            average_log_probs: Use per-token mean log-probs instead of sums (usual for IPO).
+            learning_rate: AdamW learning rate (the paper's DPO uses 1e-6 at 7B scale).
+            weight_decay: AdamW weight decay (biases and norms excluded).
+            disable_dropout: Turn dropout off in the policy so policy and reference log-probs are comparable.
+            diagnostic_batches: Batches scored before the first update for the start diagnostic (0 = off).
+            trust_remote_code: Allow model code shipped with the checkpoint to run (off for safety).
+        """
+        super().__init__(learning_rate, weight_decay)
+        if diagnostic_batches < 0:
+            raise ValueError(f"DPOModule: diagnostic_batches must be >= 0 (got {diagnostic_batches})")
+        self.save_hyperparameters(ignore=["loss"])
+        self.loss = loss if loss is not None else SigmoidDPOLoss()
+        if self.loss.reference_free and (reference_model is not None or precompute_reference):
+            raise ValueError(
+                "DPOModule: the loss is reference_free; leave reference_model and precompute_reference unset"
+            )
+        self.policy: PreTrainedModel | None = None
+        self.reference: PreTrainedModel | None = None
+        self.cached: dict[str, ReferenceLogps] = {}
+        self._eval_reference: list[PreTrainedModel] = []
+        self.val_metrics = torch.nn.ModuleDict({name.replace("/", "_"): MeanMetric() for name in _METRICS})
+
+    @property
+    def needs_live_reference(self) -> bool:
+        return not self.loss.reference_free and not self.hparams.precompute_reference
+
+    def configure_model(self) -> None:
+        hp = self.hparams
+        if self.policy is None:
+            self.policy = load_causal_lm(hp.model, trust_remote_code=hp.trust_remote_code)
+            if hp.disable_dropout:
+                disable_dropout(self.policy)
+            self.policy.train()
+        if self.reference is None and self.needs_live_reference:
+            # Loaded again from disk rather than deep-copied from the policy: under ZeRO-3 the policy's
+            # parameters are partitioned at this point and a deepcopy would copy empty shards.
+            self.reference = freeze(self.load_reference())
+
+    def load_reference(self) -> PreTrainedModel:
+        hp = self.hparams
+        model = load_causal_lm(hp.reference_model or hp.model, trust_remote_code=hp.trust_remote_code)
+        disable_dropout(model)
+        return model
+
+    def trained_model(self) -> PreTrainedModel:
+        return self.policy
+
+    # ------------------------------------------------------------------ reference log-probs
+    def on_fit_start(self) -> None:
+        if not self.hparams.precompute_reference:
+            return
+        datamodule = self.trainer.datamodule
+        if not hasattr(datamodule, "reference_dataloader") or not hasattr(datamodule, "fingerprint"):
+            raise TypeError(
+                "precompute_reference=True needs a datamodule with reference_dataloader(split) and "
+                "fingerprint(split), such as lightning_rlhf.PreferenceDataModule"
+            )
+        cache_dir = Path(
+            self.hparams.reference_cache_dir or Path(self.trainer.default_root_dir) / "reference_logps"
+        )
+        splits = ["train"] + (["val"] if "val" in getattr(datamodule, "datasets", {}) else [])
+        self.cached = precompute_reference_logps(
+            self, datamodule, splits, cache_dir, average=self.hparams.average_log_probs
+        )
+
+    def reference_logps(self, batch: dict[str, Tensor], split: str) -> tuple[Tensor | None, Tensor | None]:
+        if self.loss.reference_free:
+            return None, None
+        if self.hparams.precompute_reference and split in self.cached:
+            return self.cached[split].lookup(batch["index"], device=self.device)
+        reference = self.reference if self.reference is not None else self._eval_reference[0]
+        with torch.no_grad():
+            logps, _ = response_logps(reference, batch, average=self.hparams.average_log_probs)
+        return logps.chunk(2)
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(self, batch: dict[str, Tensor], split: str) -> tuple[DPOLossOutput, dict[str, Tensor]]:
+        policy, per_token = response_logps(self.policy, batch, average=self.hparams.average_log_probs)
+        chosen, rejected = policy.chunk(2)
+        chosen_per_token, rejected_per_token = per_token.chunk(2)
+        ref_chosen, ref_rejected = self.reference_logps(batch, split)
+        out = self.loss(chosen, rejected, ref_chosen, ref_rejected, chosen_nll=-chosen_per_token)
+        metrics = {
+            "loss": out.loss.detach(),
+            "rewards/chosen": out.chosen_rewards.mean(),
+            "rewards/rejected": out.rejected_rewards.mean(),
+            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().mean(),
+            "rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean(),
+            "logps/chosen": chosen.detach().mean(),
+            "logps/rejected": rejected.detach().mean(),
+            "logps_per_token/chosen": chosen_per_token.detach().mean(),
+            "logps_per_token/rejected": rejected_per_token.detach().mean(),
+        }
+        return out, metrics
+
+    def on_train_start(self) -> None:
+        """Log the distribution-shift diagnostic before any update."""
+        n = self.hparams.diagnostic_batches
+        datamodule = self.trainer.datamodule
+        if n == 0 or not hasattr(datamodule, "reference_dataloader"):
+            return
+        chosen, rejected = [], []
+        with torch.no_grad():
+            for i, batch in enumerate(datamodule.reference_dataloader("train")):
+                if i == n:
+                    break
+                batch = self.transfer_batch_to_device(batch, self.device, 0)
+                _, per_token = response_logps(self.policy, batch, average=True)
+                c, r = per_token.chunk(2)
+                chosen.append(c)
+                rejected.append(r)
+        start = {
+            "diagnostics/start/logps_per_token/chosen": torch.cat(chosen).mean(),
+            "diagnostics/start/logps_per_token/rejected": torch.cat(rejected).mean(),
+        }
+        self.log_dict(start, sync_dist=True)
+        log.info(
+            "policy mean per-token log-prob before training: %s",
+            {k: round(float(v), 4) for k, v in start.items()},
+        )
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        out, metrics = self.compute_loss(batch, "train")
+        size = batch["index"].shape[0]
+        self.log("train/loss", metrics.pop("loss"), prog_bar=True, batch_size=size)
+        self.log_dict(metrics, batch_size=size)
+        return out.loss
+
+    def _evaluate(self, batch: dict[str, Tensor], split: str) -> None:
+        _, metrics = self.compute_loss(batch, split)
+        size = batch["index"].shape[0]
+        for name, value in metrics.items():
+            self.val_metrics[name.replace("/", "_")].update(value, weight=size)
+
+    def _log_evaluation(self, prefix: str) -> None:
+        self.log_dict(
+            {f"{prefix}/{name}": self.val_metrics[name.replace("/", "_")].compute() for name in _METRICS}
+        )
+        for metric in self.val_metrics.values():
+            metric.reset()
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_evaluation("val")
+
+    def on_test_start(self) -> None:
+        if self.reference is None and not self.loss.reference_free:
+            # Test data has no precomputed log-probs: hold a reference for the test run only. Kept in a list
+            # so it is not registered as a submodule (it must not enter checkpoints or the optimizer).
+            self._eval_reference = [freeze(self.load_reference()).to(self.device)]
+
+    def on_test_end(self) -> None:
+        self._eval_reference = []
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test")

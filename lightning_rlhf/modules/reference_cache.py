@@ -1,0 +1,89 @@
+"""Reference log-probs computed once before DPO training and cached on disk.
+
+The cache key is a fingerprint of the encoded data (token ids, masks, order), the tokenizer, the reference
+weights and the log-prob reduction, so a changed dataset, tokenizer or reference model can never reuse a
+stale file, and a rerun of the same job skips the pass entirely.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from lightning import LightningDataModule
+from torch import Tensor
+
+from lightning_rlhf.models import freeze, response_logps, weights_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReferenceLogps:
+    """Reference log-probs of every pair of one split, indexed by the batch's ``index``."""
+
+    chosen: Tensor
+    rejected: Tensor
+
+    def lookup(self, index: Tensor, *, device: torch.device) -> tuple[Tensor, Tensor]:
+        index = index.cpu()
+        return self.chosen[index].to(device), self.rejected[index].to(device)
+
+
+def _compute_split(
+    module, reference, datamodule: LightningDataModule, split: str, *, average: bool
+) -> Tensor:
+    """[2, N] reference log-probs; the batches are dealt round-robin over the ranks and summed back."""
+    trainer = module.trainer
+    loader = datamodule.reference_dataloader(split)
+    batches = list(loader)
+    table = torch.zeros(2, len(loader.dataset), device=module.device)
+    world, rank = trainer.world_size, trainer.global_rank
+    # Every rank runs the same number of forwards (a spare rank redoes batch 0 and discards it), because
+    # sharded strategies (ZeRO-3, FSDP) gather parameters collectively inside each forward.
+    for round_ in range(math.ceil(len(batches) / world)):
+        i = round_ * world + rank
+        batch = module.transfer_batch_to_device(batches[i if i < len(batches) else 0], module.device, 0)
+        with torch.no_grad():
+            logps, _ = response_logps(reference, batch, average=average)
+        if i < len(batches):
+            chosen, rejected = logps.float().chunk(2)
+            table[0, batch["index"]] = chosen
+            table[1, batch["index"]] = rejected
+    # Each entry was written by exactly one rank and is 0 elsewhere, so a sum is a gather.
+    return trainer.strategy.reduce(table, reduce_op="sum").cpu()
+
+
+def precompute_reference_logps(
+    module, datamodule: LightningDataModule, splits: list[str], cache_dir: Path, *, average: bool
+) -> dict[str, ReferenceLogps]:
+    """Load or compute the reference log-probs of ``splits``; ``module`` provides ``load_reference()``."""
+    trainer = module.trainer
+    reference = freeze(module.load_reference()).to(module.device)
+    weights = weights_fingerprint(reference)
+    results = {}
+    for split in splits:
+        key = hashlib.sha256(
+            f"{datamodule.fingerprint(split)}|{weights}|average={average}".encode()
+        ).hexdigest()
+        path = cache_dir / f"{split}-{key[:32]}.pt"
+        if path.is_file():
+            data = torch.load(path, weights_only=True)
+            log.info("reusing reference log-probs from %s", path)
+        else:
+            table = _compute_split(module, reference, datamodule, split, average=average)
+            data = {"chosen": table[0], "rejected": table[1]}
+            if trainer.is_global_zero:
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                torch.save(data, tmp)
+                tmp.replace(path)  # atomic: a crash mid-write never leaves a truncated cache behind
+                log.info("cached reference log-probs of %d pairs in %s", table.shape[1], path)
+            trainer.strategy.barrier()
+        results[split] = ReferenceLogps(data["chosen"], data["rejected"])
+    del reference
+    return results

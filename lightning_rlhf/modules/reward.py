@@ -1,0 +1,105 @@
+"""Reward model: a scalar head on a causal-LM backbone, trained with the Bradley-Terry loss on pairs."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics import MeanMetric
+from torchmetrics.aggregation import CatMetric
+from transformers import PreTrainedModel
+
+from lightning_rlhf.losses import BradleyTerryLoss
+from lightning_rlhf.models import load_reward_model, sequence_scores
+from lightning_rlhf.modules.base import HFModelModule
+
+
+class RewardModule(HFModelModule):
+    """Learn r(prompt, response) from preference pairs: P(chosen > rejected) = sigmoid(r_c - r_r - margin).
+
+    Batches follow the preference layout of :class:`~lightning_rlhf.PreferenceDataModule`: ``input_ids``
+    [2B, T] with the B chosen rows first, plus ``attention_mask`` and ``margin`` [B]. The score of a sequence
+    is read at its last real token (from the attention mask, whatever the padding side or pad token).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        loss: BradleyTerryLoss | None = None,
+        learning_rate: float = 1e-5,
+        weight_decay: float = 0.0,
+        trust_remote_code: bool = False,
+    ) -> None:
+        """
+        Args:
+            model: Causal-LM backbone (gets a fresh scalar head) or a saved reward model; hub name or folder.
+            loss: The pairwise loss; default Bradley-Terry with no reward centering.
+            learning_rate: AdamW learning rate (used when no optimizer is given in the config).
+            weight_decay: AdamW weight decay (biases and norms excluded).
+            trust_remote_code: Allow model code shipped with the checkpoint to run (off for safety).
+        """
+        super().__init__(learning_rate, weight_decay)
+        self.save_hyperparameters(ignore=["loss"])
+        self.loss = loss if loss is not None else BradleyTerryLoss()
+        self.reward_model: PreTrainedModel | None = None
+        self.val_accuracy, self.val_margin, self.val_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self.val_rewards = CatMetric()
+
+    def configure_model(self) -> None:
+        if self.reward_model is None:
+            self.reward_model = load_reward_model(
+                self.hparams.model, trust_remote_code=self.hparams.trust_remote_code
+            )
+            self.reward_model.train()
+
+    def trained_model(self) -> PreTrainedModel:
+        return self.reward_model
+
+    def score_pairs(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Rewards of the chosen and the rejected responses, [B] each, from one forward pass."""
+        scores = sequence_scores(self.reward_model, batch["input_ids"], batch["attention_mask"])
+        return scores.chunk(2)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        chosen, rejected = self.score_pairs(batch)
+        out = self.loss(chosen, rejected, margin=batch.get("margin"))
+        size = chosen.shape[0]
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=size)
+        self.log("train/accuracy", out.accuracy, prog_bar=True, batch_size=size)
+        self.log("train/margin", out.margin_mean, batch_size=size)
+        return out.loss
+
+    def _evaluate(self, batch: dict[str, Tensor]) -> None:
+        chosen, rejected = self.score_pairs(batch)
+        out = self.loss(chosen, rejected, margin=batch.get("margin"))
+        size = chosen.shape[0]
+        self.val_loss.update(out.loss, weight=size)
+        self.val_accuracy.update(out.accuracy, weight=size)
+        self.val_margin.update(out.margin_mean, weight=size)
+        self.val_rewards.update(torch.cat([chosen, rejected]).float())
+
+    def _log_evaluation(self, prefix: str) -> None:
+        rewards = self.val_rewards.compute()
+        self.log_dict(
+            {
+                f"{prefix}/loss": self.val_loss.compute(),
+                f"{prefix}/accuracy": self.val_accuracy.compute(),
+                f"{prefix}/margin": self.val_margin.compute(),
+                f"{prefix}/reward_mean": rewards.mean(),
+                f"{prefix}/reward_std": rewards.std() if rewards.numel() > 1 else torch.zeros(()),
+            },
+            prog_bar=False,
+        )
+        for metric in (self.val_loss, self.val_accuracy, self.val_margin, self.val_rewards):
+            metric.reset()
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_evaluation("val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test")
