@@ -1,4 +1,4 @@
-"""RewardModule and DPOModule on fixed tiny batches: every logged number against a float64 hand computation."""
+"""RewardModule and DPOModule on fixed tiny batches: every logged number against float64 by hand."""
 
 import lightning as L
 import pytest
