@@ -21,7 +21,15 @@ lightning-rlhf also has these commands:
 
 
 class RLHFCLI(LightningCLI):
-    """LightningCLI with the package's modules and datamodules selectable by class_path."""
+    """LightningCLI with the package's modules and datamodules selectable by class_path.
+
+    The data's tokenizer is linked to the model: ``data.init_args.tokenizer`` is set from
+    ``model.init_args.model`` (a hub name or ``save_pretrained`` folder holds both), so the two can never
+    disagree. Custom datamodules used with this CLI take a ``tokenizer`` argument for the same reason.
+    """
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.init_args.model", "data.init_args.tokenizer", apply_on="parse")
 
 
 def testbed_main(argv: list[str]) -> None:

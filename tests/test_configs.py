@@ -62,8 +62,6 @@ def test_print_config_shows_documented_defaults(capsys):
                 "m",
                 "--data",
                 "lightning_rlhf.SFTDataModule",
-                "--data.tokenizer",
-                "t",
                 "--data.train_file",
                 "x.jsonl",
                 "--print_config",
@@ -72,3 +70,11 @@ def test_print_config_shows_documented_defaults(capsys):
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "class_path: lightning_rlhf.SFTModule" in printed and "learning_rate: 1.0e-05" in printed
+    assert "tokenizer:" not in printed  # derived from model.init_args.model, not a setting of its own
+
+
+def test_data_tokenizer_is_linked_to_the_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["--model", "lightning_rlhf.SFTModule", "--model.model", "some/folder"]
+    cli = build_cli([*args, "--data", "lightning_rlhf.SFTDataModule", "--data.train_file", "x.jsonl"], run=False)
+    assert cli.datamodule.tokenizer_name == "some/folder"
