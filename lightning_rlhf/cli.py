@@ -17,6 +17,7 @@ _EXTRA_COMMANDS = """\
 lightning-rlhf also has these commands:
   testbed      write the embedded testbed (data, tokenizer, initial model) to a folder
   quickstart   run the testbed pipeline and print the gold reward of each stage
+  export       write a checkpoint's trained model as a save_pretrained folder
 """
 
 
@@ -52,6 +53,19 @@ def testbed_main(argv: list[str]) -> None:
     print(f"testbed written to {args.out}")
 
 
+def export_main(argv: list[str]) -> None:
+    from lightning_rlhf.export import export_checkpoint
+
+    parser = argparse.ArgumentParser(
+        prog="lightning-rlhf export", description="Write a checkpoint's model + tokenizer for transformers."
+    )
+    parser.add_argument("--checkpoint", required=True, help="a .ckpt written by a lightning_rlhf module")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer to save (default: the model's own)")
+    args = parser.parse_args(argv)
+    print(f"exported to {export_checkpoint(args.checkpoint, args.out, tokenizer=args.tokenizer)}")
+
+
 def build_cli(args: list[str] | None = None, *, run: bool = True) -> RLHFCLI:
     """The LightningCLI behind ``lightning-rlhf fit|validate|test``; ``run=False`` only parses and builds."""
     return RLHFCLI(
@@ -70,6 +84,8 @@ def cli_main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] == "testbed":
         testbed_main(argv[1:])
+    elif argv and argv[0] == "export":
+        export_main(argv[1:])
     elif argv and argv[0] == "quickstart":
         from lightning_rlhf.quickstart import main
 

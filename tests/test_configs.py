@@ -76,5 +76,39 @@ def test_print_config_shows_documented_defaults(capsys):
 def test_data_tokenizer_is_linked_to_the_model(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["--model", "lightning_rlhf.SFTModule", "--model.model", "some/folder"]
-    cli = build_cli([*args, "--data", "lightning_rlhf.SFTDataModule", "--data.train_file", "x.jsonl"], run=False)
+    cli = build_cli(
+        [*args, "--data", "lightning_rlhf.SFTDataModule", "--data.train_file", "x.jsonl"], run=False
+    )
     assert cli.datamodule.tokenizer_name == "some/folder"
+
+
+def test_export_from_checkpoint_loads_in_transformers(tmp_path, monkeypatch):
+    """fit writes a checkpoint; `lightning-rlhf export` turns it into a folder transformers alone loads."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.chdir(tmp_path)
+    sizes = SplitSizes(sft_train=32, sft_eval=8, pairs_train=4, pairs_eval=4, prompts_train=4, prompts_eval=4)
+    write_testbed("runs/testbed", TaskConfig(seed=0), sizes, model_size="nano")
+    cli = build_cli(
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs/sft/testbed.yaml"),
+            "--trainer.max_steps",
+            "2",
+            "--trainer.callbacks+=lightning_rlhf.HFExport",
+        ]
+    )
+    (checkpoint,) = (tmp_path / "runs/sft").rglob("*.ckpt")
+    cli_main(["export", "--checkpoint", str(checkpoint), "--out", "exported"])
+    exported = AutoModelForCausalLM.from_pretrained("exported")
+    at_end = AutoModelForCausalLM.from_pretrained("runs/sft/hf_model")  # written by the HFExport callback
+    for (name, a), b in zip(
+        exported.state_dict().items(), cli.model.policy.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, msg=name)
+        torch.testing.assert_close(at_end.state_dict()[name], b, msg=name)
+    assert (tmp_path / "exported" / "tokenizer.json").is_file()
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        cli_main(["export", "--checkpoint", "missing.ckpt", "--out", "x"])
