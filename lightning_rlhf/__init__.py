@@ -1,6 +1,9 @@
 """lightning_rlhf: reward models, DPO and PPO as PyTorch Lightning modules."""
 
 from lightning_rlhf.callbacks import HFExport
+from lightning_rlhf.data.loading import DataError
+from lightning_rlhf.data.preference import PreferenceDataModule
+from lightning_rlhf.data.prompts import PromptDataModule
 from lightning_rlhf.data.sft import SFTDataModule
 from lightning_rlhf.losses import (
     BradleyTerryLoss,
@@ -18,11 +21,14 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "BradleyTerryLoss",
+    "DataError",
     "DPOLoss",
     "DPOModule",
     "HFExport",
     "HingeDPOLoss",
     "IPOLoss",
+    "PreferenceDataModule",
+    "PromptDataModule",
     "RewardModule",
     "RobustDPOLoss",
     "SFTDataModule",

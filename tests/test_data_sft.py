@@ -101,7 +101,7 @@ def test_datamodule_counts_dropped_rows_and_batches(tmp_path, tokenizer_dir):
     ]
     dm = SFTDataModule(tokenizer_dir, write_jsonl(tmp_path / "d.jsonl", rows), batch_size=2)
     dm.setup("fit")
-    assert dm.dropped == {str(tmp_path / "d.jsonl"): 1}
+    assert dm.stats["train"] == {"rows": 3, "kept": 2, "dropped_empty": 1, "skipped_bad": 0, "truncated": 0}
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape[0] == 2
     assert torch.all(batch["response_mask"] <= batch["attention_mask"])
@@ -146,3 +146,77 @@ def test_missing_and_unparsable_files_are_named(tmp_path, tokenizer_dir):
 def test_bad_arguments_name_the_flag(tokenizer_dir):
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         SFTDataModule(tokenizer_dir, "x.jsonl", batch_size=0)
+
+
+def test_constructor_keeps_its_positional_order(tokenizer_dir):
+    # quickstart.py and configs/sft/testbed.yaml pass tokenizer, train_file, val_file positionally.
+    dm = SFTDataModule(tokenizer_dir, "train.jsonl", "val.jsonl", "q", "a", 64, 16, 4, 0, 7)
+    hp = dm.hparams
+    assert (hp.train_file, hp.val_file, hp.prompt_field, hp.completion_field) == (
+        "train.jsonl",
+        "val.jsonl",
+        "q",
+        "a",
+    )
+    assert (hp.max_length, hp.max_prompt_length, hp.batch_size, hp.num_workers, hp.seed) == (64, 16, 4, 0, 7)
+    assert dm.tokenizer_name == tokenizer_dir
+
+
+def chat(*turns):
+    """Messages alternating user / assistant, starting with the user."""
+    return [{"role": ("user", "assistant")[i % 2], "content": text} for i, text in enumerate(turns)]
+
+
+def test_messages_format_renders_the_chat_template_with_eos_once(tmp_path, tokenizer, tokenizer_dir):
+    """Rows ``[user "hi", assistant " a b"]``: the template renders ``<|user|>\\nhi\\n<|assistant|>\\n``
+    as the prompt and `` a b</s>\\n`` after it; the newline after EOS is cut, so the ids end with one EOS."""
+    rows = [{"messages": chat("hi", " a b")}, {"messages": chat("x", " c", "y", " d")}]
+    dm = SFTDataModule(tokenizer_dir, write_jsonl(tmp_path / "chat.jsonl", rows), batch_size=2)
+    dm.setup("fit")
+    eos = tokenizer.eos_token_id
+    prompt = ids(tokenizer, "<|user|>\nhi\n<|assistant|>\n")
+    first = dm.datasets["train"][0]
+    assert first["input_ids"] == prompt + ids(tokenizer, " a b") + [eos]
+    assert first["response_mask"] == [0] * len(prompt) + [1] * 3
+    # Multi-turn: everything before the last assistant message is the prompt, earlier replies included.
+    second_prompt = ids(tokenizer, "<|user|>\nx\n<|assistant|>\n c</s>\n<|user|>\ny\n<|assistant|>\n")
+    assert dm.datasets["train"][1]["input_ids"] == second_prompt + ids(tokenizer, " d") + [eos]
+    assert dm.stats["train"]["kept"] == 2
+
+
+@pytest.mark.parametrize(
+    ("messages", "message"),
+    [
+        (chat("hi"), "last message must be the assistant reply"),
+        ([{"role": "assistant", "content": " a"}], "at least one message"),
+        ([{"role": "user"}, {"role": "assistant", "content": " a"}], "message 0 needs a string 'role'"),
+        ("hi", "expected a non-empty list"),
+        (None, "expected a non-empty list.*missing"),
+    ],
+)
+def test_bad_messages_raise_or_are_skipped_and_counted(tmp_path, tokenizer_dir, messages, message):
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": chat("hi", " a")}, {"messages": messages}])
+    with pytest.raises(DataError, match=rf"chat\.jsonl: row 1 \(0-based\), field 'messages': .*{message}"):
+        SFTDataModule(tokenizer_dir, path, format="messages").setup("fit")
+    dm = SFTDataModule(tokenizer_dir, path, format="messages", on_bad_row="skip")
+    dm.setup("fit")
+    assert (dm.stats["train"]["kept"], dm.stats["train"]["skipped_bad"]) == (1, 1)
+
+
+def test_skip_mode_counts_bad_prompt_completion_rows_and_val_fraction_splits(tmp_path, tokenizer_dir):
+    rows = [{"prompt": f"P{i}:", "completion": f" {WORDS[i]}"} for i in range(20)]
+    rows[3]["completion"] = None
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    dm = SFTDataModule(tokenizer_dir, path, on_bad_row="skip", val_fraction=0.25)
+    dm.setup("fit")
+    train, val = dm.stats["train"], dm.stats["val"]
+    assert train["rows"] + val["rows"] == 20 and val["rows"] == 5
+    assert train["skipped_bad"] + val["skipped_bad"] == 1
+    assert len(dm.datasets["train"]) + len(dm.datasets["val"]) == 19
+    assert next(iter(dm.val_dataloader()))["input_ids"].shape[0] == 5 - val["skipped_bad"]
+
+
+def test_every_row_bad_raises_even_when_skipping(tmp_path, tokenizer_dir):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "P:", "completion": 1}])
+    with pytest.raises(DataError, match="no usable row left.*skipped_bad=1.*first malformed row: .*row 0"):
+        SFTDataModule(tokenizer_dir, path, on_bad_row="skip").setup("fit")

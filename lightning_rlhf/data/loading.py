@@ -15,10 +15,13 @@ class DataError(ValueError):
 
 
 def load_table(source: str, *, split: str = "train") -> datasets.Dataset:
-    """Load ``source`` with ``datasets.load_dataset``.
+    """Load one split of ``source``.
 
-    ``source`` is a ``.json``/``.jsonl``/``.csv``/``.parquet`` file, a local dataset folder, or a hub dataset
-    name (which needs the network or a warm cache).
+    ``source`` is a ``.json``/``.jsonl``/``.csv``/``.parquet`` file (one table: ``split`` is ignored), a
+    folder written by ``save_to_disk`` (a ``Dataset``, or a ``DatasetDict`` from which ``split`` is taken), a
+    folder of data files (``datasets.load_dataset`` maps file names such as ``train.jsonl`` /
+    ``test.jsonl`` to splits; files without such names all land in ``"train"``), or a hub dataset name
+    (which needs the network or a warm cache).
     """
     path = Path(source)
     if path.suffix.lower() in _BUILDERS:
@@ -26,6 +29,8 @@ def load_table(source: str, *, split: str = "train") -> datasets.Dataset:
             raise FileNotFoundError(f"data file not found: {source}")
         builder, kwargs = _BUILDERS[path.suffix.lower()], {"data_files": str(path)}
         split = "train"  # a single file is always loaded as the "train" split of its own dataset
+    elif path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        return _load_saved(path, split)
     else:
         builder, kwargs = source, {}
     try:
@@ -35,12 +40,25 @@ def load_table(source: str, *, split: str = "train") -> datasets.Dataset:
     except Exception as err:  # datasets wraps parse errors several layers deep
         raise DataError(
             f"could not load {source!r} (split {split!r}): {type(err).__name__}: {err}. Check that the file "
-            "is valid JSON lines / CSV / parquet, or that the dataset name is right and available offline."
+            "is valid JSON lines / CSV / parquet, that the split exists, or that the dataset name is right "
+            "and available offline."
         ) from err
 
 
-def check_text_fields(table: datasets.Dataset, fields: Sequence[str], source: str) -> None:
-    """Raise :class:`DataError` naming file, row and field for a missing, None, non-string or empty field."""
+def _load_saved(path: Path, split: str) -> datasets.Dataset:
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(
+                f"{path}: no split {split!r} in this saved dataset (splits: {sorted(loaded)}); set the "
+                "matching *_split argument"
+            )
+        return loaded[split]
+    return loaded  # a single saved Dataset has no split names: like a single file, it is the whole table
+
+
+def check_columns(table: datasets.Dataset, fields: Sequence[str], source: str) -> None:
+    """Raise :class:`DataError` naming the column (and the argument to set) when one is absent or empty."""
     missing = [f for f in fields if f not in table.column_names]
     if missing:
         raise DataError(
@@ -49,10 +67,3 @@ def check_text_fields(table: datasets.Dataset, fields: Sequence[str], source: st
         )
     if len(table) == 0:
         raise DataError(f"{source}: the dataset is empty")
-    for field in fields:
-        for row, value in enumerate(table[field]):
-            if not isinstance(value, str):
-                raise DataError(
-                    f"{source}: row {row} (0-based), field {field!r}: expected a string, got "
-                    f"{type(value).__name__} {value!r:.60}"
-                )

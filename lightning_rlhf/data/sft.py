@@ -1,23 +1,36 @@
-"""Supervised fine-tuning data: prompt / completion pairs, loss on the completion only."""
+"""Supervised fine-tuning data: prompt / completion pairs or chat transcripts, loss on the completion only."""
 
 from __future__ import annotations
 
-import logging
+from typing import Literal
 
-import torch
-from lightning import LightningDataModule
-from torch.utils.data import DataLoader
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+import datasets
 
+from lightning_rlhf.data.base import OnBadRow, TableDataModule, pad_id
 from lightning_rlhf.data.collate import SFTCollator
-from lightning_rlhf.data.loading import check_text_fields, load_table
+from lightning_rlhf.data.formats import check_chat_template, read_sft_messages, text_field
+from lightning_rlhf.data.loading import check_columns
 from lightning_rlhf.data.tokenize import encode_prompt_response
 
-log = logging.getLogger(__name__)
+SFTFormat = Literal["auto", "prompt_completion", "messages"]
 
 
-class SFTDataModule(LightningDataModule):
-    """Prompt/completion examples from a file, dataset folder or hub name, tokenized with a response mask."""
+class SFTDataModule(TableDataModule):
+    """Prompt/completion examples from a file, dataset folder or hub name, tokenized with a response mask.
+
+    Two row formats:
+
+    * ``prompt_completion``: ``prompt_field`` and ``completion_field`` hold strings.
+    * ``messages``: ``messages_field`` holds a list of ``{"role", "content"}`` messages; the final message
+      must be the assistant's and is the completion, everything before it is the prompt, rendered with the
+      chat template and ``add_generation_prompt=True`` (see
+      :func:`~lightning_rlhf.data.formats.render_conversation` for how EOS is kept exactly once).
+
+    ``auto`` picks ``messages`` when the data has a ``messages_field`` column and no ``prompt_field`` column,
+    else ``prompt_completion``. Batches hold ``input_ids``, ``attention_mask`` and ``response_mask`` [B, T]
+    (right padding). ``stats[split]`` counts rows read, kept, dropped (``dropped_empty``: no completion token
+    left after truncation), skipped (malformed, with ``on_bad_row="skip"``) and truncated.
+    """
 
     def __init__(
         self,
@@ -31,6 +44,12 @@ class SFTDataModule(LightningDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         seed: int = 0,
+        messages_field: str = "messages",
+        format: SFTFormat = "auto",
+        on_bad_row: OnBadRow = "raise",
+        train_split: str = "train",
+        val_split: str | None = None,
+        val_fraction: float = 0.0,
     ) -> None:
         """
         Args:
@@ -43,74 +62,65 @@ class SFTDataModule(LightningDataModule):
             max_prompt_length: Prompt length kept before the response is cut (default max_length // 2).
             batch_size: Examples per batch.
             num_workers: DataLoader worker processes.
-            seed: Seed of the training shuffle.
+            seed: Seed of the training shuffle and of the val_fraction split.
+            messages_field: Column holding a chat transcript (list of messages) for the messages format.
+            format: Row format: prompt_completion, messages, or auto (messages when only that column exists).
+            on_bad_row: What a malformed row does: 'raise' an error naming file, row and field, or 'skip'
+                it and count it in stats.
+            train_split: Split of train_file to train on (folders and hub datasets; a file is one table).
+            val_split: Validation split: of val_file if set (default its 'train' split), else of train_file.
+            val_fraction: Share of train_file rows held out for validation by a seeded split (0 = none).
         """
         super().__init__()
-        for name, value in (("max_length", max_length), ("batch_size", batch_size)):
-            if value < 1:
-                raise ValueError(f"SFTDataModule: {name} must be >= 1 (got {value})")
+        owner = "SFTDataModule"
+        if max_length < 2:
+            raise ValueError(f"{owner}: max_length must be >= 2 (got {max_length})")
+        if max_prompt_length is not None and not 0 < max_prompt_length < max_length:
+            raise ValueError(
+                f"{owner}: max_prompt_length must be in [1, max_length) (got {max_prompt_length} with "
+                f"max_length {max_length}); completions need room"
+            )
+        if format not in ("auto", "prompt_completion", "messages"):
+            raise ValueError(f"{owner}: format must be auto, prompt_completion or messages (got {format!r})")
         self.save_hyperparameters()
-        self.tokenizer_name = tokenizer
-        self.tokenizer: PreTrainedTokenizerBase | None = None
-        self.datasets: dict[str, list[dict]] = {}
-        self.dropped: dict[str, int] = {}
+        self._check_common_args(owner)
+        self._init_state(tokenizer)
+        self._format = "prompt_completion"
 
-    def _encode_file(self, source: str) -> list[dict]:
+    def _prepare(self, table: datasets.Dataset, where: str) -> list[str]:
         hp = self.hparams
-        table = load_table(source)
-        check_text_fields(table, [hp.prompt_field, hp.completion_field], source)
-        rows, dropped = [], 0
-        for prompt, completion in zip(table[hp.prompt_field], table[hp.completion_field], strict=True):
-            encoded = encode_prompt_response(
-                self.tokenizer,
-                prompt,
-                completion,
-                max_length=hp.max_length,
-                max_prompt_length=hp.max_prompt_length,
-            )
-            if encoded is None:
-                dropped += 1
-                continue
-            rows.append({"input_ids": encoded.input_ids, "response_mask": encoded.response_mask})
-        self.dropped[source] = dropped
-        if dropped:
-            log.warning(
-                "%s: dropped %d of %d rows whose response was empty after truncation",
-                source,
-                dropped,
-                len(table),
-            )
-        if not rows:
-            raise ValueError(f"{source}: every row was dropped (empty responses); raise max_length?")
-        return rows
+        fmt = hp.format
+        if fmt == "auto":
+            columns = table.column_names
+            only_messages = hp.messages_field in columns and hp.prompt_field not in columns
+            fmt = "messages" if only_messages else "prompt_completion"
+        fields = [hp.messages_field] if fmt == "messages" else [hp.prompt_field, hp.completion_field]
+        check_columns(table, fields, where)
+        if fmt == "messages":
+            check_chat_template(self.tokenizer)
+        self._format = fmt
+        return fields
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.tokenizer is None:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
-        if "train" not in self.datasets:
-            self.datasets["train"] = self._encode_file(self.hparams.train_file)
-        if self.hparams.val_file and "val" not in self.datasets:
-            self.datasets["val"] = self._encode_file(self.hparams.val_file)
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(
-            self.datasets[split],
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            num_workers=self.hparams.num_workers,
-            collate_fn=SFTCollator(_pad_id(self.tokenizer)),
+    def _encode_row(self, row: dict) -> dict | str:
+        hp = self.hparams
+        if self._format == "messages":
+            prompt, completion = read_sft_messages(self.tokenizer, row, hp.messages_field)
+        else:
+            prompt, completion = text_field(row, hp.prompt_field), text_field(row, hp.completion_field)
+        encoded = encode_prompt_response(
+            self.tokenizer,
+            prompt,
+            completion,
+            max_length=hp.max_length,
+            max_prompt_length=hp.max_prompt_length,
         )
+        if encoded is None:
+            return "dropped_empty"
+        return {
+            "input_ids": encoded.input_ids,
+            "response_mask": encoded.response_mask,
+            "truncated": encoded.truncated,
+        }
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader("val", shuffle=False) if "val" in self.datasets else []
-
-
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    # Any id works as right padding because every pad position is masked out; many causal-LM tokenizers
-    # ship without a pad token, so fall back to EOS rather than fail.
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    def _collator(self) -> SFTCollator:
+        return SFTCollator(pad_id(self.tokenizer))

@@ -1,0 +1,205 @@
+"""Shared plumbing of the data modules: load the splits, encode row by row under a bad-row policy, count.
+
+A subclass saves its hyperparameters (which must include the common arguments checked by
+:meth:`TableDataModule._check_common_args`) and implements three hooks: ``_prepare(table, where)`` checks
+the columns and decides the format, ``_encode_row(row)`` returns an encoded dict (with a ``truncated``
+flag) or the name of a drop counter, and ``_collator()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Literal
+
+import datasets
+import torch
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader, Sampler
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from lightning_rlhf.data.formats import RowError
+from lightning_rlhf.data.loading import DataError, load_table
+
+log = logging.getLogger(__name__)
+
+OnBadRow = Literal["raise", "skip"]
+STAT_KEYS = ("rows", "kept", "dropped_empty", "skipped_bad", "truncated")
+
+
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    # Any id works as padding because every pad position is masked out; many causal-LM tokenizers ship
+    # without a pad token, so fall back to EOS rather than fail.
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    raise ValueError("the tokenizer has neither a pad_token nor an eos_token; set one (e.g. eos_token)")
+
+
+class TableDataModule(LightningDataModule):
+    """Base class: train/val tables -> lists of encoded rows in ``self.datasets``, counts in ``self.stats``.
+
+    ``self.stats[split]`` holds ``rows`` (read from the file for this split), ``kept``, ``dropped_empty``
+    (no response/prompt token left after truncation), ``skipped_bad`` (malformed rows under
+    ``on_bad_row="skip"``), ``truncated`` (kept rows that were cut) and any subclass-specific drop counter.
+    Every row read is either kept, dropped or skipped, and each non-zero drop or skip is logged as a warning.
+    """
+
+    stat_keys: tuple[str, ...] = STAT_KEYS
+
+    def _init_state(self, tokenizer: str) -> None:
+        self.tokenizer_name = tokenizer
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.datasets: dict[str, list[dict]] = {}
+        self.stats: dict[str, dict[str, int]] = {}
+
+    def _check_common_args(self, owner: str) -> None:
+        hp = self.hparams
+        if hp.batch_size < 1:
+            raise ValueError(f"{owner}: batch_size must be >= 1 (got {hp.batch_size})")
+        if hp.num_workers < 0:
+            raise ValueError(f"{owner}: num_workers must be >= 0 (got {hp.num_workers})")
+        if hp.on_bad_row not in ("raise", "skip"):
+            raise ValueError(f"{owner}: on_bad_row must be 'raise' or 'skip' (got {hp.on_bad_row!r})")
+        if not 0.0 <= hp.val_fraction < 1.0:
+            raise ValueError(f"{owner}: val_fraction must be in [0, 1) (got {hp.val_fraction})")
+        if hp.val_fraction > 0 and (hp.val_file or hp.val_split):
+            raise ValueError(
+                f"{owner}: val_fraction={hp.val_fraction} carves validation rows out of train_file, so it "
+                "cannot be combined with val_file or val_split; set only one of them"
+            )
+
+    # ----------------------------------------------------------------------------------------- hooks
+    def _prepare(self, table: datasets.Dataset, where: str) -> list[str]:
+        """Check columns, decide the format; return the columns ``_encode_row`` reads."""
+        raise NotImplementedError
+
+    def _encode_row(self, row: dict) -> dict | str:
+        """Encoded row (with a ``truncated`` bool) or the name of the counter of a dropped row."""
+        raise NotImplementedError
+
+    def _collator(self):
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------------- setup
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
+        if not self.datasets:
+            try:
+                self._encode_splits()
+            except BaseException:
+                self.datasets, self.stats = {}, {}  # no half-loaded state: a retry starts over
+                raise
+
+    def _encode_splits(self) -> None:
+        hp = self.hparams
+        train = load_table(hp.train_file, split=hp.train_split)
+        train_where = _where(hp.train_file, hp.train_split)
+        val_rows = self._val_rows(len(train), train_where) if hp.val_fraction > 0 and len(train) else None
+        self._encode_table(train, train_where, "train", val_rows=val_rows)
+        if hp.val_file:
+            val_split = hp.val_split or "train"
+            self._encode_table(
+                load_table(hp.val_file, split=val_split), _where(hp.val_file, val_split), "val"
+            )
+        elif hp.val_split:
+            val = load_table(hp.train_file, split=hp.val_split)
+            self._encode_table(val, _where(hp.train_file, hp.val_split), "val")
+
+    def _val_rows(self, n: int, where: str) -> set[int]:
+        """Seeded choice of the validation rows when ``val_fraction`` carves them out of the training file."""
+        n_val = max(1, round(n * self.hparams.val_fraction))
+        if n_val >= n:
+            raise DataError(
+                f"{where}: val_fraction={self.hparams.val_fraction} of {n} rows leaves no training row; "
+                "lower val_fraction or add data"
+            )
+        return set(random.Random(f"val-split-{self.hparams.seed}").sample(range(n), n_val))
+
+    def _encode_table(
+        self, table: datasets.Dataset, where: str, split: str, val_rows: set[int] | None = None
+    ) -> None:
+        columns = self._prepare(table, where)
+        splits = [split] if val_rows is None else [split, "val"]
+        stats = {s: dict.fromkeys(self.stat_keys, 0) for s in splits}
+        out: dict[str, list[dict]] = {s: [] for s in splits}
+        first_skip: dict[str, str] = {}
+        for i, row in enumerate(table.select_columns(columns)):
+            target = "val" if val_rows is not None and i in val_rows else split
+            counts = stats[target]
+            counts["rows"] += 1
+            try:
+                encoded = self._encode_row(row)
+            except RowError as err:
+                message = f"{where}: row {i} (0-based), field {err.field!r}: {err.problem}"
+                if self.hparams.on_bad_row == "raise":
+                    raise DataError(
+                        f"{message}. Fix the row, or set on_bad_row='skip' to skip and count such rows."
+                    ) from None
+                counts["skipped_bad"] += 1
+                first_skip.setdefault(target, message)
+                continue
+            if isinstance(encoded, str):
+                counts[encoded] += 1
+                continue
+            counts["truncated"] += int(encoded.pop("truncated"))
+            counts["kept"] += 1
+            encoded["index"] = len(out[target])
+            out[target].append(encoded)
+        for s in splits:
+            self._report(s, where, stats[s], first_skip.get(s))
+            self.datasets[s], self.stats[s] = out[s], stats[s]
+
+    def _report(self, split: str, where: str, counts: dict[str, int], first_skip: str | None) -> None:
+        lost = {k: v for k, v in counts.items() if k.startswith(("dropped", "skipped")) and v}
+        summary = ", ".join(f"{k}={v}" for k, v in counts.items())
+        hint = f"; first malformed row: {first_skip}" if first_skip else ""
+        if counts["kept"] == 0:
+            raise DataError(
+                f"{where}: no usable row left for the {split} split ({summary}){hint}. Check the *_field and "
+                "format arguments, or raise max_length / max_prompt_length if rows were dropped as empty."
+            )
+        if lost:
+            log.warning(
+                "%s (%s split): kept %d of %d rows (%s)%s",
+                where,
+                split,
+                counts["kept"],
+                counts["rows"],
+                summary,
+                hint,
+            )
+        else:
+            log.info("%s (%s split): %s", where, split, summary)
+
+    # ----------------------------------------------------------------------------------------- loaders
+    def _loader(self, split: str, *, shuffle: bool = False, sampler: Sampler | None = None) -> DataLoader:
+        if split not in self.datasets:
+            raise ValueError(
+                f"no {split!r} split (have {sorted(self.datasets)}); call setup() first, and for 'val' set "
+                "val_file, val_split or val_fraction"
+            )
+        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            sampler=sampler,
+            generator=generator,
+            num_workers=self.hparams.num_workers,
+            collate_fn=self._collator(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val") if "val" in self.datasets else []
+
+
+def _where(source: str, split: str) -> str:
+    # Files have a single table, so the split name would only confuse the message.
+    return (
+        source if source.lower().endswith((".json", ".jsonl", ".csv", ".parquet")) else f"{source}[{split}]"
+    )

@@ -1,0 +1,97 @@
+"""Prompts only, left-padded for generation: the input of PPO rollouts and iterative DPO."""
+
+from __future__ import annotations
+
+import datasets
+
+from lightning_rlhf.data.base import OnBadRow, TableDataModule, pad_id
+from lightning_rlhf.data.collate import PromptCollator
+from lightning_rlhf.data.formats import PromptFormat, check_chat_template, decide_format, read_prompt
+from lightning_rlhf.data.loading import check_columns
+from lightning_rlhf.data.tokenize import encode_prompt
+
+
+class PromptDataModule(TableDataModule):
+    """Prompts from a file, dataset folder or hub name, tokenized and left-padded for ``generate``.
+
+    A row's prompt is a string (standard) or a list of ``{"role", "content"}`` messages (conversational),
+    rendered with the chat template and ``add_generation_prompt=True``; ``auto`` decides from the first row.
+    A prompt longer than ``max_prompt_length`` tokens keeps its end (cut from the left). Batches::
+
+        prompt          list[str]   the text the policy is given: the rendered prompt, or for a cut prompt
+                                    the decoded tokens that were kept
+        input_ids       [B, T]      left-padded ids
+        attention_mask  [B, T]      1 on real tokens
+        index           [B]         position of the prompt in its encoded split
+
+    ``stats[split]`` counts rows read, kept, dropped (``dropped_empty``: a prompt with no tokens), skipped
+    (malformed, with ``on_bad_row="skip"``) and truncated.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str,
+        train_file: str,
+        val_file: str | None = None,
+        train_split: str = "train",
+        val_split: str | None = None,
+        val_fraction: float = 0.0,
+        prompt_field: str = "prompt",
+        format: PromptFormat = "auto",
+        max_prompt_length: int = 256,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        on_bad_row: OnBadRow = "raise",
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            tokenizer: Tokenizer name or local folder (``AutoTokenizer.from_pretrained``), loaded in setup.
+            train_file: Training prompts: a .json/.jsonl/.csv/.parquet file, a dataset folder or a hub name.
+            val_file: Optional held-out prompts in the same forms.
+            train_split: Split of train_file to use (folders and hub datasets; a file is one table).
+            val_split: Validation split: of val_file if set (default its 'train' split), else of train_file.
+            val_fraction: Share of train_file rows held out for validation by a seeded split (0 = none).
+            prompt_field: Column with the prompt (a string or a list of messages).
+            format: Prompt format: standard (string), conversational (messages), or auto (from the first row).
+            max_prompt_length: Longest prompt in tokens; longer prompts keep their last tokens.
+            batch_size: Prompts per batch.
+            num_workers: DataLoader worker processes.
+            on_bad_row: What a malformed row does: 'raise' an error naming file, row and field, or 'skip'
+                it and count it in stats.
+            seed: Seed of the training shuffle and of the val_fraction split.
+        """
+        super().__init__()
+        owner = "PromptDataModule"
+        if max_prompt_length < 1:
+            raise ValueError(f"{owner}: max_prompt_length must be >= 1 (got {max_prompt_length})")
+        if format not in ("auto", "standard", "conversational"):
+            raise ValueError(f"{owner}: format must be auto, standard or conversational (got {format!r})")
+        if not prompt_field:
+            raise ValueError(f"{owner}: prompt_field must be a column name (got {prompt_field!r})")
+        self.save_hyperparameters()
+        self._check_common_args(owner)
+        self._init_state(tokenizer)
+        self._format: tuple[str, str] = ("standard", "")
+
+    def _prepare(self, table: datasets.Dataset, where: str) -> list[str]:
+        field = self.hparams.prompt_field
+        check_columns(table, [field], where)
+        self._format = decide_format(
+            self.hparams.format, table.select_columns([field]), [field], field, where
+        )
+        if self._format[0] == "conversational":
+            check_chat_template(self.tokenizer)
+        return [field]
+
+    def _encode_row(self, row: dict) -> dict | str:
+        text = read_prompt(self.tokenizer, row, self.hparams.prompt_field, *self._format)
+        ids, truncated = encode_prompt(self.tokenizer, text, max_prompt_length=self.hparams.max_prompt_length)
+        if not ids:
+            return "dropped_empty"  # nothing to condition generation on
+        if truncated:
+            text = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return {"prompt": text, "input_ids": ids, "truncated": truncated}
+
+    def _collator(self) -> PromptCollator:
+        return PromptCollator(pad_id(self.tokenizer))
