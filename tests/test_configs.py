@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from lightning import LightningDataModule, LightningModule
 
-from lightning_rlhf.cli import build_cli, cli_main
+from lightning_rlhf.cli import RLHFCLI, build_cli, cli_main
 from lightning_rlhf.testbed.files import SplitSizes, write_testbed
 from lightning_rlhf.testbed.task import TaskConfig
 
@@ -21,12 +21,72 @@ def test_there_are_configs():
     assert CONFIGS, "configs/ has no YAML files"
 
 
+class ParseOnlyCLI(RLHFCLI):
+    """Parses and type-checks a config (class paths, argument names and types) without building anything."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
 def test_config_parses_and_builds(path, tmp_path, monkeypatch):
+    """Every YAML parses; CPU ones are built too (GPU ones need CUDA and DeepSpeed to build a Trainer)."""
     monkeypatch.chdir(tmp_path)  # default_root_dir and logs land in tmp_path
-    cli = build_cli(["--config", str(path)], run=False)
-    assert isinstance(cli.model, LightningModule)
-    assert isinstance(cli.datamodule, LightningDataModule)
+    parsed = ParseOnlyCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=["--config", str(path)],
+        run=False,
+    )
+    config = parsed.config
+    assert config.model.class_path.startswith("lightning_rlhf.")
+    if config.trainer.accelerator == "cpu":
+        cli = build_cli(["--config", str(path)], run=False)
+        assert isinstance(cli.model, LightningModule)
+        assert isinstance(cli.datamodule, LightningDataModule)
+
+
+def test_testbed_configs_match_the_quickstart_settings():
+    """configs/*/testbed.yaml are the CLI form of `lightning-rlhf quickstart`: the numbers must not drift."""
+    import yaml
+
+    from lightning_rlhf.quickstart import StageSettings
+
+    settings = StageSettings()
+    for stage, epochs, lr in (
+        ("sft", settings.sft_epochs, settings.sft_lr),
+        ("reward", settings.reward_epochs, settings.reward_lr),
+        ("dpo", settings.dpo_epochs, settings.dpo_lr),
+    ):
+        config = yaml.safe_load((REPO / "configs" / stage / "testbed.yaml").read_text())
+        assert config["trainer"]["max_epochs"] == epochs, stage
+        assert config["model"]["init_args"]["learning_rate"] == lr, stage
+        assert config["data"]["init_args"].get("batch_size") == settings.batch_size, stage
+    dpo = yaml.safe_load((REPO / "configs/dpo/testbed.yaml").read_text())
+    assert dpo["model"]["init_args"]["loss"]["init_args"]["beta"] == settings.dpo_beta
+
+
+def test_cli_chain_of_testbed_configs(tmp_path, monkeypatch):
+    """configs/quickstart/run.sh in miniature: each stage's export is the next stage's model."""
+    monkeypatch.chdir(tmp_path)
+    cli_main(["testbed", "--out", "runs/testbed", "--model-size", "nano"])
+    for stage in ("sft", "reward", "dpo"):
+        cli_main(
+            [
+                "fit",
+                "--config",
+                str(REPO / f"configs/{stage}/testbed.yaml"),
+                "--trainer.max_steps",
+                "2",
+                "--trainer.limit_val_batches",
+                "1",
+            ]
+        )
+    for folder in ("sft_policy", "reward_model", "dpo_policy"):
+        assert (tmp_path / "runs/testbed" / folder / "model.safetensors").is_file(), folder
+    assert (REPO / "configs/quickstart/run.sh").read_text().count("lightning-rlhf fit --config") == 3
 
 
 def test_fit_from_testbed_config(tmp_path, monkeypatch):

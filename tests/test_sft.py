@@ -1,6 +1,5 @@
 """SFTModule: next-token cross-entropy on response tokens only, and SFT raises the gold reward."""
 
-import json
 
 import lightning as L
 import pytest
@@ -103,12 +102,3 @@ def test_sft_module_drops_into_a_plain_trainer_script(testbed, tmp_path):
 def test_sft_module_rejects_bad_learning_rate():
     with pytest.raises(ValueError, match="learning_rate must be > 0"):
         SFTModule("unused", learning_rate=0.0)
-
-
-def test_results_json_of_quickstart(tmp_path):
-    from lightning_rlhf.quickstart import main
-
-    results = main(["--out", str(tmp_path), "--model-size", "nano", "--sft-epochs", "1"])
-    assert set(results) == {"untrained", "sft"}
-    assert json.loads((tmp_path / "results.json").read_text()) == results
-    assert (tmp_path / "sft_policy" / "model.safetensors").is_file()

@@ -31,8 +31,8 @@ class SplitSizes:
 
     sft_train: int = 2000
     sft_eval: int = 200
-    pairs_train: int = 2000
-    pairs_eval: int = 400
+    pairs_train: int = 4000
+    pairs_eval: int = 1000
     prompts_train: int = 1024
     prompts_eval: int = 128
 

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The quickstart pipeline through the CLI and the stage configs (what `lightning-rlhf quickstart` does in
+# Python), run from the repository root: testbed -> SFT -> reward model -> DPO, models in runs/testbed/.
+set -euo pipefail
+lightning-rlhf testbed --out runs/testbed
+lightning-rlhf fit --config configs/sft/testbed.yaml "$@"
+lightning-rlhf fit --config configs/reward/testbed.yaml "$@"
+lightning-rlhf fit --config configs/dpo/testbed.yaml "$@"
