@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 
-from lightning_rlhf.ops import sequence_logprobs, token_logprobs
+from lightning_rlhf.ops import entropy_from_logits, sequence_logprobs, token_logprobs
 
 
 def _load(auto_class, name_or_path: str, what: str, **kwargs) -> PreTrainedModel:
@@ -84,6 +84,30 @@ def response_logps(
     mask = batch["response_mask"][:, 1:]
     per_token = sequence_logprobs(token_logps, mask, average=True)
     return (per_token if average else sequence_logprobs(token_logps, mask)), per_token
+
+
+def response_token_logprobs(
+    model: PreTrainedModel,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    prompt_len: int,
+    *,
+    entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probs [N, R] of the response tokens ``input_ids[:, prompt_len:]`` (and their entropies if asked).
+
+    The response token at column ``prompt_len + t`` is predicted by the logits at ``prompt_len + t - 1``.
+    """
+    logits = policy_logits(model, input_ids, attention_mask)[:, prompt_len - 1 : -1]
+    logps = token_logprobs(logits, input_ids[:, prompt_len:])
+    return logps, (entropy_from_logits(logits) if entropy else None)
+
+
+def response_values(
+    critic: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, prompt_len: int
+) -> Tensor:
+    """Critic values [N, R] of the states before each response token (same positions as the log-probs)."""
+    return token_scores(critic, input_ids, attention_mask)[:, prompt_len - 1 : -1].float()
 
 
 def _score_head(model: PreTrainedModel) -> torch.nn.Module:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
@@ -31,6 +32,49 @@ class SamplingConfig:
             raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1 (got {self.top_k}, {self.top_p})")
 
 
+def response_mask_from_ids(response_ids: Tensor, eos_token_id: int) -> Tensor:
+    """[N, R] 1 on every token up to and including the first EOS (all ones where no EOS was emitted)."""
+    is_eos = (response_ids == eos_token_id).long()
+    # Tokens strictly after the first EOS have a cumulative EOS count > 1, or > 0 at a non-EOS token.
+    before_or_at_first_eos = (is_eos.cumsum(1) - is_eos) == 0
+    return before_or_at_first_eos.long()
+
+
+@torch.no_grad()
+def generate_responses(
+    model: PreTrainedModel,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    sampling: SamplingConfig,
+    *,
+    eos_token_id: int,
+    pad_token_id: int,
+) -> tuple[Tensor, Tensor]:
+    """Sample responses to left-padded prompts with the KV cache: (response_ids, response_mask), [N, R].
+
+    Generation stops at EOS (or ``max_new_tokens``); tokens after a row's EOS are padding and masked out.
+    The model is put in eval mode for the call and restored after.
+    """
+    was_training = model.training
+    model.eval()  # dropout off: samples must come from the policy itself
+    greedy = sampling.temperature == 0
+    out = model.generate(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        max_new_tokens=sampling.max_new_tokens,
+        do_sample=not greedy,
+        temperature=None if greedy else sampling.temperature,
+        top_k=None if greedy else sampling.top_k,
+        top_p=None if greedy else sampling.top_p,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+    model.train(was_training)
+    response_ids = out[:, prompt_ids.shape[1] :]
+    mask = response_mask_from_ids(response_ids, eos_token_id)
+    return response_ids.masked_fill(mask == 0, pad_token_id), mask
+
+
 @dataclass(frozen=True)
 class Generated:
     """Decoded responses and whether each ended with EOS (rather than hitting max_new_tokens)."""
@@ -40,7 +84,34 @@ class Generated:
     lengths: list[int]
 
 
-@torch.no_grad()
+def decode_responses(
+    tokenizer: PreTrainedTokenizerBase, response_ids: Tensor, response_mask: Tensor
+) -> Generated:
+    """Texts without special tokens, EOS flags, and lengths (tokens before EOS)."""
+    eos = tokenizer.eos_token_id
+    texts, ended, lengths = [], [], []
+    for ids, mask in zip(response_ids.tolist(), response_mask.tolist(), strict=True):
+        n = sum(mask)
+        stopped = n > 0 and ids[n - 1] == eos
+        content = ids[: n - 1] if stopped else ids[:n]
+        texts.append(tokenizer.decode(content, skip_special_tokens=True))
+        ended.append(stopped)
+        lengths.append(len(content))
+    return Generated(texts=texts, ended=ended, lengths=lengths)
+
+
+def left_pad_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Tokenize prompt texts (no special tokens) into left-padded ids and mask."""
+    rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
+
+
 def generate_texts(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -50,46 +121,21 @@ def generate_texts(
     batch_size: int = 64,
     seed: int | None = None,
 ) -> Generated:
-    """Sample one response per prompt with the model's KV cache; prompts are left-padded for batching.
-
-    ``seed`` makes sampling reproducible without touching the caller's global RNG state.
-    """
+    """One sampled response per prompt text; ``seed`` makes it reproducible, leaving global RNG alone."""
     sampling = sampling or SamplingConfig()
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    pad = eos if pad is None else pad
-    was_training = model.training
-    model.eval()  # dropout off: sampling must come from the policy itself
-    texts, ended, lengths = [], [], []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
+    texts, ended, lengths = [], [], []
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
         for start in range(0, len(prompts), batch_size):
-            chunk = [
-                tokenizer(p, add_special_tokens=False)["input_ids"]
-                for p in prompts[start : start + batch_size]
-            ]
-            width = max(len(ids) for ids in chunk)
-            input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk], device=device)
-            attention = torch.tensor(
-                [[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=device
+            ids, mask = left_pad_prompts(tokenizer, prompts[start : start + batch_size], device)
+            response_ids, response_mask = generate_responses(
+                model, ids, mask, sampling, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad
             )
-            greedy = sampling.temperature == 0
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention,
-                max_new_tokens=sampling.max_new_tokens,
-                do_sample=not greedy,
-                temperature=None if greedy else sampling.temperature,
-                top_k=None if greedy else sampling.top_k,
-                top_p=None if greedy else sampling.top_p,
-                eos_token_id=eos,
-                pad_token_id=pad,
-            )
-            for row in out[:, width:].tolist():
-                n = row.index(eos) if eos in row else len(row)
-                ended.append(n < len(row))
-                lengths.append(n)
-                texts.append(tokenizer.decode(row[:n], skip_special_tokens=True))
-    model.train(was_training)
+            out = decode_responses(tokenizer, response_ids, response_mask)
+            texts += out.texts
+            ended += out.ended
+            lengths += out.lengths
     return Generated(texts=texts, ended=ended, lengths=lengths)

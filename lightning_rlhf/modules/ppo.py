@@ -1,0 +1,443 @@
+"""PPO for language models inside ``Trainer.fit``: one training step = one rollout + its PPO updates."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from lightning import LightningModule
+from torch import Tensor
+from transformers import AutoTokenizer, PreTrainedModel
+
+from lightning_rlhf.export import MODULE_CLASS_KEY, module_class_path
+from lightning_rlhf.losses import entropy_bonus, ppo_policy_loss, ppo_value_loss
+from lightning_rlhf.models import (
+    disable_dropout,
+    freeze,
+    load_causal_lm,
+    load_reward_model,
+    response_token_logprobs,
+    response_values,
+)
+from lightning_rlhf.modules.base import adamw_param_groups
+from lightning_rlhf.ops import masked_mean
+from lightning_rlhf.rollout.collect import ShapingConfig, collect_rollout, explained_variance
+from lightning_rlhf.rollout.generation import SamplingConfig
+from lightning_rlhf.rollout.hooks import call_rollout_hooks
+from lightning_rlhf.rollout.shaping import (
+    AdaptiveKLController,
+    FixedKLController,
+    RunningMoments,
+    sequence_kl,
+)
+from lightning_rlhf.rollout.types import Rollout
+
+RewardFn = Callable[[list[str], list[str]], Any]
+
+
+class FirstStepCheckError(RuntimeError):
+    """The first PPO update found policy, sampler and reference inconsistent (see the message)."""
+
+
+class PPOModule(LightningModule):
+    """PPO with a critic and a KL penalty to a frozen reference (Ouyang et al. 2022; Xu et al. 2024).
+
+    Each training batch is a *rollout batch* of prompts (from :class:`~lightning_rlhf.PromptDataModule`).
+    The step samples responses with the policy (KV cache), scores them with the reward model and/or reward
+    function, computes old log-probs, reference log-probs and values once in batched inference, shapes the
+    rewards (KL penalty on every token, score on the last) and GAE advantages, lets callbacks see or change
+    the rollout (``on_rollout_end(trainer, pl_module, rollout)``; e.g. ``AdvantageNormalization``), and then
+    runs ``ppo_epochs`` passes of shuffled mini-batch updates, each mini-batch accumulated over micro-batches.
+    Policy and critic share one optimizer with a parameter group each (DeepSpeed allows one optimizer), so
+    ``trainer.global_step`` counts mini-batch updates.
+
+    The paper's recipe is three switches: a large rollout batch (the prompt loader's ``batch_size``, 512 in
+    the paper), ``AdvantageNormalization`` and ``EMAReferenceUpdate`` callbacks (configs/ppo/paper.yaml).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        reward_model: str | None = None,
+        reward_function: RewardFn | None = None,
+        gold_function: RewardFn | None = None,
+        critic_model: str | None = None,
+        reference_model: str | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        ppo_epochs: int = 1,
+        mini_batch_size: int = 64,
+        micro_batch_size: int = 8,
+        clip_range: float = 0.2,
+        dual_clip: float | None = None,
+        clip_range_value: float | None = 0.2,
+        value_loss_coef: float = 1.0,
+        entropy_coef: float = 0.0,
+        kl_coef: float = 0.1,
+        kl_estimator: Literal["k1", "k2", "k3"] = "k1",
+        target_kl: float | None = None,
+        kl_horizon: int = 10000,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        score_clip: float | None = None,
+        normalize_scores: bool = False,
+        missing_eos_penalty: float | None = None,
+        early_stop_kl: float | None = None,
+        learning_rate: float = 1e-6,
+        critic_learning_rate: float = 5e-6,
+        weight_decay: float = 0.0,
+        max_grad_norm: float | None = 1.0,
+        disable_dropout: bool = True,
+        check_first_step: bool = True,
+        first_step_tolerance: float = 1e-3,
+        trust_remote_code: bool = False,
+    ) -> None:
+        """
+        Args:
+            model: The policy to train: hub name or ``save_pretrained`` folder (usually the SFT model).
+            reward_model: A reward model (scalar head; e.g. from RewardModule) scoring prompt + response.
+            reward_function: ``f(prompts, responses) -> scores`` (import path or class_path); adds to the RM.
+            gold_function: Like reward_function but only logged (``rollout/gold_score``), never trained on.
+            critic_model: Critic initialisation (default: the reward model if given, else the policy).
+            reference_model: Reference weights when not the initial policy (default: the policy's).
+            max_new_tokens: Longest sampled response, in tokens.
+            temperature: Sampling temperature of the rollouts.
+            top_k: Sample only from the k most likely tokens (0 = off).
+            top_p: Nucleus sampling mass (1.0 = off).
+            ppo_epochs: Passes over each rollout batch.
+            mini_batch_size: Sequences per optimizer step; must divide the rollout batch size.
+            micro_batch_size: Sequences per forward/backward (accumulated); must divide mini_batch_size.
+            clip_range: PPO ratio clip epsilon (> 0).
+            dual_clip: Dual-clip constant c > 1 bounding the loss of negative advantages (None = off).
+            clip_range_value: Value clip around the rollout's values (None = unclipped value loss).
+            value_loss_coef: Weight of the value loss.
+            entropy_coef: Weight of the entropy bonus (0 = off).
+            kl_coef: (Initial) coefficient of the per-token KL penalty to the reference.
+            kl_estimator: KL estimator of the penalty: k1 (log-ratio), k2, or k3.
+            target_kl: With a value, adapt kl_coef so the per-sequence KL tracks it (Ziegler et al.).
+            kl_horizon: Horizon (in sequences) of the adaptive KL controller.
+            gamma: Discount of GAE.
+            lam: Lambda of GAE.
+            score_clip: Clip scores to [-score_clip, score_clip] (None = off).
+            normalize_scores: Standardise scores by running mean and std.
+            missing_eos_penalty: Subtracted from the score of responses that never emit EOS (None = off).
+            early_stop_kl: End a rollout's updates early once the approximate KL passes this (None = off).
+            learning_rate: Policy AdamW learning rate.
+            critic_learning_rate: Critic AdamW learning rate.
+            weight_decay: AdamW weight decay (biases and norms excluded).
+            max_grad_norm: Clip gradients to this global norm (None = off).
+            disable_dropout: Turn dropout off in policy and critic (PPO compares log-probs across forwards).
+            check_first_step: At the first update check ratio == 1 and policy-reference KL == 0.
+            first_step_tolerance: Largest |log-ratio| the first-step check accepts.
+            trust_remote_code: Allow model code shipped with checkpoints to run (off for safety).
+        """
+        super().__init__()
+        self.automatic_optimization = False
+        positive = {
+            "max_new_tokens": max_new_tokens,
+            "ppo_epochs": ppo_epochs,
+            "mini_batch_size": mini_batch_size,
+            "micro_batch_size": micro_batch_size,
+            "clip_range": clip_range,
+            "learning_rate": learning_rate,
+            "critic_learning_rate": critic_learning_rate,
+            "first_step_tolerance": first_step_tolerance,
+            "kl_horizon": kl_horizon,
+        }
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"PPOModule: {name} must be > 0 (got {value})")
+        non_negative = {
+            "kl_coef": kl_coef,
+            "entropy_coef": entropy_coef,
+            "value_loss_coef": value_loss_coef,
+            "weight_decay": weight_decay,
+        }
+        for name, value in non_negative.items():
+            if not value >= 0:
+                raise ValueError(f"PPOModule: {name} must be >= 0 (got {value})")
+        optional_positive = {
+            "clip_range_value": clip_range_value,
+            "score_clip": score_clip,
+            "early_stop_kl": early_stop_kl,
+            "target_kl": target_kl,
+            "max_grad_norm": max_grad_norm,
+        }
+        for name, value in optional_positive.items():
+            if value is not None and not value > 0:
+                raise ValueError(f"PPOModule: {name} must be > 0 or null (got {value})")
+        if dual_clip is not None and not dual_clip > 1:
+            raise ValueError(f"PPOModule: dual_clip must be > 1 or null (got {dual_clip})")
+        if mini_batch_size % micro_batch_size:
+            raise ValueError(
+                f"PPOModule: micro_batch_size ({micro_batch_size}) must divide "
+                f"mini_batch_size ({mini_batch_size})"
+            )
+        if not (0 <= gamma <= 1 and 0 <= lam <= 1):
+            raise ValueError(f"PPOModule: gamma and lam must be in [0, 1] (got {gamma}, {lam})")
+        if reward_model is None and reward_function is None:
+            raise ValueError("PPOModule: give a reward_model, a reward_function, or both")
+        self.save_hyperparameters(ignore=["reward_function", "gold_function"])
+        self.reward_function = reward_function
+        self.gold_function = gold_function
+        self.sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p)
+        self.shaping = ShapingConfig(
+            kl_estimator, missing_eos_penalty, score_clip, normalize_scores, gamma, lam
+        )
+        self.kl_controller = (
+            AdaptiveKLController(kl_coef, target_kl, kl_horizon)
+            if target_kl is not None
+            else FixedKLController(kl_coef)
+        )
+        self.score_moments = RunningMoments()
+        self.policy: PreTrainedModel | None = None
+        self.critic: PreTrainedModel | None = None
+        self.reference: PreTrainedModel | None = None
+        self.reward_model: PreTrainedModel | None = None
+        self.tokenizer = None
+        self._first_step_pending = check_first_step
+
+    # ------------------------------------------------------------------ models
+    def configure_model(self) -> None:
+        hp = self.hparams
+        if self.policy is not None:
+            return
+        remote = {"trust_remote_code": hp.trust_remote_code}
+        self.policy = load_causal_lm(hp.model, **remote)
+        self.critic = load_reward_model(hp.critic_model or hp.reward_model or hp.model, **remote)
+        if hp.disable_dropout:
+            disable_dropout(self.policy)
+            disable_dropout(self.critic)
+        self.policy.train()
+        self.critic.train()
+        # Loaded from disk, never deep-copied: under ZeRO-3 the policy is already partitioned here.
+        self.reference = freeze(load_causal_lm(hp.reference_model or hp.model, **remote))
+        disable_dropout(self.reference)
+        if hp.reward_model is not None:
+            self.reward_model = freeze(load_reward_model(hp.reward_model, **remote))
+        self.tokenizer = AutoTokenizer.from_pretrained(hp.model)
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError(
+                f"the tokenizer of {hp.model} has no eos_token: PPO cannot tell when a response ends"
+            )
+        for name, other in (("reward_model", self.reward_model), ("critic", self.critic)):
+            if other is not None and other.config.vocab_size != self.policy.config.vocab_size:
+                raise ValueError(
+                    f"PPOModule: the {name} has vocabulary size {other.config.vocab_size} but the policy has "
+                    f"{self.policy.config.vocab_size}; they must share the policy's tokenizer"
+                )
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        hp = self.hparams
+        groups = []
+        for model, lr in ((self.policy, hp.learning_rate), (self.critic, hp.critic_learning_rate)):
+            for group in adamw_param_groups(model, hp.weight_decay):
+                groups.append({**group, "lr": lr})
+        return torch.optim.AdamW(groups)
+
+    def trained_model(self) -> PreTrainedModel:
+        return self.policy
+
+    def save_pretrained(self, path):
+        from pathlib import Path
+
+        path = Path(path)
+        self.policy.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        return path
+
+    # ------------------------------------------------------------------ checkpoint state
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[MODULE_CLASS_KEY] = module_class_path(self)
+        checkpoint["ppo_state"] = {
+            "kl_controller": self.kl_controller.state_dict(),
+            "score_moments": self.score_moments.state_dict(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("ppo_state")
+        if state is not None:
+            self.kl_controller.load_state_dict(state["kl_controller"])
+            self.score_moments.load_state_dict(state["score_moments"])
+        self._first_step_pending = False  # a resumed run no longer has policy == reference
+
+    def on_fit_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        batch_size = getattr(getattr(datamodule, "hparams", {}), "get", lambda *_: None)("batch_size")
+        if batch_size is not None and batch_size % self.hparams.mini_batch_size:
+            raise ValueError(
+                f"the rollout batch (data batch_size={batch_size}) is not divisible by "
+                f"model mini_batch_size={self.hparams.mini_batch_size}"
+            )
+
+    # ------------------------------------------------------------------ the step
+    def collect(self, batch: dict) -> Rollout:
+        """Sample and score one rollout from a prompt batch, then let callbacks see it."""
+        timings: dict[str, float] = {}
+        rollout = collect_rollout(
+            policy=self.policy,
+            reference=self.reference,
+            critic=self.critic,
+            tokenizer=self.tokenizer,
+            prompt_ids=batch["input_ids"],
+            prompt_mask=batch["attention_mask"],
+            prompts=list(batch["prompt"]),
+            sampling=self.sampling,
+            kl_coef=self.kl_controller.value,
+            shaping=self.shaping,
+            reward_model=self.reward_model,
+            reward_function=self.reward_function,
+            gold_function=self.gold_function,
+            moments=self.score_moments,
+            micro_batch_size=self.hparams.micro_batch_size,
+            timings=timings,
+        )
+        self._timings = timings
+        call_rollout_hooks(self.trainer, self, rollout)
+        return rollout
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        rollout = self.collect(batch)
+        n = len(rollout)
+        if n % self.hparams.mini_batch_size:
+            raise ValueError(
+                f"the rollout batch ({n} prompts) is not divisible by "
+                f"mini_batch_size={self.hparams.mini_batch_size};"
+                " make the prompt loader's batch_size a multiple of it (and drop the last partial batch)"
+            )
+        if self._first_step_pending:
+            self._check_reference_matches(rollout)
+        start = time.perf_counter()
+        stats = self._update(rollout)
+        self._timings["update"] = time.perf_counter() - start
+        mask = rollout.response_mask.float()
+        kl_per_sequence = sequence_kl(rollout.kl, mask)
+        self.kl_controller.update(float(kl_per_sequence.mean()), n)
+        self._log_rollout(rollout, kl_per_sequence, stats)
+
+    def _update(self, rollout: Rollout) -> dict[str, Tensor]:
+        hp = self.hparams
+        optimizer = self.optimizers()
+        n, mini, micro = len(rollout), hp.mini_batch_size, hp.micro_batch_size
+        totals: dict[str, list[Tensor]] = {}
+        stopped = 0.0
+        for _ in range(hp.ppo_epochs):
+            order = torch.randperm(n, device=rollout.response_ids.device)
+            for start in range(0, n, mini):
+                optimizer.zero_grad()
+                approx_kls = []
+                for micro_start in range(start, start + mini, micro):
+                    mb = rollout.minibatch(order[micro_start : micro_start + micro])
+                    loss, metrics = self._micro_loss(mb, rollout.prompt_ids.shape[1])
+                    self.manual_backward(loss * (micro / mini))
+                    approx_kls.append(metrics["ppo/approx_kl"])
+                    for key, value in metrics.items():
+                        totals.setdefault(key, []).append(value)
+                if hp.max_grad_norm is not None:
+                    self.clip_gradients(
+                        optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm"
+                    )
+                optimizer.step()
+                if hp.early_stop_kl is not None and float(torch.stack(approx_kls).mean()) > hp.early_stop_kl:
+                    stopped = 1.0
+                    break
+            if stopped:
+                break
+        out = {key: torch.stack(values).mean() for key, values in totals.items()}
+        out["ppo/early_stopped"] = torch.tensor(stopped)
+        return out
+
+    def _micro_loss(self, mb: dict[str, Tensor], prompt_len: int) -> tuple[Tensor, dict[str, Tensor]]:
+        hp = self.hparams
+        mask = mb["response_mask"].float()
+        logprobs, entropy = response_token_logprobs(
+            self.policy, mb["input_ids"], mb["attention_mask"], prompt_len, entropy=True
+        )
+        if self._first_step_pending:
+            self._check_first_ratio(logprobs, mb["logprobs"], mask)
+        values = response_values(self.critic, mb["input_ids"], mb["attention_mask"], prompt_len)
+        policy = ppo_policy_loss(
+            logprobs, mb["logprobs"], mb["advantages"], mask, clip_range=hp.clip_range, dual_clip=hp.dual_clip
+        )
+        value = ppo_value_loss(
+            values, mb["values"], mb["returns"], mask, clip_range_value=hp.clip_range_value
+        )
+        entropy_mean = entropy_bonus(entropy, mask)
+        loss = policy.loss + hp.value_loss_coef * value.loss - hp.entropy_coef * entropy_mean
+        metrics = {
+            "ppo/loss": loss.detach(),
+            "ppo/policy_loss": policy.loss.detach(),
+            "ppo/value_loss": value.loss.detach(),
+            "ppo/entropy": entropy_mean.detach(),
+            "ppo/clip_fraction": policy.clip_fraction,
+            "ppo/value_clip_fraction": value.clip_fraction,
+            "ppo/approx_kl": policy.approx_kl,
+        }
+        return loss, metrics
+
+    # ------------------------------------------------------------------ step-0 guard
+    def _check_reference_matches(self, rollout: Rollout) -> None:
+        same_weights = self.hparams.reference_model in (None, self.hparams.model)
+        if not same_weights:
+            return
+        mask = rollout.response_mask.float()
+        gap = float(masked_mean((rollout.logprobs - rollout.ref_logprobs).abs(), mask))
+        if gap > self.hparams.first_step_tolerance:
+            raise FirstStepCheckError(
+                "before any update the policy and its reference (the same weights) disagree: mean "
+                f"|log p - log p_ref| = {gap:.2e} > first_step_tolerance={self.hparams.first_step_tolerance}."
+                " "
+                "Likely causes: the two are loaded in different dtypes, or one has dropout on "
+                "(disable_dropout), or padding/position ids differ between them. "
+                "Set check_first_step=false to skip this check."
+            )
+
+    def _check_first_ratio(self, logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> None:
+        self._first_step_pending = False
+        worst = float(((logprobs.detach() - old_logprobs).abs() * mask).max())
+        if worst > self.hparams.first_step_tolerance:
+            raise FirstStepCheckError(
+                f"at the first PPO update the importance ratio should be exactly 1, but max |log ratio| = "
+                f"{worst:.2e} > first_step_tolerance={self.hparams.first_step_tolerance}. "
+                "The training forward does "
+                "not reproduce the log-probs of sampling. Likely causes: dropout left on in the policy "
+                "(disable_dropout=false with a model that has dropout), a dtype mismatch between rollout and "
+                "training forwards (e.g. sampling in bf16, training in fp32), or padding / position ids that "
+                "differ "
+                "between the two forwards. Set check_first_step=false to skip this check."
+            )
+
+    # ------------------------------------------------------------------ logging
+    def _log_rollout(self, rollout: Rollout, kl_per_sequence: Tensor, stats: dict[str, Tensor]) -> None:
+        mask = rollout.response_mask.float()
+        lengths = mask.sum(1)
+        metrics: dict[str, Any] = {
+            "rollout/score": rollout.raw_scores.mean(),
+            "rollout/shaped_score": rollout.scores.mean(),
+            "rollout/kl": kl_per_sequence.mean(),
+            "rollout/kl_coef": self.kl_controller.value,
+            "rollout/response_length": lengths.mean(),
+            "rollout/eos_rate": rollout.ended.float().mean(),
+            "rollout/advantage_mean": masked_mean(rollout.advantages, mask),
+            "rollout/advantage_std": masked_mean(rollout.advantages**2, mask).sqrt(),
+            "rollout/return_mean": masked_mean(rollout.returns, mask),
+            "rollout/value_mean": masked_mean(rollout.values, mask),
+            "ppo/explained_variance": explained_variance(rollout.values, rollout.returns, mask),
+            **{f"time/{k}": v for k, v in self._timings.items()},
+            **stats,
+        }
+        if rollout.rm_scores is not None:
+            metrics["rollout/reward_model_score"] = rollout.rm_scores.mean()
+        if rollout.function_scores is not None:
+            metrics["rollout/function_score"] = rollout.function_scores.float().mean()
+        if rollout.gold_scores is not None:
+            metrics["rollout/gold_score"] = rollout.gold_scores.float().mean()
+        self.log_dict(
+            {k: torch.as_tensor(v, dtype=torch.float32) for k, v in metrics.items()},
+            batch_size=len(rollout),
+            sync_dist=True,
+        )

@@ -1,0 +1,189 @@
+"""Collecting a PPO rollout: generate, score, compute old log-probs, reference log-probs and values, GAE.
+
+Everything here is plain tensor work on plain models, testable without a Trainer; ``PPOModule`` calls
+:func:`collect_rollout` once per training step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lightning_rlhf.models import response_token_logprobs, response_values, sequence_scores
+from lightning_rlhf.ops import gae, masked_var
+from lightning_rlhf.rollout.generation import SamplingConfig, decode_responses, generate_responses
+from lightning_rlhf.rollout.shaping import RunningMoments, kl_penalized_rewards, shape_scores
+from lightning_rlhf.rollout.types import Rollout
+
+RewardFunction = Callable[[list[str], list[str]], Sequence[float] | Tensor]
+"""``f(prompts, responses) -> scores``: one float per response, higher is better."""
+
+
+@dataclass(frozen=True)
+class ShapingConfig:
+    """How scores become per-token rewards and advantages."""
+
+    kl_estimator: str = "k1"
+    missing_eos_penalty: float | None = None
+    score_clip: float | None = None
+    normalize_scores: bool = False
+    gamma: float = 1.0
+    lam: float = 0.95
+
+
+def call_reward_function(fn: RewardFunction, prompts: list[str], responses: list[str], what: str) -> Tensor:
+    """Call a user reward function and check what it returns: one finite number per response."""
+    out = fn(prompts, responses)
+    scores = (
+        torch.as_tensor(out if isinstance(out, Tensor) else list(out), dtype=torch.float32).flatten().cpu()
+    )
+    if scores.numel() != len(responses):
+        raise ValueError(f"{what} returned {scores.numel()} scores for {len(responses)} responses")
+    if not torch.isfinite(scores).all():
+        bad = int((~torch.isfinite(scores)).nonzero()[0])
+        raise ValueError(
+            f"{what} returned the non-finite score {float(scores[bad])} for response {bad}: "
+            f"{responses[bad]!r:.80}"
+        )
+    return scores
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+@torch.no_grad()
+def collect_rollout(
+    *,
+    policy: PreTrainedModel,
+    reference: PreTrainedModel,
+    critic: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    prompts: list[str],
+    sampling: SamplingConfig,
+    kl_coef: float,
+    shaping: ShapingConfig,
+    reward_model: PreTrainedModel | None = None,
+    reward_function: RewardFunction | None = None,
+    gold_function: RewardFunction | None = None,
+    moments: RunningMoments | None = None,
+    micro_batch_size: int = 8,
+    timings: dict[str, float] | None = None,
+) -> Rollout:
+    """Sample responses to the prompts and compute everything the PPO update needs.
+
+    Inference runs in micro-batches of ``micro_batch_size`` sequences, each model once per rollout.
+    ``timings`` (if given) receives seconds spent in ``generation``, ``scoring`` and ``inference``.
+    """
+    if reward_model is None and reward_function is None:
+        raise ValueError("PPO needs a reward: give a reward_model, a reward_function, or both")
+    timings = timings if timings is not None else {}
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    n, prompt_len = prompt_ids.shape
+
+    start = time.perf_counter()
+    pieces = [
+        generate_responses(
+            policy, prompt_ids[s], prompt_mask[s], sampling, eos_token_id=eos, pad_token_id=pad
+        )
+        for s in _chunks(n, max(micro_batch_size, 1) * 4)  # generation is cheap on memory: bigger chunks
+    ]
+    width = max(ids.shape[1] for ids, _ in pieces)
+    response_ids = torch.cat(
+        [torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=pad) for ids, _ in pieces]
+    )
+    response_mask = torch.cat(
+        [torch.nn.functional.pad(m, (0, width - m.shape[1]), value=0) for _, m in pieces]
+    )
+    timings["generation"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    decoded = decode_responses(tokenizer, response_ids, response_mask)
+    ended = torch.tensor(decoded.ended, device=prompt_ids.device)
+    input_ids = torch.cat([prompt_ids, response_ids], 1)
+    attention_mask = torch.cat([prompt_mask, response_mask], 1)
+    raw = torch.zeros(n, device=prompt_ids.device)
+    rm_scores = function_scores = None
+    if reward_model is not None:
+        rm_scores = torch.cat(
+            [
+                sequence_scores(reward_model, input_ids[s], attention_mask[s])
+                for s in _chunks(n, micro_batch_size)
+            ]
+        )
+        raw += rm_scores
+    if reward_function is not None:
+        function_scores = call_reward_function(reward_function, prompts, decoded.texts, "reward_function")
+        raw += function_scores.to(raw.device)
+    gold = None
+    if gold_function is not None:
+        gold = call_reward_function(gold_function, prompts, decoded.texts, "gold_function")
+    timings["scoring"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    logprobs, ref_logprobs, values = [], [], []
+    modes = {model: model.training for model in (policy, critic)}
+    policy.eval()  # the old log-probs describe the distribution that sampled (no dropout)
+    critic.eval()
+    for s in _chunks(n, micro_batch_size):
+        logprobs.append(response_token_logprobs(policy, input_ids[s], attention_mask[s], prompt_len)[0])
+        ref_logprobs.append(
+            response_token_logprobs(reference, input_ids[s], attention_mask[s], prompt_len)[0]
+        )
+        values.append(response_values(critic, input_ids[s], attention_mask[s], prompt_len))
+    logprobs, ref_logprobs, values = torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
+    for model, training in modes.items():
+        model.train(training)
+    timings["inference"] = time.perf_counter() - start
+
+    scores = shape_scores(
+        raw,
+        ended,
+        missing_eos_penalty=shaping.missing_eos_penalty,
+        clip=shaping.score_clip,
+        moments=moments if shaping.normalize_scores else None,
+    )
+    mask = response_mask.float()
+    rewards, kl = kl_penalized_rewards(
+        scores, logprobs, ref_logprobs, mask, kl_coef=kl_coef, estimator=shaping.kl_estimator
+    )
+    values = values * mask
+    advantages, returns = gae(rewards, values, mask, gamma=shaping.gamma, lam=shaping.lam)
+    return Rollout(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        response_ids=response_ids,
+        response_mask=response_mask,
+        logprobs=logprobs * mask,
+        ref_logprobs=ref_logprobs * mask,
+        values=values,
+        scores=scores,
+        raw_scores=raw,
+        ended=ended,
+        kl=kl,
+        rewards=rewards,
+        advantages=advantages,
+        returns=returns,
+        prompts=list(prompts),
+        responses=decoded.texts,
+        rm_scores=rm_scores,
+        function_scores=function_scores,
+        gold_scores=gold,
+    )
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over the mask: 1 is a perfect critic, <= 0 a useless one."""
+    var_returns = float(masked_var(returns.double(), mask))
+    if var_returns == 0 or math.isnan(var_returns):
+        return 0.0
+    return 1.0 - float(masked_var((returns - values).double(), mask)) / var_returns
