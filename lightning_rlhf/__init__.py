@@ -14,6 +14,7 @@ from lightning_rlhf.losses import (
     SigmoidDPOLoss,
 )
 from lightning_rlhf.modules.dpo import DPOModule
+from lightning_rlhf.modules.ppo import PPOModule
 from lightning_rlhf.modules.reward import RewardModule
 from lightning_rlhf.modules.sft import SFTModule
 
@@ -27,6 +28,7 @@ __all__ = [
     "HFExport",
     "HingeDPOLoss",
     "IPOLoss",
+    "PPOModule",
     "PreferenceDataModule",
     "PromptDataModule",
     "RewardModule",

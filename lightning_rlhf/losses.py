@@ -266,7 +266,7 @@ def bradley_terry_loss(
 
 
 class BradleyTerryLoss:
-    """:func:`bradley_terry_loss` with its options fixed, to be named by ``class_path`` in YAML.
+    """The Bradley-Terry reward-model loss with its options fixed, to be named by class_path in YAML.
 
     Args:
         center_coef: Weight of the reward-centering term mean((r_c + r_r)^2); must be >= 0; 0 disables it.

@@ -13,15 +13,26 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
 
 from lightning_rlhf.ops import entropy_from_logits, sequence_logprobs, token_logprobs
 
 
-def _load(auto_class, name_or_path: str, what: str, **kwargs) -> PreTrainedModel:
-    looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
-    if looks_local and not Path(name_or_path).expanduser().is_dir():
-        raise FileNotFoundError(f"{what} folder not found: {name_or_path}")
+def _load(auto_class, name_or_path: str, what: str, **kwargs):
+    """``auto_class.from_pretrained`` with errors that say what to do instead of a hub traceback."""
+    path = Path(name_or_path).expanduser()
+    # "runs/x" or "./x" is meant as a folder; a hub id is "org/name" that does not exist locally.
+    looks_local = name_or_path.startswith((".", "/", "~")) or path.exists() or name_or_path.count("/") > 1
+    if looks_local and not path.is_dir():
+        raise FileNotFoundError(
+            f"{what} folder not found: {name_or_path}. Check the path (testbed folders are written by "
+            "`lightning-rlhf testbed --out DIR`; stage outputs by the previous stage's HFExport)"
+        )
     try:
         return auto_class.from_pretrained(name_or_path, **kwargs)
     except OSError as err:
@@ -31,9 +42,22 @@ def _load(auto_class, name_or_path: str, what: str, **kwargs) -> PreTrainedModel
         ) from err
 
 
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
+    """``AutoTokenizer.from_pretrained`` with the same path checks and messages as the model loaders."""
+    return _load(AutoTokenizer, name_or_path, "tokenizer", trust_remote_code=trust_remote_code)
+
+
+# Weights load in float32 whatever dtype they were saved in (transformers 5 keeps the saved dtype by
+# default): trained in bf16 without fp32 master weights, small updates round away. Lightning's precision
+# plugin (e.g. bf16-mixed) casts for compute; DeepSpeed keeps its own master copy.
+LOAD_DTYPE = torch.float32
+
+
 def load_causal_lm(name_or_path: str, *, trust_remote_code: bool = False) -> PreTrainedModel:
     """A causal LM from a hub name or a local folder (``trust_remote_code`` stays off unless asked for)."""
-    return _load(AutoModelForCausalLM, name_or_path, "model", trust_remote_code=trust_remote_code)
+    return _load(
+        AutoModelForCausalLM, name_or_path, "model", trust_remote_code=trust_remote_code, dtype=LOAD_DTYPE
+    )
 
 
 def load_reward_model(name_or_path: str, *, trust_remote_code: bool = False) -> PreTrainedModel:
@@ -44,6 +68,7 @@ def load_reward_model(name_or_path: str, *, trust_remote_code: bool = False) -> 
         "reward model",
         num_labels=1,
         trust_remote_code=trust_remote_code,
+        dtype=LOAD_DTYPE,
     )
     _score_head(model)  # fail now, with a clear message, if the architecture has no usable head
     return model

@@ -108,3 +108,28 @@ def test_length_grouped_sampler_keeps_the_short_batch_last():
     assert sorted(whole) == sorted(runs) and whole[-1] == [2, 1, 0]
     assert list(sampler) == [i for b in batches for i in b]  # first iteration is epoch 0 ...
     assert list(sampler) == [i for b in sampler.batches(epoch=1) for i in b]  # ... then it moves on
+
+
+def test_length_grouping_survives_the_distributed_wrapper():
+    """Each rank takes every W-th index (Lightning's wrapper); with num_replicas=W every rank's batch is
+    drawn from one length-sorted global batch, so padding stays near the one-rank level."""
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.randint(8, 512) for _ in range(4096)]
+    world, batch = 8, 8
+
+    def padding_share(num_replicas: int) -> float:
+        order = list(LengthGroupedSampler(lengths, batch, num_replicas=num_replicas, seed=1))
+        padded = real = 0
+        for rank in range(world):
+            mine = order[rank::world]
+            for start in range(0, len(mine) - batch + 1, batch):
+                chunk = [lengths[i] for i in mine[start : start + batch]]
+                padded += max(chunk) * len(chunk)
+                real += sum(chunk)
+        return 1 - real / padded
+
+    assert padding_share(num_replicas=world) < 0.05
+    assert padding_share(num_replicas=1) > 0.3  # the bug this guards against: grouping lost across ranks
+    assert sorted(LengthGroupedSampler(lengths, batch, num_replicas=world)) == list(range(len(lengths)))

@@ -16,10 +16,11 @@ import datasets
 import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Sampler
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from lightning_rlhf.data.formats import RowError
 from lightning_rlhf.data.loading import DataError, load_table
+from lightning_rlhf.models import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class TableDataModule(LightningDataModule):
     # ----------------------------------------------------------------------------------------- setup
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
+            self.tokenizer = load_tokenizer(self.tokenizer_name)
         if not self.datasets:
             try:
                 self._encode_splits()

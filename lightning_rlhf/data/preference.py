@@ -169,7 +169,10 @@ class PreferenceDataModule(TableDataModule):
             return self._loader("train", shuffle=True)
         rows = self.datasets["train"]
         lengths = [len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows]
-        sampler = LengthGroupedSampler(lengths, self.hparams.batch_size, seed=self.hparams.seed)
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        sampler = LengthGroupedSampler(
+            lengths, self.hparams.batch_size, seed=self.hparams.seed, num_replicas=world_size
+        )
         return self._loader("train", sampler=sampler)
 
     def reference_dataloader(self, split: str = "train") -> DataLoader:

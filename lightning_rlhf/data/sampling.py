@@ -16,21 +16,33 @@ class LengthGroupedSampler(Sampler[int]):
     Every index appears exactly once per epoch; only the final batch can be short. Sorting inside a window
     (not globally) keeps batches random enough for SGD while padding stays near the minimum.
 
-    It is an index sampler, not a batch sampler, so Lightning can still wrap it for distributed training
-    (each rank then takes every world_size-th index, which keeps neighbours of similar length together).
+    It is an index sampler, not a batch sampler, so Lightning can still wrap it for distributed training.
+    Lightning's wrapper hands rank r the indices at positions r, r + W, r + 2W, ... (W = world size), so a
+    rank's batch is drawn from W * batch_size consecutive positions: with ``num_replicas`` = W the sampler
+    groups lengths in *global* batches of that size, and every rank's batch stays of similar length.
     The order depends on ``seed`` and the epoch: Lightning calls :meth:`set_epoch` before every epoch;
     without that call each new iteration moves to the next epoch by itself.
     """
 
     def __init__(
-        self, lengths: Sequence[int], batch_size: int, *, seed: int = 0, mega_batch_factor: int = 50
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        *,
+        seed: int = 0,
+        mega_batch_factor: int = 50,
+        num_replicas: int = 1,
     ) -> None:
-        if batch_size < 1 or mega_batch_factor < 1:
+        if batch_size < 1 or mega_batch_factor < 1 or num_replicas < 1:
             raise ValueError(
-                f"batch_size and mega_batch_factor must be >= 1 (got {batch_size}, {mega_batch_factor})"
+                "batch_size, mega_batch_factor and num_replicas must be >= 1 "
+                f"(got {batch_size}, {mega_batch_factor}, {num_replicas})"
             )
         self.lengths = list(lengths)
-        self.batch_size = batch_size
+        self.local_batch_size = batch_size
+        self.num_replicas = num_replicas
+        # The unit that must be length-homogeneous: one batch on every rank (see the class docstring).
+        self.batch_size = batch_size * num_replicas
         self.seed = seed
         self.mega_batch_factor = mega_batch_factor
         self.epoch = 0

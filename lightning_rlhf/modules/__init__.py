@@ -1,5 +1,6 @@
 from lightning_rlhf.modules.dpo import DPOModule
+from lightning_rlhf.modules.ppo import PPOModule
 from lightning_rlhf.modules.reward import RewardModule
 from lightning_rlhf.modules.sft import SFTModule
 
-__all__ = ["DPOModule", "RewardModule", "SFTModule"]
+__all__ = ["DPOModule", "PPOModule", "RewardModule", "SFTModule"]

@@ -2,13 +2,40 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from pathlib import Path
 
 import torch
 from lightning import LightningModule
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_rlhf.export import MODULE_CLASS_KEY, module_class_path
+from lightning_rlhf.models import load_tokenizer
+
+
+def object_spec(obj: object) -> dict:
+    """``{"class_path", "init_args"}`` of a small config object (a loss), read back from its attributes.
+
+    Stored in the module's hyperparameters so a checkpoint rebuilds the same object: a DPO checkpoint
+    trained with IPO must not come back with the default sigmoid loss.
+    """
+    cls = type(obj)
+    params = [p for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"]
+    missing = [p.name for p in params if not hasattr(obj, p.name)]
+    if missing:
+        raise TypeError(f"{cls.__name__} keeps no attribute for init argument(s) {missing}; cannot record it")
+    init_args = {p.name: getattr(obj, p.name) for p in params}
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
+
+
+def build_object(value: object) -> object:
+    """Inverse of :func:`object_spec`; objects pass through unchanged."""
+    if isinstance(value, dict) and "class_path" in value:
+        module_name, _, class_name = value["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module_name), class_name)
+        return cls(**value.get("init_args", {}))
+    return value
 
 
 def adamw_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -49,7 +76,7 @@ class HFModelModule(LightningModule):
     def tokenizer_for_export(self) -> PreTrainedTokenizerBase:
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         tokenizer = getattr(datamodule, "tokenizer", None)
-        return tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(self.hparams.model)
+        return tokenizer if tokenizer is not None else load_tokenizer(self.hparams.model)
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write the trained model and its tokenizer as a folder that transformers alone can load."""

@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 
 from lightning_rlhf.losses import DPOLoss, DPOLossOutput, SigmoidDPOLoss
 from lightning_rlhf.models import disable_dropout, freeze, load_causal_lm, response_logps
-from lightning_rlhf.modules.base import HFModelModule
+from lightning_rlhf.modules.base import HFModelModule, build_object, object_spec
 from lightning_rlhf.modules.reference_cache import ReferenceLogps, precompute_reference_logps
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,8 @@ class DPOModule(HFModelModule):
         if diagnostic_batches < 0:
             raise ValueError(f"DPOModule: diagnostic_batches must be >= 0 (got {diagnostic_batches})")
         self.save_hyperparameters(ignore=["loss"])
-        self.loss = loss if loss is not None else SigmoidDPOLoss()
+        self.loss = build_object(loss) if loss is not None else SigmoidDPOLoss()
+        self.hparams["loss"] = object_spec(self.loss)  # a checkpoint must rebuild this exact loss
         if self.loss.reference_free and (reference_model is not None or precompute_reference):
             raise ValueError(
                 "DPOModule: the loss is reference_free; leave reference_model and precompute_reference unset"
@@ -117,6 +118,14 @@ class DPOModule(HFModelModule):
 
     # ------------------------------------------------------------------ reference log-probs
     def on_fit_start(self) -> None:
+        self._ensure_cached(["train", "val"])
+
+    def on_validation_start(self) -> None:
+        # `validate` alone (no fit before it) must find the validation split's reference log-probs too.
+        self._ensure_cached(["val"])
+
+    def _ensure_cached(self, splits: list[str]) -> None:
+        """Load or compute the reference log-probs of those ``splits`` the datamodule has and we lack."""
         if not self.hparams.precompute_reference:
             return
         datamodule = self.trainer.datamodule
@@ -125,12 +134,16 @@ class DPOModule(HFModelModule):
                 "precompute_reference=True needs a datamodule with reference_dataloader(split) and "
                 "fingerprint(split), such as lightning_rlhf.PreferenceDataModule"
             )
-        cache_dir = Path(
-            self.hparams.reference_cache_dir or Path(self.trainer.default_root_dir) / "reference_logps"
-        )
-        splits = ["train"] + (["val"] if "val" in getattr(datamodule, "datasets", {}) else [])
-        self.cached = precompute_reference_logps(
-            self, datamodule, splits, cache_dir, average=self.hparams.average_log_probs
+        available = getattr(datamodule, "datasets", {})
+        missing = [split for split in splits if split in available and split not in self.cached]
+        if not missing:
+            return
+        default_dir = Path(self.trainer.default_root_dir) / "reference_logps"
+        cache_dir = Path(self.hparams.reference_cache_dir or default_dir)
+        self.cached.update(
+            precompute_reference_logps(
+                self, datamodule, missing, cache_dir, average=self.hparams.average_log_probs
+            )
         )
 
     def reference_logps(self, batch: dict[str, Tensor], split: str) -> tuple[Tensor | None, Tensor | None]:

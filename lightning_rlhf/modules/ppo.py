@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 from lightning import LightningModule
 from torch import Tensor
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 
 from lightning_rlhf.export import MODULE_CLASS_KEY, module_class_path
 from lightning_rlhf.losses import entropy_bonus, ppo_policy_loss, ppo_value_loss
@@ -18,6 +18,7 @@ from lightning_rlhf.models import (
     freeze,
     load_causal_lm,
     load_reward_model,
+    load_tokenizer,
     response_token_logprobs,
     response_values,
 )
@@ -219,7 +220,7 @@ class PPOModule(LightningModule):
         disable_dropout(self.reference)
         if hp.reward_model is not None:
             self.reward_model = freeze(load_reward_model(hp.reward_model, **remote))
-        self.tokenizer = AutoTokenizer.from_pretrained(hp.model)
+        self.tokenizer = load_tokenizer(hp.model, **remote)
         if self.tokenizer.eos_token_id is None:
             raise ValueError(
                 f"the tokenizer of {hp.model} has no eos_token: PPO cannot tell when a response ends"

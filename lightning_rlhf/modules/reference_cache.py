@@ -48,7 +48,9 @@ def _compute_split(
     for round_ in range(math.ceil(len(batches) / world)):
         i = round_ * world + rank
         batch = module.transfer_batch_to_device(batches[i if i < len(batches) else 0], module.device, 0)
-        with torch.no_grad():
+        # Under the trainer's precision context (autocast for *-mixed), so cached log-probs equal the
+        # ones a live reference would give inside a training step.
+        with torch.no_grad(), trainer.precision_plugin.forward_context():
             logps, _ = response_logps(reference, batch, average=average)
         if i < len(batches):
             chosen, rejected = logps.float().chunk(2)
