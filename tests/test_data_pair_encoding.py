@@ -133,3 +133,29 @@ def test_length_grouping_survives_the_distributed_wrapper():
     assert padding_share(num_replicas=world) < 0.05
     assert padding_share(num_replicas=1) > 0.3  # the bug this guards against: grouping lost across ranks
     assert sorted(LengthGroupedSampler(lengths, batch, num_replicas=world)) == list(range(len(lengths)))
+
+
+def test_bos_is_kept_for_tokenizers_that_add_one():
+    """A Llama-style tokenizer adds <s> to text: prompts start with it (once), responses never contain it,
+    and a prompt cut from the left gets it back in front. Tokenizers without that habit get no BOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from lightning_rlhf.data.tokenize import encode_pair, encode_prompt, prompt_token_ids
+
+    vocab = {"<s>": 0, "</s>": 1, "a": 2, "b": 3, "c": 4, "d": 5}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="</s>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    llama_like = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+    assert prompt_token_ids(llama_like, "a b") == [0, 2, 3]
+    assert prompt_token_ids(llama_like, "<s> a") == [0, 2]  # already there: not doubled
+    pair = encode_pair(llama_like, "a b c", "d", "c", max_length=64)
+    assert pair.prompt_ids == [0, 2, 3, 4] and pair.chosen_ids == [5, 1] and pair.rejected_ids == [4, 1]
+    cut = encode_pair(llama_like, "a b c d a", "d", "c", max_length=5, max_prompt_length=3)
+    assert cut.prompt_ids == [0, 5, 2]  # last 3 prompt tokens, BOS back in front
+    assert encode_prompt(llama_like, "a b c d", max_prompt_length=2) == ([0, 5], True)
+
+    backend.post_processor = None
+    plain = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+    assert prompt_token_ids(plain, "a b") == [2, 3]

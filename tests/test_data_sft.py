@@ -1,6 +1,7 @@
 """Tokenization with truncation, collation, and SFTDataModule's handling of bad rows."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,3 +221,24 @@ def test_every_row_bad_raises_even_when_skipping(tmp_path, tokenizer_dir):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "P:", "completion": 1}])
     with pytest.raises(DataError, match="no usable row left.*skipped_bad=1.*first malformed row: .*row 0"):
         SFTDataModule(tokenizer_dir, path, on_bad_row="skip").setup("fit")
+
+
+def test_chat_template_argument_for_tokenizers_without_one(tmp_path, tokenizer_dir):
+    """A base model's tokenizer has no template: the datamodule's chat_template supplies one (and is kept on
+    the tokenizer, which HFExport saves), exactly as configs/sft/llama2-7b-ultrachat.yaml uses it."""
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "configs/sft/llama2-7b-ultrachat.yaml").read_text())
+    template = config["data"]["init_args"]["chat_template"]
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dm = SFTDataModule(tokenizer_dir, str(path), format="messages", chat_template=template)
+    dm.setup("fit")
+    (row,) = dm.datasets["train"]
+    tok = dm.tokenizer
+    prompt = [i for i, m in zip(row["input_ids"], row["response_mask"], strict=True) if not m]
+    response = [i for i, m in zip(row["input_ids"], row["response_mask"], strict=True) if m]
+    assert tok.decode(prompt) == "[INST] hi [/INST]"
+    assert tok.decode(response) == " yo</s>" and response.count(tok.eos_token_id) == 1
+    assert tok.chat_template == template

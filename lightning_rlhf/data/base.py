@@ -86,6 +86,9 @@ class TableDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.tokenizer_name)
+            if self.hparams.get("chat_template"):
+                # Saved with the tokenizer by HFExport, so later stages render chats the same way.
+                self.tokenizer.chat_template = self.hparams.chat_template
         if not self.datasets:
             try:
                 self._encode_splits()

@@ -85,7 +85,7 @@ def check_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError(
             "the data is conversational (lists of messages) but the tokenizer has no chat_template; use a "
-            "tokenizer that ships one, or set tokenizer.chat_template and save it with save_pretrained"
+            "tokenizer that ships one, or set the datamodule's chat_template argument"
         )
 
 

@@ -38,8 +38,13 @@ def load_table(source: str, *, split: str = "train") -> datasets.Dataset:
     except (FileNotFoundError, DataError):
         raise
     except Exception as err:  # datasets wraps parse errors several layers deep
+        # The useful part (e.g. "JSON parse error ... in row 3") is in the innermost cause.
+        causes, inner = [], err
+        while inner is not None and len(causes) < 5:
+            causes.append(f"{type(inner).__name__}: {inner}")
+            inner = inner.__cause__ or inner.__context__
         raise DataError(
-            f"could not load {source!r} (split {split!r}): {type(err).__name__}: {err}. Check that the file "
+            f"could not load {source!r} (split {split!r}): {' <- '.join(causes)}. Check that the file "
             "is valid JSON lines / CSV / parquet, that the split exists, or that the dataset name is right "
             "and available offline."
         ) from err

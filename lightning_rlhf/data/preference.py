@@ -55,6 +55,7 @@ class PreferenceDataModule(TableDataModule):
         on_bad_row: OnBadRow = "raise",
         group_by_length: bool = False,
         seed: int = 0,
+        chat_template: str | None = None,
     ) -> None:
         """
         Args:
@@ -80,6 +81,7 @@ class PreferenceDataModule(TableDataModule):
                 it and count it in stats.
             group_by_length: Batch pairs of similar length together (seeded) to cut padding.
             seed: Seed of the training shuffle, of length grouping and of the val_fraction split.
+            chat_template: Jinja chat template replacing the tokenizer's (for base models that ship none).
         """
         super().__init__()
         owner = "PreferenceDataModule"

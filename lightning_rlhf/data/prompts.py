@@ -43,6 +43,7 @@ class PromptDataModule(TableDataModule):
         num_workers: int = 0,
         on_bad_row: OnBadRow = "raise",
         seed: int = 0,
+        chat_template: str | None = None,
     ) -> None:
         """
         Args:
@@ -60,6 +61,7 @@ class PromptDataModule(TableDataModule):
             on_bad_row: What a malformed row does: 'raise' an error naming file, row and field, or 'skip'
                 it and count it in stats.
             seed: Seed of the training shuffle and of the val_fraction split.
+            chat_template: Jinja chat template replacing the tokenizer's (for base models that ship none).
         """
         super().__init__()
         owner = "PromptDataModule"

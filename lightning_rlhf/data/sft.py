@@ -50,6 +50,7 @@ class SFTDataModule(TableDataModule):
         train_split: str = "train",
         val_split: str | None = None,
         val_fraction: float = 0.0,
+        chat_template: str | None = None,
     ) -> None:
         """
         Args:
@@ -70,6 +71,7 @@ class SFTDataModule(TableDataModule):
             train_split: Split of train_file to train on (folders and hub datasets; a file is one table).
             val_split: Validation split: of val_file if set (default its 'train' split), else of train_file.
             val_fraction: Share of train_file rows held out for validation by a seeded split (0 = none).
+            chat_template: Jinja chat template replacing the tokenizer's (for base models that ship none).
         """
         super().__init__()
         owner = "SFTDataModule"

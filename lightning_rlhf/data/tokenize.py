@@ -42,6 +42,36 @@ def _text_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer puts BOS before text by default (Llama does; GPT-2 and the testbed do not)."""
+    cached = getattr(tokenizer, "_lightning_rlhf_adds_bos", None)
+    if cached is None:
+        bos = tokenizer.bos_token_id
+        ids = tokenizer("a", add_special_tokens=True)["input_ids"] if bos is not None else []
+        cached = bool(ids) and ids[0] == bos
+        tokenizer._lightning_rlhf_adds_bos = cached
+    return cached
+
+
+def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """Prompt ids without special tokens, plus BOS first when the tokenizer adds one and the text lacks it.
+
+    Text is tokenized without special tokens so that responses never get a BOS in the middle; models
+    trained with a BOS (Llama) still see one at the start of every sequence.
+    """
+    ids = _text_ids(tokenizer, prompt)
+    if _adds_bos(tokenizer) and (not ids or ids[0] != tokenizer.bos_token_id):
+        ids = [tokenizer.bos_token_id, *ids]
+    return ids
+
+
+def _keep_bos(tokenizer: PreTrainedTokenizerBase, kept: list[int], full: list[int]) -> list[int]:
+    """After cutting a prompt from the left, put its BOS back in place of the first kept token."""
+    if kept and full and kept[0] != full[0] and full[0] == tokenizer.bos_token_id and _adds_bos(tokenizer):
+        return [full[0], *kept[1:]]
+    return kept
+
+
 def _response_ids(tokenizer: PreTrainedTokenizerBase, response: str) -> list[int]:
     """Tokenize a response and end it with EOS exactly once (not again if the text already ends with it)."""
     eos = tokenizer.eos_token_id
@@ -79,11 +109,11 @@ def encode_prompt_response(
     caller drops and counts such examples (an empty response included); they must never reach a loss.
     """
     max_prompt_length = _check_lengths(max_length, max_prompt_length)
-    prompt_ids = _text_ids(tokenizer, prompt)
+    full_prompt = prompt_token_ids(tokenizer, prompt)
     response_ids = _response_ids(tokenizer, response)
-    keep_prompt, keep_response = _budget(len(prompt_ids), len(response_ids), max_length, max_prompt_length)
-    truncated = (keep_prompt, keep_response) != (len(prompt_ids), len(response_ids))
-    prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt :]
+    keep_prompt, keep_response = _budget(len(full_prompt), len(response_ids), max_length, max_prompt_length)
+    truncated = (keep_prompt, keep_response) != (len(full_prompt), len(response_ids))
+    prompt_ids = _keep_bos(tokenizer, full_prompt[len(full_prompt) - keep_prompt :], full_prompt)
     response_ids = response_ids[:keep_response]
     if not _has_text(response_ids, tokenizer.eos_token_id):
         return None
@@ -112,13 +142,13 @@ def encode_pair(
     either response keeps no token of its own text (the caller counts the drop).
     """
     max_prompt_length = _check_lengths(max_length, max_prompt_length)
-    prompt_ids = _text_ids(tokenizer, prompt)
+    full_prompt = prompt_token_ids(tokenizer, prompt)
     chosen_ids = _response_ids(tokenizer, chosen)
     rejected_ids = _response_ids(tokenizer, rejected)
     longer = max(len(chosen_ids), len(rejected_ids))
-    keep_prompt, keep_response = _budget(len(prompt_ids), longer, max_length, max_prompt_length)
-    truncated = (keep_prompt, keep_response) != (len(prompt_ids), longer)
-    prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt :]
+    keep_prompt, keep_response = _budget(len(full_prompt), longer, max_length, max_prompt_length)
+    truncated = (keep_prompt, keep_response) != (len(full_prompt), longer)
+    prompt_ids = _keep_bos(tokenizer, full_prompt[len(full_prompt) - keep_prompt :], full_prompt)
     chosen_ids, rejected_ids = chosen_ids[:keep_response], rejected_ids[:keep_response]
     eos = tokenizer.eos_token_id
     if not (_has_text(chosen_ids, eos) and _has_text(rejected_ids, eos)):
@@ -130,5 +160,6 @@ def encode_prompt(
     tokenizer: PreTrainedTokenizerBase, prompt: str, *, max_prompt_length: int
 ) -> tuple[list[int], bool]:
     """Tokenize a generation prompt, keeping its last ``max_prompt_length`` tokens: ``(ids, truncated)``."""
-    ids = _text_ids(tokenizer, prompt)
-    return ids[max(0, len(ids) - max_prompt_length) :], len(ids) > max_prompt_length
+    ids = prompt_token_ids(tokenizer, prompt)
+    kept = _keep_bos(tokenizer, ids[max(0, len(ids) - max_prompt_length) :], ids)
+    return kept, len(ids) > max_prompt_length

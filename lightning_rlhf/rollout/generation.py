@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from lightning_rlhf.data.tokenize import prompt_token_ids
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -104,7 +106,7 @@ def left_pad_prompts(
     tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], device: torch.device
 ) -> tuple[Tensor, Tensor]:
     """Tokenize prompt texts (no special tokens) into left-padded ids and mask."""
-    rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    rows = [prompt_token_ids(tokenizer, p) for p in prompts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(len(r) for r in rows)
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)

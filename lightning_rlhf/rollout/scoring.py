@@ -10,7 +10,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_rlhf.data.base import pad_id
 from lightning_rlhf.data.collate import pad_right
-from lightning_rlhf.data.tokenize import encode_prompt_response
+from lightning_rlhf.data.tokenize import encode_prompt_response, prompt_token_ids
 from lightning_rlhf.models import sequence_scores
 
 
@@ -37,7 +37,7 @@ def score_texts(
     for prompt, response in zip(prompts, responses, strict=True):
         encoded = encode_prompt_response(tokenizer, prompt, response, max_length=max_length)
         if encoded is None:
-            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][-(max_length - 1) :]
+            prompt_ids = prompt_token_ids(tokenizer, prompt)[-(max_length - 1) :]
             rows.append([*prompt_ids, tokenizer.eos_token_id])
         else:
             rows.append(encoded.input_ids)
