@@ -175,15 +175,21 @@ def disable_dropout(model: torch.nn.Module) -> None:
     """Set every dropout probability to 0.
 
     RLHF compares log-probs of the same tokens across forwards (policy vs reference, old vs new policy);
-    dropout makes those differ at random, so DPO and PPO turn it off by default (as TRL does).
+    dropout makes those differ at random, so DPO and PPO turn it off by default (as TRL does). Besides
+    ``nn.Dropout`` modules, attention layers keep their rate as a plain float (Llama's
+    ``attention_dropout``), so float attributes named like ``*dropout*`` are zeroed too.
     """
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        for key, value in list(vars(module).items()):
+            if "dropout" in key and isinstance(value, float):
+                setattr(module, key, 0.0)
     config = getattr(model, "config", None)
-    for key in ("attention_dropout", "hidden_dropout", "dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop"):
-        if config is not None and isinstance(getattr(config, key, None), float):
-            setattr(config, key, 0.0)
+    if config is not None:
+        for key, value in list(config.to_dict().items()):
+            if ("dropout" in key or key.endswith("pdrop")) and isinstance(value, float):
+                setattr(config, key, 0.0)
 
 
 def freeze(model: PreTrainedModel) -> PreTrainedModel:
