@@ -129,5 +129,28 @@ def test_val_fraction_and_seeded_shuffle(tmp_path, tokenizer_dir):
 def test_bad_arguments_name_the_argument():
     with pytest.raises(ValueError, match="PromptDataModule: max_prompt_length must be >= 1"):
         PromptDataModule("tok", "x.jsonl", max_prompt_length=0)
-    with pytest.raises(ValueError, match="PromptDataModule: format must be auto, standard or conversational"):
-        PromptDataModule("tok", "x.jsonl", format="implicit")
+    with pytest.raises(ValueError, match="PromptDataModule: format must be auto, standard, conversational"):
+        PromptDataModule("tok", "x.jsonl", format="transcript")
+    with pytest.raises(ValueError, match="implicit_prompt_delimiter"):
+        PromptDataModule("tok", "x.jsonl", format="implicit", implicit_prompt_delimiter="")
+
+
+def test_implicit_format_cuts_hh_transcripts_after_the_last_assistant_turn(tmp_path, tokenizer_dir):
+    """HH-RLHF rows are transcripts: the PPO prompt is everything up to the last "\\n\\nAssistant:"."""
+    from lightning_rlhf.data.loading import DataError
+
+    rows = [
+        {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant: I am fine."},
+        {"chosen": "no turns here"},
+    ]
+    path = tmp_path / "hh.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dm = PromptDataModule(
+        tokenizer_dir, str(path), prompt_field="chosen", format="implicit", on_bad_row="skip"
+    )
+    dm.setup("fit")
+    (row,) = dm.datasets["train"]
+    assert row["prompt"] == "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant:"
+    assert dm.stats["train"]["skipped_bad"] == 1
+    with pytest.raises(DataError, match="row 1.*'chosen'.*no '\\\\n\\\\nAssistant:'"):
+        PromptDataModule(tokenizer_dir, str(path), prompt_field="chosen", format="implicit").setup("fit")

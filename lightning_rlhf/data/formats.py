@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from lightning_rlhf.data.loading import DataError
 
 PairFormat = Literal["auto", "standard", "conversational", "implicit"]
-PromptFormat = Literal["auto", "standard", "conversational"]
+PromptFormat = Literal["auto", "standard", "conversational", "implicit"]
 
 
 class RowError(Exception):
@@ -273,8 +273,17 @@ class PairReader:
         return prompt, chosen, rejected
 
 
-def read_prompt(tokenizer: PreTrainedTokenizerBase, row: dict, field: str, fmt: str, decided: str) -> str:
-    """Prompt text of one row: the string itself, or messages rendered with ``add_generation_prompt=True``."""
+def read_prompt(
+    tokenizer: PreTrainedTokenizerBase, row: dict, field: str, fmt: str, decided: str, delimiter: str = ""
+) -> str:
+    """Prompt text of one row: the string itself, messages rendered with ``add_generation_prompt=True``, or
+    (``implicit``) a transcript cut right after its last ``delimiter`` (HH-RLHF: "\\n\\nAssistant:")."""
+    if fmt == "implicit":
+        text = text_field(row, field)
+        cut = text.rfind(delimiter) if delimiter else -1
+        if cut < 0:
+            raise RowError(field, f"the transcript has no {delimiter!r} to end its prompt at")
+        return text[: cut + len(delimiter)]
     kind = row_kind(row, [field], field)
     note = ""
     if kind is not None and kind != fmt:

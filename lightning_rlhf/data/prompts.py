@@ -44,6 +44,7 @@ class PromptDataModule(TableDataModule):
         on_bad_row: OnBadRow = "raise",
         seed: int = 0,
         chat_template: str | None = None,
+        implicit_prompt_delimiter: str = "\n\nAssistant:",
     ) -> None:
         """
         Args:
@@ -54,7 +55,8 @@ class PromptDataModule(TableDataModule):
             val_split: Validation split: of val_file if set (default its 'train' split), else of train_file.
             val_fraction: Share of train_file rows held out for validation by a seeded split (0 = none).
             prompt_field: Column with the prompt (a string or a list of messages).
-            format: Prompt format: standard (string), conversational (messages), or auto (from the first row).
+            format: standard (string), conversational (messages), implicit (a transcript cut after its last
+                implicit_prompt_delimiter, e.g. HH-RLHF's chosen column), or auto (standard/conversational).
             max_prompt_length: Longest prompt in tokens; longer prompts keep their last tokens.
             batch_size: Prompts per batch.
             num_workers: DataLoader worker processes.
@@ -62,13 +64,18 @@ class PromptDataModule(TableDataModule):
                 it and count it in stats.
             seed: Seed of the training shuffle and of the val_fraction split.
             chat_template: Jinja chat template replacing the tokenizer's (for base models that ship none).
+            implicit_prompt_delimiter: Where the implicit format ends a transcript's prompt (its last one).
         """
         super().__init__()
         owner = "PromptDataModule"
         if max_prompt_length < 1:
             raise ValueError(f"{owner}: max_prompt_length must be >= 1 (got {max_prompt_length})")
-        if format not in ("auto", "standard", "conversational"):
-            raise ValueError(f"{owner}: format must be auto, standard or conversational (got {format!r})")
+        if format not in ("auto", "standard", "conversational", "implicit"):
+            raise ValueError(
+                f"{owner}: format must be auto, standard, conversational or implicit (got {format!r})"
+            )
+        if format == "implicit" and not implicit_prompt_delimiter:
+            raise ValueError(f"{owner}: format 'implicit' needs a non-empty implicit_prompt_delimiter")
         if not prompt_field:
             raise ValueError(f"{owner}: prompt_field must be a column name (got {prompt_field!r})")
         self.save_hyperparameters()
@@ -87,7 +94,8 @@ class PromptDataModule(TableDataModule):
         return [field]
 
     def _encode_row(self, row: dict) -> dict | str:
-        text = read_prompt(self.tokenizer, row, self.hparams.prompt_field, *self._format)
+        hp = self.hparams
+        text = read_prompt(self.tokenizer, row, hp.prompt_field, *self._format, hp.implicit_prompt_delimiter)
         ids, truncated = encode_prompt(self.tokenizer, text, max_prompt_length=self.hparams.max_prompt_length)
         if not ids:
             return "dropped_empty"  # nothing to condition generation on
