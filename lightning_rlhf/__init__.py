@@ -1,6 +1,6 @@
 """lightning_rlhf: reward models, DPO and PPO as PyTorch Lightning modules."""
 
-from lightning_rlhf.callbacks import HFExport
+from lightning_rlhf.callbacks import AdvantageNormalization, EMAReferenceUpdate, HFExport, SampleTable
 from lightning_rlhf.data.loading import DataError
 from lightning_rlhf.data.preference import PreferenceDataModule
 from lightning_rlhf.data.prompts import PromptDataModule
@@ -21,10 +21,12 @@ from lightning_rlhf.modules.sft import SFTModule
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AdvantageNormalization",
     "BradleyTerryLoss",
     "DataError",
     "DPOLoss",
     "DPOModule",
+    "EMAReferenceUpdate",
     "HFExport",
     "HingeDPOLoss",
     "IPOLoss",
@@ -33,6 +35,7 @@ __all__ = [
     "PromptDataModule",
     "RewardModule",
     "RobustDPOLoss",
+    "SampleTable",
     "SFTDataModule",
     "SFTModule",
     "SigmoidDPOLoss",

@@ -72,21 +72,21 @@ def test_cli_chain_of_testbed_configs(tmp_path, monkeypatch):
     """configs/quickstart/run.sh in miniature: each stage's export is the next stage's model."""
     monkeypatch.chdir(tmp_path)
     cli_main(["testbed", "--out", "runs/testbed", "--model-size", "nano"])
-    for stage in ("sft", "reward", "dpo"):
+    for stage in ("sft/testbed", "reward/testbed", "dpo/testbed", "ppo/testbed", "ppo/paper"):
         cli_main(
             [
                 "fit",
                 "--config",
-                str(REPO / f"configs/{stage}/testbed.yaml"),
+                str(REPO / f"configs/{stage}.yaml"),
                 "--trainer.max_steps",
-                "2",
+                "4",
                 "--trainer.limit_val_batches",
                 "1",
             ]
         )
-    for folder in ("sft_policy", "reward_model", "dpo_policy"):
+    for folder in ("sft_policy", "reward_model", "dpo_policy", "ppo_policy", "ppo_paper_policy"):
         assert (tmp_path / "runs/testbed" / folder / "model.safetensors").is_file(), folder
-    assert (REPO / "configs/quickstart/run.sh").read_text().count("lightning-rlhf fit --config") == 3
+    assert (REPO / "configs/quickstart/run.sh").read_text().count("lightning-rlhf fit --config") >= 4
 
 
 def test_fit_from_testbed_config(tmp_path, monkeypatch):

@@ -1,3 +1,6 @@
+from lightning_rlhf.callbacks.advantage_norm import AdvantageNormalization
+from lightning_rlhf.callbacks.ema_reference import EMAReferenceUpdate
 from lightning_rlhf.callbacks.hf_export import HFExport
+from lightning_rlhf.callbacks.sample_table import SampleTable
 
-__all__ = ["HFExport"]
+__all__ = ["AdvantageNormalization", "EMAReferenceUpdate", "HFExport", "SampleTable"]

@@ -23,7 +23,7 @@ from lightning_rlhf.models import (
     response_values,
 )
 from lightning_rlhf.modules.base import adamw_param_groups
-from lightning_rlhf.ops import masked_mean
+from lightning_rlhf.ops import masked_mean, masked_var
 from lightning_rlhf.rollout.collect import ShapingConfig, collect_rollout, explained_variance
 from lightning_rlhf.rollout.generation import SamplingConfig
 from lightning_rlhf.rollout.hooks import call_rollout_hooks
@@ -423,8 +423,8 @@ class PPOModule(LightningModule):
             "rollout/kl_coef": self.kl_controller.value,
             "rollout/response_length": lengths.mean(),
             "rollout/eos_rate": rollout.ended.float().mean(),
-            "rollout/advantage_mean": masked_mean(rollout.advantages, mask),
-            "rollout/advantage_std": masked_mean(rollout.advantages**2, mask).sqrt(),
+            "rollout/advantage_mean": masked_mean(rollout.advantages, mask, all_reduce=True),
+            "rollout/advantage_std": masked_var(rollout.advantages, mask, all_reduce=True).sqrt(),
             "rollout/return_mean": masked_mean(rollout.returns, mask),
             "rollout/value_mean": masked_mean(rollout.values, mask),
             "ppo/explained_variance": explained_variance(rollout.values, rollout.returns, mask),

@@ -17,7 +17,16 @@ class GoldReward:
         Args:
             task_dir: A folder written by ``lightning-rlhf testbed`` (its task.json defines the reward).
         """
-        self.task = load_task(task_dir)
+        self.task_dir = task_dir
+        self._task = None
+
+    @property
+    def task(self):
+        # Read on first use, not at construction: configs naming a GoldReward must parse (and
+        # --print_config work) before the testbed folder exists.
+        if self._task is None:
+            self._task = load_task(self.task_dir)
+        return self._task
 
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
         return [self.task.gold_reward(p, r) for p, r in zip(prompts, responses, strict=True)]

@@ -1,0 +1,184 @@
+"""Move the reference model towards the policy by an exponential moving average during training."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+
+class EMAReferenceUpdate(Callback):
+    """``reference ← (1 − η) · reference + η · policy`` with ``η = decay``, every few optimizer steps.
+
+    Xu et al. (2024, "Is DPO Superior to PPO for LLM Alignment?") count an EMA reference among PPO's key
+    factors (with advantage normalization and a large rollout batch): the KL penalty then measures the
+    distance to a slowly moving average of recent policies rather than to the initial one. The default
+    ``decay`` (η = 0.001) is the ``ref_ema_eta`` of ReaLHF's ``PPORefEMAConfig``, the paper's code, which
+    also applies it once per PPO step. Note that η is the weight of the *policy* (1 = copy the policy): it
+    is ``1 − d`` for the "decay" ``d`` ≈ 0.999 of ``torch.optim.swa_utils.get_ema_avg_fn``.
+
+    When: checked in ``on_train_batch_end``, i.e. after a DPO optimizer step, or after the *whole* update
+    phase of a PPO rollout. :meth:`should_update` gets ``step = trainer.global_step`` (optimizer steps so
+    far) and by default says yes once ``step >= start_step`` and at least ``every_n_steps`` optimizer steps
+    have passed since the last update. PPO makes several optimizer steps per training batch
+    (``ppo_epochs × rollout / mini_batch_size``), so there the EMA is applied at most once per rollout:
+    with ``every_n_steps=1``, after every rollout, with one η (η is not scaled by the optimizer steps).
+
+    Works with any module holding ``policy`` and ``reference`` ``nn.Module`` attributes of the same
+    architecture (``PPOModule``, ``DPOModule`` with a live reference). Parameters are matched by name;
+    floating-point buffers are averaged too. Each update runs under ``no_grad`` in at least float32, so a
+    bf16 reference is averaged in float32 and rounded once when stored (with η = 0.001, a change below half
+    a bf16 step is lost: keep the reference in float32 if that matters).
+
+    The averaged weights are the module's own ``reference`` submodule, so they are saved in checkpoints and
+    restored on resume with the rest of the module; the counters ``updates`` and ``last_update_step`` are
+    this callback's ``state_dict``.
+    """
+
+    def __init__(self, decay: float = 0.001, every_n_steps: int = 1, start_step: int = 0) -> None:
+        """
+        Args:
+            decay: η, the policy's weight in each update, in (0, 1] (ReaLHF's ref_ema_eta; 1 = copy policy).
+            every_n_steps: Optimizer steps between updates, at least (PPO: at most one update per rollout).
+            start_step: No update before this many optimizer steps.
+        """
+        if not 0 < decay <= 1:
+            raise ValueError(f"EMAReferenceUpdate: decay must be in (0, 1] (got {decay})")
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(
+                f"EMAReferenceUpdate: every_n_steps must be an integer >= 1 (got {every_n_steps})"
+            )
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"EMAReferenceUpdate: start_step must be an integer >= 0 (got {start_step})")
+        if 0.5 < decay < 1:
+            rank_zero_warn(
+                f"EMAReferenceUpdate: decay={decay} is η, the weight of the *policy*: the reference becomes "
+                f"nearly a copy of the policy at every update. For an EMA that keeps {decay} of the old "
+                f"reference, use decay={1 - decay:.6g}."
+            )
+        self.decay = decay
+        self.every_n_steps = every_n_steps
+        self.start_step = start_step
+        self.updates = 0
+        """How many EMA updates have been applied."""
+        self.last_update_step = 0
+        """``trainer.global_step`` at the last update (0 before the first)."""
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            decay=self.decay, every_n_steps=self.every_n_steps, start_step=self.start_step
+        )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"updates": self.updates, "last_update_step": self.last_update_step}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.updates = int(state_dict["updates"])
+        self.last_update_step = int(state_dict["last_update_step"])
+
+    def should_update(self, step: int) -> bool:
+        """Whether to update after ``step`` optimizer steps (``trainer.global_step``); override to customise.
+
+        Called at most once per optimizer step count (never twice for the same ``step``).
+        """
+        return step >= self.start_step and step - self.last_update_step >= self.every_n_steps
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._models(pl_module)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        # `step > last_update_step`: with gradient accumulation several batches end at the same step.
+        if step > self.last_update_step and self.should_update(step):
+            reference, policy = self._models(pl_module)
+            self._update_parameters(reference, policy)
+            self.updates += 1
+            self.last_update_step = step
+
+    @torch.no_grad()
+    def _update_parameters(self, reference: nn.Module, policy: nn.Module) -> None:
+        """One EMA step, parameter by parameter, matched by name.
+
+        Under DeepSpeed ZeRO-3 the parameters here are partitioned placeholders; wrap this loop in
+        ``deepspeed.zero.GatheredParameters(list(reference.parameters()) + list(policy.parameters()),
+        modifier_rank=0)`` (or lerp the matching local shards ``param.ds_tensor``, which ZeRO partitions
+        identically for two models of the same architecture) so it sees and writes the full tensors.
+        """
+        eta = self.decay
+        sources = dict(_averaged_tensors(policy))
+        for name, target in _averaged_tensors(reference):
+            source = sources[name].to(device=target.device)
+            if target.dtype in (torch.float32, torch.float64):
+                target.lerp_(source.to(target.dtype), eta)
+            else:  # bf16/fp16: average in float32 and round once
+                target.copy_(target.float().lerp_(source.float(), eta))
+
+    def _models(self, pl_module: LightningModule) -> tuple[nn.Module, nn.Module]:
+        """(reference, policy) of the module, after checking the EMA can run on them."""
+        owner = type(pl_module).__name__
+        policy = getattr(pl_module, "policy", None)
+        reference = getattr(pl_module, "reference", None)
+        if not isinstance(policy, nn.Module):
+            raise TypeError(
+                f"EMAReferenceUpdate needs a module with a `policy` nn.Module (PPOModule, DPOModule); "
+                f"{owner}.policy is {type(policy).__name__}"
+            )
+        hparams = getattr(pl_module, "hparams", {})
+        if reference is None or hparams.get("precompute_reference", False):
+            raise ValueError(
+                f"EMAReferenceUpdate: {owner} has no live reference model to update ({owner}.reference is "
+                f"{type(reference).__name__}, precompute_reference={hparams.get('precompute_reference')}). "
+                "DPOModule holds none with precompute_reference=True (cached reference log-probs cannot "
+                "follow an EMA) or with a reference_free loss: set precompute_reference=false with a loss "
+                "that uses a reference, or remove the callback."
+            )
+        if not isinstance(reference, nn.Module):
+            raise TypeError(
+                f"EMAReferenceUpdate: {owner}.reference must be an nn.Module, not {type(reference).__name__}"
+            )
+        if reference is policy:
+            raise ValueError(
+                f"EMAReferenceUpdate: {owner}.reference is the policy object itself; the reference must be "
+                "a separate copy of the weights"
+            )
+        ref_shapes = {name: _shape(t) for name, t in _averaged_tensors(reference)}
+        pol_shapes = {name: _shape(t) for name, t in _averaged_tensors(policy)}
+        if ref_shapes != pol_shapes:
+            missing = sorted(set(ref_shapes) - set(pol_shapes))
+            extra = sorted(set(pol_shapes) - set(ref_shapes))
+            shapes = [
+                f"{n}: reference {ref_shapes[n]} vs policy {pol_shapes[n]}"
+                for n in sorted(set(ref_shapes) & set(pol_shapes))
+                if ref_shapes[n] != pol_shapes[n]
+            ]
+            raise ValueError(
+                f"EMAReferenceUpdate: {owner}.reference and {owner}.policy must have the same parameter "
+                f"names and shapes. Only in the reference: {missing[:5]}; only in the policy: {extra[:5]}; "
+                f"different shapes: {shapes[:5]}. (A PEFT/LoRA-wrapped policy or a reference_model of "
+                "another architecture cannot be averaged into the reference.)"
+            )
+        return reference, policy
+
+
+def _averaged_tensors(model: nn.Module) -> list[tuple[str, Tensor]]:
+    """Parameters (tied ones once) and floating-point buffers, by name."""
+    tensors = list(model.named_parameters())
+    tensors += [(name, b) for name, b in model.named_buffers() if torch.is_floating_point(b)]
+    return tensors
+
+
+def _shape(tensor: Tensor) -> tuple[int, ...]:
+    # A ZeRO-3 partitioned parameter reports an empty shape; its real one is ds_shape.
+    return tuple(getattr(tensor, "ds_shape", tensor.shape))
