@@ -14,6 +14,7 @@ from lightning_rlhf.losses import (
     SigmoidDPOLoss,
 )
 from lightning_rlhf.modules.dpo import DPOModule
+from lightning_rlhf.modules.iterative_dpo import IterativeDPOModule
 from lightning_rlhf.modules.ppo import PPOModule
 from lightning_rlhf.modules.reward import RewardModule
 from lightning_rlhf.modules.sft import SFTModule
@@ -30,6 +31,7 @@ __all__ = [
     "HFExport",
     "HingeDPOLoss",
     "IPOLoss",
+    "IterativeDPOModule",
     "PPOModule",
     "PreferenceDataModule",
     "PromptDataModule",

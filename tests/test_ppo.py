@@ -41,12 +41,17 @@ def quiet(root, **kwargs) -> L.Trainer:
         ({"kl_coef": -0.1}, "kl_coef must be >= 0"),
         ({"clip_range_value": 0.0}, "clip_range_value must be > 0 or null"),
         ({"gamma": 1.5}, "gamma and lam must be in \\[0, 1\\]"),
-        ({"reward_function": None}, "give a reward_model, a reward_function, or both"),
     ],
 )
 def test_impossible_settings_name_the_flag(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PPOModule(**{"model": "m", "reward_function": len, **kwargs})
+
+
+def test_a_reward_is_required_to_fit_but_not_to_export():
+    module = PPOModule("m")  # loading from a checkpoint (no reward function stored) must work
+    with pytest.raises(ValueError, match="give a reward_model, a reward_function, or both"):
+        module.setup("fit")
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +130,11 @@ def test_adaptive_kl_and_score_statistics_are_checkpointed(testbed, tmp_path):
     )
     assert loaded.kl_controller.state_dict() == module.kl_controller.state_dict()
     assert loaded.score_moments.state_dict() == module.score_moments.state_dict()
+    # `lightning-rlhf export` works from a PPO checkpoint too (no reward function needed to rebuild it).
+    from lightning_rlhf.export import export_checkpoint
+
+    exported = AutoModelForCausalLM.from_pretrained(export_checkpoint(checkpoint, tmp_path / "exported"))
+    torch.testing.assert_close(exported.lm_head.weight, module.policy.lm_head.weight)
 
 
 def test_ppo_raises_held_out_gold_reward_over_the_sft_policy(testbed, tmp_path):

@@ -1,6 +1,7 @@
 from lightning_rlhf.modules.dpo import DPOModule
+from lightning_rlhf.modules.iterative_dpo import IterativeDPOModule
 from lightning_rlhf.modules.ppo import PPOModule
 from lightning_rlhf.modules.reward import RewardModule
 from lightning_rlhf.modules.sft import SFTModule
 
-__all__ = ["DPOModule", "PPOModule", "RewardModule", "SFTModule"]
+__all__ = ["DPOModule", "IterativeDPOModule", "PPOModule", "RewardModule", "SFTModule"]

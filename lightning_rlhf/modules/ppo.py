@@ -180,8 +180,6 @@ class PPOModule(LightningModule):
             )
         if not (0 <= gamma <= 1 and 0 <= lam <= 1):
             raise ValueError(f"PPOModule: gamma and lam must be in [0, 1] (got {gamma}, {lam})")
-        if reward_model is None and reward_function is None:
-            raise ValueError("PPOModule: give a reward_model, a reward_function, or both")
         self.save_hyperparameters(ignore=["reward_function", "gold_function"])
         self.reward_function = reward_function
         self.gold_function = gold_function
@@ -265,6 +263,12 @@ class PPOModule(LightningModule):
             self.kl_controller.load_state_dict(state["kl_controller"])
             self.score_moments.load_state_dict(state["score_moments"])
         self._first_step_pending = False  # a resumed run no longer has policy == reference
+
+    def setup(self, stage: str) -> None:
+        # Checked when fitting, not in __init__: a checkpoint does not store the reward function, and
+        # export or evaluation from it must not demand one.
+        if stage == "fit" and self.hparams.reward_model is None and self.reward_function is None:
+            raise ValueError("PPOModule: give a reward_model, a reward_function, or both")
 
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -438,7 +442,7 @@ class PPOModule(LightningModule):
         if rollout.gold_scores is not None:
             metrics["rollout/gold_score"] = rollout.gold_scores.float().mean()
         self.log_dict(
-            {k: torch.as_tensor(v, dtype=torch.float32) for k, v in metrics.items()},
+            {k: torch.as_tensor(v, dtype=torch.float32, device=self.device) for k, v in metrics.items()},
             batch_size=len(rollout),
             sync_dist=True,
         )

@@ -1,0 +1,367 @@
+"""Iterative DPO (DPO-Iter): DPO on fresh samples of the current policy, labelled by a reward.
+
+Xu et al. (2024, "Is DPO Superior to PPO for LLM Alignment?") find that much of DPO's gap to PPO comes from
+training on responses the policy would not produce; sampling the pairs from the policy itself and labelling
+them with the reward model narrows it. One training step here is one such iteration on a batch of prompts.
+The pair selection and batch building are pure functions in :mod:`lightning_rlhf.rollout.pairs`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from lightning_rlhf.data.base import pad_id
+from lightning_rlhf.losses import DPOLoss, SigmoidDPOLoss
+from lightning_rlhf.models import (
+    disable_dropout,
+    freeze,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    response_logps,
+    sequence_scores,
+)
+from lightning_rlhf.modules.base import HFModelModule
+from lightning_rlhf.rollout.collect import call_reward_function
+from lightning_rlhf.rollout.generation import SamplingConfig, decode_responses, generate_responses
+from lightning_rlhf.rollout.pairs import Samples, build_pair_batch, select_pairs, take_pairs
+
+RewardFn = Callable[[list[str], list[str]], Any]
+
+_DPO_METRICS = (
+    "train/loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logps_per_token/chosen",
+    "logps_per_token/rejected",
+)
+
+
+def _slices(n: int, size: int) -> list[slice]:
+    return [slice(start, start + size) for start in range(0, n, size)]
+
+
+
+class IterativeDPOModule(HFModelModule):
+    """DPO-Iter: each training step samples, labels and learns from fresh pairs of the current policy.
+
+    A step takes a batch of prompts (from :class:`~lightning_rlhf.PromptDataModule`) and
+
+    1. samples ``num_samples`` responses per prompt from the current policy (KV cache, no dropout);
+    2. scores them with the reward model (prompt + response, read at the last token, as PPO scores) and/or
+       the reward function; with both, the score is their sum;
+    3. pairs each prompt's best (chosen) with its worst (rejected) response; prompts whose samples all tie
+       are skipped (``iteration/skipped_ties``), and with no pair on any rank the step makes no update;
+    4. computes reference log-probs once, then runs ``dpo_epochs`` shuffled passes of mini-batch DPO
+       updates (``mini_batch_size`` pairs per optimizer step, accumulated over ``micro_batch_size``);
+    5. with ``refresh_reference`` (default) copies the policy into the reference: each iteration's reference
+       is then the policy that sampled its pairs, so beta bounds how far one iteration moves while many
+       iterations may move far from the SFT model (the iterative-DPO recipe). ``False`` anchors every
+       iteration to the initial (or ``reference_model``) weights, like PPO's fixed KL reference.
+
+    ``trainer.global_step`` counts optimizer steps. Logged: ``train/loss``, DPOModule's ``rewards/*``,
+    ``logps/*`` and ``logps_per_token/*`` (means over the step's pairs and updates, measured before each
+    optimizer step: with a refreshed reference and one step per iteration they are 0 and the sigmoid loss
+    is log 2), and ``iteration/score_best`` / ``score_worst`` (per prompt, averaged), ``score_mean``,
+    ``gold_score`` (with a gold_function), ``pairs``, ``skipped_ties``, ``response_length``, ``eos_rate``.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        reward_model: str | None = None,
+        reward_function: RewardFn | None = None,
+        gold_function: RewardFn | None = None,
+        reference_model: str | None = None,
+        loss: DPOLoss | None = None,
+        num_samples: int = 4,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        missing_eos_penalty: float | None = None,
+        dpo_epochs: int = 1,
+        mini_batch_size: int = 32,
+        micro_batch_size: int = 8,
+        refresh_reference: bool = True,
+        average_log_probs: bool = False,
+        learning_rate: float = 1e-6,
+        weight_decay: float = 0.0,
+        max_grad_norm: float | None = 1.0,
+        disable_dropout: bool = True,
+        trust_remote_code: bool = False,
+    ) -> None:
+        """
+        Args:
+            model: The policy to train: hub name or ``save_pretrained`` folder (usually the SFT model).
+            reward_model: A reward model (scalar head; e.g. from RewardModule) scoring prompt + response.
+            reward_function: ``f(prompts, responses) -> scores`` (import path or class_path); adds to the RM.
+            gold_function: Like reward_function but only logged (``iteration/gold_score``), never trained on.
+            reference_model: Fixed reference weights (only with refresh_reference=false; default: the policy).
+            loss: The DPO variant and its beta (default SigmoidDPOLoss(beta=0.1)); class_path in YAML.
+            num_samples: Responses sampled per prompt (k >= 2); the best and worst of them form the pair.
+            max_new_tokens: Longest sampled response, in tokens.
+            temperature: Sampling temperature (> 0: greedy samples would all be the same).
+            top_k: Sample only from the k most likely tokens (0 = off).
+            top_p: Nucleus sampling mass (1.0 = off).
+            missing_eos_penalty: Subtracted from the score of responses that never emit EOS (None = off).
+            dpo_epochs: Passes of DPO updates over each iteration's pairs.
+            mini_batch_size: Pairs per optimizer step (the last mini-batch of an iteration may be smaller).
+            micro_batch_size: Pairs per forward/backward (accumulated); must divide mini_batch_size.
+            refresh_reference: Copy the policy into the reference after each iteration (else keep it fixed).
+            average_log_probs: Use per-token mean log-probs instead of sums (usual for IPO).
+            learning_rate: AdamW learning rate (the paper's DPO uses 1e-6 at 7B scale).
+            weight_decay: AdamW weight decay (biases and norms excluded).
+            max_grad_norm: Clip gradients to this global norm (None = off).
+            disable_dropout: Turn dropout off in the policy so policy and reference log-probs are comparable.
+            trust_remote_code: Allow model code shipped with checkpoints to run (off for safety).
+        """
+        super().__init__(learning_rate, weight_decay)
+        self.automatic_optimization = False
+        owner = "IterativeDPOModule"
+        if num_samples < 2:
+            raise ValueError(f"{owner}: num_samples must be >= 2 to form a pair (got {num_samples})")
+        if not temperature > 0:
+            raise ValueError(f"{owner}: temperature must be > 0 (got {temperature}); greedy samples all tie")
+        counts = {
+            "dpo_epochs": dpo_epochs,
+            "mini_batch_size": mini_batch_size,
+            "micro_batch_size": micro_batch_size,
+        }
+        for name, value in counts.items():
+            if value < 1:
+                raise ValueError(f"{owner}: {name} must be >= 1 (got {value})")
+        if mini_batch_size % micro_batch_size:
+            raise ValueError(
+                f"{owner}: micro_batch_size ({micro_batch_size}) must divide "
+                f"mini_batch_size ({mini_batch_size})"
+            )
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"{owner}: max_grad_norm must be > 0 or null (got {max_grad_norm})")
+        if missing_eos_penalty is not None and not missing_eos_penalty >= 0:
+            raise ValueError(f"{owner}: missing_eos_penalty must be >= 0 or null (got {missing_eos_penalty})")
+        self.loss = loss if loss is not None else SigmoidDPOLoss()
+        if reference_model is not None and (refresh_reference or self.loss.reference_free):
+            raise ValueError(
+                f"{owner}: reference_model is only used with refresh_reference=false and a loss that is not "
+                "reference_free; unset it (the reference then starts as the policy's own weights)"
+            )
+        try:
+            self.sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p)
+        except ValueError as err:
+            raise ValueError(f"{owner}: {err}") from err
+        self.save_hyperparameters(ignore=["loss", "reward_function", "gold_function"])
+        self.reward_function = reward_function
+        self.gold_function = gold_function
+        self.policy: PreTrainedModel | None = None
+        self.reference: PreTrainedModel | None = None
+        self.reward_model: PreTrainedModel | None = None
+        self.tokenizer = None
+
+    # ------------------------------------------------------------------ models
+    def configure_model(self) -> None:
+        hp = self.hparams
+        if self.policy is not None:
+            return
+        remote = {"trust_remote_code": hp.trust_remote_code}
+        self.policy = load_causal_lm(hp.model, **remote)
+        if hp.disable_dropout:
+            disable_dropout(self.policy)
+        self.policy.train()
+        if not self.loss.reference_free:
+            # Loaded from disk, never deep-copied: under ZeRO-3 the policy is already partitioned here.
+            self.reference = freeze(load_causal_lm(hp.reference_model or hp.model, **remote))
+            disable_dropout(self.reference)
+        if hp.reward_model is not None:
+            self.reward_model = freeze(load_reward_model(hp.reward_model, **remote))
+            disable_dropout(self.reward_model)  # a pair's label must not depend on a dropout draw
+            sizes = (self.reward_model.config.vocab_size, self.policy.config.vocab_size)
+            if sizes[0] != sizes[1]:
+                raise ValueError(
+                    f"IterativeDPOModule: the reward_model has vocabulary size {sizes[0]} but the policy has "
+                    f"{sizes[1]}; it must share the policy's tokenizer"
+                )
+        self.tokenizer = load_tokenizer(hp.model, trust_remote_code=hp.trust_remote_code)
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError(
+                f"the tokenizer of {hp.model} has no eos_token: cannot tell when a response ends"
+            )
+
+    def trained_model(self) -> PreTrainedModel:
+        return self.policy
+
+    def setup(self, stage: str) -> None:
+        # Checked here, not in __init__: a checkpoint does not store the reward function (an arbitrary
+        # object), and `lightning-rlhf export` must still rebuild the module from it.
+        if stage == "fit" and self.hparams.reward_model is None and self.reward_function is None:
+            raise ValueError("IterativeDPOModule: give a reward_model, a reward_function, or both")
+
+    def on_fit_start(self) -> None:
+        partitioned = self.reference is not None and any(
+            hasattr(p, "ds_id") for p in self.reference.parameters()
+        )
+        if self.hparams.refresh_reference and partitioned:
+            # ZeRO-3 leaves each parameter's .data an empty placeholder: copying it would silently do nothing.
+            raise NotImplementedError(
+                "IterativeDPOModule: refresh_reference=true does not support ZeRO-3 partitioned parameters "
+                "yet; use DDP or ZeRO stage 2, or refresh_reference=false"
+            )
+
+    @torch.no_grad()
+    def refresh_reference_weights(self) -> None:
+        """Copy the policy's parameters and buffers into the reference, matched by name."""
+        for kind in ("parameters", "buffers"):
+            target = dict(getattr(self.reference, f"named_{kind}")())
+            for name, tensor in getattr(self.policy, f"named_{kind}")():
+                if name not in target:
+                    raise KeyError(
+                        f"the reference has no {kind[:-1]} {name!r}: it is not the policy's architecture"
+                    )
+                target[name].copy_(tensor)
+
+    # ------------------------------------------------------------------ one iteration
+    @torch.no_grad()
+    def sample(self, batch: dict) -> Samples:
+        """``num_samples`` responses per prompt of the batch from the current policy, scored."""
+        k, hp = self.hparams.num_samples, self.hparams
+        eos, pad = self.tokenizer.eos_token_id, pad_id(self.tokenizer)
+        prompt_ids = batch["input_ids"].repeat_interleave(k, 0)
+        prompt_mask = batch["attention_mask"].repeat_interleave(k, 0)
+        prompts = [p for p in batch["prompt"] for _ in range(k)]
+        # Generation keeps no activations for backward, so it can take bigger chunks than a training forward.
+        chunks = _slices(len(prompts), 8 * hp.micro_batch_size)
+        tokens = {"eos_token_id": eos, "pad_token_id": pad}
+        pieces = [
+            generate_responses(self.policy, prompt_ids[c], prompt_mask[c], self.sampling, **tokens)
+            for c in chunks
+        ]
+        width = max(ids.shape[1] for ids, _ in pieces)
+        pad_to = torch.nn.functional.pad
+        response_ids = torch.cat([pad_to(ids, (0, width - ids.shape[1]), value=pad) for ids, _ in pieces])
+        response_mask = torch.cat([pad_to(m, (0, width - m.shape[1]), value=0) for _, m in pieces])
+        decoded = decode_responses(self.tokenizer, response_ids, response_mask)
+        ended = torch.tensor(decoded.ended, device=self.device)
+        scores = torch.zeros(len(prompts), device=self.device)
+        if self.reward_model is not None:  # scored as PPO scores: prompt + response, read at the last token
+            ids, mask = torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1)
+            step = 2 * hp.micro_batch_size
+            rm = [sequence_scores(self.reward_model, ids[c], mask[c]) for c in _slices(len(prompts), step)]
+            scores += torch.cat(rm)
+        if self.reward_function is not None:
+            scores += call_reward_function(
+                self.reward_function, prompts, decoded.texts, "reward_function"
+            ).to(self.device)
+        if hp.missing_eos_penalty is not None:
+            scores -= hp.missing_eos_penalty * (~ended).float()
+        gold = None
+        if self.gold_function is not None:
+            gold = call_reward_function(self.gold_function, prompts, decoded.texts, "gold_function")
+        return Samples(prompt_ids, prompt_mask, response_ids, response_mask, scores, ended, gold)
+
+    @torch.no_grad()
+    def reference_logps(self, pair_batch: dict[str, Tensor]) -> tuple[Tensor | None, Tensor | None]:
+        """Reference log-probs [N] of the chosen and rejected responses (None, None if reference-free)."""
+        if self.loss.reference_free:
+            return None, None
+        n, average, chosen, rejected = pair_batch["index"].numel(), self.hparams.average_log_probs, [], []
+        for pairs in torch.arange(n, device=self.device).split(self.hparams.micro_batch_size):
+            logps, _ = response_logps(self.reference, take_pairs(pair_batch, pairs), average=average)
+            chosen.append(logps.chunk(2)[0])
+            rejected.append(logps.chunk(2)[1])
+        return torch.cat(chosen), torch.cat(rejected)
+
+    def compute_loss(
+        self, batch: dict[str, Tensor], ref_chosen: Tensor | None, ref_rejected: Tensor | None, valid: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The DPO loss over the ``valid`` pairs of a [chosen; rejected] batch, and DPOModule's metrics."""
+        policy, per_token = response_logps(self.policy, batch, average=self.hparams.average_log_probs)
+        if not valid.any():
+            # A zero that still reaches every parameter: data-parallel ranks must all run this backward.
+            return policy.sum() * 0.0, {}
+        chosen, rejected = (x[valid] for x in policy.chunk(2))
+        chosen_per_token, rejected_per_token = (x[valid] for x in per_token.chunk(2))
+        refs = (None, None) if ref_chosen is None else (ref_chosen[valid], ref_rejected[valid])
+        out = self.loss(chosen, rejected, *refs, chosen_nll=-chosen_per_token)
+        metrics = {
+            "train/loss": out.loss.detach(),
+            "rewards/chosen": out.chosen_rewards.mean(),
+            "rewards/rejected": out.rejected_rewards.mean(),
+            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().mean(),
+            "rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean(),
+            "logps/chosen": chosen.detach().mean(),
+            "logps/rejected": rejected.detach().mean(),
+            "logps_per_token/chosen": chosen_per_token.detach().mean(),
+            "logps_per_token/rejected": rejected_per_token.detach().mean(),
+        }
+        return out.loss, metrics
+
+    def update(self, pair_batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``dpo_epochs`` passes of shuffled mini-batch DPO steps; the metrics averaged over valid pairs."""
+        hp = self.hparams
+        optimizer = self.optimizers()
+        ref_chosen, ref_rejected = self.reference_logps(pair_batch)
+        valid = pair_batch["valid"]
+        sums = torch.zeros(len(_DPO_METRICS) + 1, device=self.device)  # weighted sums, then the pair count
+        for _ in range(hp.dpo_epochs):
+            order = torch.randperm(valid.numel(), device=valid.device)
+            for mini in order.split(hp.mini_batch_size):
+                mini_pairs = max(int(valid[mini].sum()), 1)
+                optimizer.zero_grad()
+                for micro in mini.split(hp.micro_batch_size):
+                    refs = (None, None) if ref_chosen is None else (ref_chosen[micro], ref_rejected[micro])
+                    loss, metrics = self.compute_loss(take_pairs(pair_batch, micro), *refs, valid[micro])
+                    count = int(valid[micro].sum())
+                    # A micro loss is a mean over its pairs: weight it so the step sees the mini-batch mean.
+                    self.manual_backward(loss * (count / mini_pairs))
+                    if metrics:
+                        sums += torch.stack(
+                            [*(metrics[k] * count for k in _DPO_METRICS), sums.new_tensor(count)]
+                        )
+                if hp.max_grad_norm is not None:
+                    self.clip_gradients(
+                        optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm"
+                    )
+                optimizer.step()
+        # Pair-weighted means over every rank, in one collective that all ranks make whatever their ties.
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        return dict(zip(_DPO_METRICS, (sums[:-1] / sums[-1].clamp(min=1)).unbind(), strict=True))
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        samples = self.sample(batch)
+        pairs = select_pairs(samples.scores, self.hparams.num_samples)
+        metrics: dict[str, Tensor] = {
+            "iteration/score_best": pairs.best.mean(),
+            "iteration/score_worst": pairs.worst.mean(),
+            "iteration/score_mean": samples.scores.mean(),
+            "iteration/pairs": pairs.valid.sum().float(),
+            "iteration/skipped_ties": (~pairs.valid).sum().float(),
+            "iteration/response_length": samples.response_mask.sum(1).float().mean(),
+            "iteration/eos_rate": samples.ended.float().mean(),
+        }
+        if samples.gold is not None:
+            metrics["iteration/gold_score"] = samples.gold.mean()
+        metrics = {
+            key: torch.as_tensor(value, dtype=torch.float32, device=self.device)
+            for key, value in metrics.items()
+        }
+        size = len(batch["prompt"])
+        self.log_dict(metrics, batch_size=size, sync_dist=True)
+        # Decided on the pair count over all ranks, so that either every rank updates or none does.
+        if self.trainer.strategy.reduce(metrics["iteration/pairs"].clone(), reduce_op="sum") > 0:
+            pair_batch = build_pair_batch(
+                samples, pairs, pad_token_id=pad_id(self.tokenizer), index=batch["index"]
+            )
+            dpo = self.update(pair_batch)
+            self.log("train/loss", dpo.pop("train/loss"), prog_bar=True, batch_size=size)
+            self.log_dict(dpo, batch_size=size)  # already reduced over ranks
+        if self.hparams.refresh_reference and self.reference is not None:
+            self.refresh_reference_weights()
