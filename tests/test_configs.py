@@ -66,13 +66,35 @@ def test_testbed_configs_match_the_quickstart_settings():
         assert config["data"]["init_args"].get("batch_size") == settings.batch_size, stage
     dpo = yaml.safe_load((REPO / "configs/dpo/testbed.yaml").read_text())
     assert dpo["model"]["init_args"]["loss"]["init_args"]["beta"] == settings.dpo_beta
+    iterative = yaml.safe_load((REPO / "configs/iterative_dpo/testbed.yaml").read_text())
+    assert iterative["trainer"]["max_epochs"] == settings.iterative_dpo_epochs
+    assert iterative["model"]["init_args"]["learning_rate"] == settings.iterative_dpo_lr
+    paper = yaml.safe_load((REPO / "configs/ppo/paper.yaml").read_text())
+    ppo = paper["model"]["init_args"]
+    assert paper["trainer"]["max_epochs"] == settings.ppo_epochs
+    assert paper["data"]["init_args"]["batch_size"] == settings.ppo_rollout_batch
+    assert (ppo["learning_rate"], ppo["critic_learning_rate"], ppo["kl_coef"]) == (
+        settings.ppo_lr,
+        settings.ppo_critic_lr,
+        settings.ppo_kl_coef,
+    )
+    assert ppo["mini_batch_size"] == settings.ppo_rollout_batch // 4
+    ema = next(c for c in paper["trainer"]["callbacks"] if c["class_path"].endswith("EMAReferenceUpdate"))
+    assert ema["init_args"]["decay"] == settings.ppo_ema_decay
 
 
 def test_cli_chain_of_testbed_configs(tmp_path, monkeypatch):
     """configs/quickstart/run.sh in miniature: each stage's export is the next stage's model."""
     monkeypatch.chdir(tmp_path)
     cli_main(["testbed", "--out", "runs/testbed", "--model-size", "nano"])
-    for stage in ("sft/testbed", "reward/testbed", "dpo/testbed", "ppo/testbed", "ppo/paper"):
+    for stage in (
+        "sft/testbed",
+        "reward/testbed",
+        "dpo/testbed",
+        "iterative_dpo/testbed",
+        "ppo/testbed",
+        "ppo/paper",
+    ):
         cli_main(
             [
                 "fit",
@@ -84,7 +106,14 @@ def test_cli_chain_of_testbed_configs(tmp_path, monkeypatch):
                 "1",
             ]
         )
-    for folder in ("sft_policy", "reward_model", "dpo_policy", "ppo_policy", "ppo_paper_policy"):
+    for folder in (
+        "sft_policy",
+        "reward_model",
+        "dpo_policy",
+        "dpo_iter_policy",
+        "ppo_policy",
+        "ppo_paper_policy",
+    ):
         assert (tmp_path / "runs/testbed" / folder / "model.safetensors").is_file(), folder
     assert (REPO / "configs/quickstart/run.sh").read_text().count("lightning-rlhf fit --config") >= 4
 

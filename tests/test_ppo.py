@@ -181,3 +181,26 @@ def test_ppo_raises_held_out_gold_reward_over_the_sft_policy(testbed, tmp_path):
         assert name in fit.callback_metrics or name == "rollout/gold_score", name
     assert torch.isfinite(fit.callback_metrics["ppo/loss"])
     json.dumps({k: float(v) for k, v in fit.callback_metrics.items()})  # every metric is a plain number
+
+
+def test_validation_samples_held_out_prompts_and_logs_scores(testbed, tmp_path):
+    """validate: one sampled response per held-out prompt, scored; val/gold_score equals the gold reward of
+    what the policy samples (recomputed here with the same seed)."""
+    module = PPOModule(
+        str(testbed / "init_policy"),
+        reward_function=GoldReward(str(testbed)),
+        gold_function=GoldReward(str(testbed)),
+        max_new_tokens=6,
+        mini_batch_size=8,
+        micro_batch_size=8,
+    )
+    data = PromptDataModule(
+        str(testbed / "init_policy"),
+        str(testbed / "prompts_train.jsonl"),
+        str(testbed / "prompts_eval.jsonl"),
+        batch_size=16,
+    )
+    torch.manual_seed(3)
+    metrics = quiet(tmp_path).validate(module, data, verbose=False)[0]
+    assert metrics["val/gold_score"] == pytest.approx(metrics["val/score"], abs=1e-6)
+    assert 0 < metrics["val/response_length"] <= 6 and 0 <= metrics["val/eos_rate"] <= 1

@@ -24,7 +24,12 @@ from lightning_rlhf.models import (
 )
 from lightning_rlhf.modules.base import adamw_param_groups
 from lightning_rlhf.ops import masked_mean, masked_var
-from lightning_rlhf.rollout.collect import ShapingConfig, collect_rollout, explained_variance
+from lightning_rlhf.rollout.collect import (
+    ShapingConfig,
+    collect_rollout,
+    explained_variance,
+    sample_and_score,
+)
 from lightning_rlhf.rollout.generation import SamplingConfig
 from lightning_rlhf.rollout.hooks import call_rollout_hooks
 from lightning_rlhf.rollout.shaping import (
@@ -383,6 +388,34 @@ class PPOModule(LightningModule):
             "ppo/approx_kl": policy.approx_kl,
         }
         return loss, metrics
+
+    # ------------------------------------------------------------------ validation
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Sample one response per held-out prompt and log its scores (no update, no KL penalty)."""
+        samples = sample_and_score(
+            policy=self.policy,
+            tokenizer=self.tokenizer,
+            prompt_ids=batch["input_ids"],
+            prompt_mask=batch["attention_mask"],
+            prompts=list(batch["prompt"]),
+            sampling=self.sampling,
+            reward_model=self.reward_model,
+            reward_function=self.reward_function,
+            gold_function=self.gold_function,
+            micro_batch_size=self.hparams.micro_batch_size,
+        )
+        metrics = {
+            "val/score": samples.raw_scores.mean(),
+            "val/response_length": samples.response_mask.float().sum(1).mean(),
+            "val/eos_rate": samples.ended.float().mean(),
+        }
+        if samples.gold_scores is not None:
+            metrics["val/gold_score"] = samples.gold_scores.float().mean()
+        self.log_dict(
+            {k: v.to(self.device, torch.float32) for k, v in metrics.items()},
+            batch_size=len(samples.texts),
+            sync_dist=True,
+        )
 
     # ------------------------------------------------------------------ step-0 guard
     def _check_reference_matches(self, rollout: Rollout) -> None:

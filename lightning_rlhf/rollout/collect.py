@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -58,6 +59,88 @@ def _chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+@dataclass
+class ScoredSamples:
+    """Responses sampled for a prompt batch, and their scores (before any PPO shaping)."""
+
+    response_ids: Tensor
+    response_mask: Tensor
+    texts: list[str]
+    ended: Tensor
+    raw_scores: Tensor
+    rm_scores: Tensor | None
+    function_scores: Tensor | None
+    gold_scores: Tensor | None
+
+
+@torch.no_grad()
+def sample_and_score(
+    *,
+    policy: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    prompts: list[str],
+    sampling: SamplingConfig,
+    reward_model: PreTrainedModel | None = None,
+    reward_function: RewardFunction | None = None,
+    gold_function: RewardFunction | None = None,
+    micro_batch_size: int = 8,
+    timings: dict[str, float] | None = None,
+) -> ScoredSamples:
+    """Sample one response per (left-padded) prompt and score it: reward model + reward function.
+
+    ``timings`` (if given) receives the seconds spent in ``generation`` and ``scoring``.
+    """
+    if reward_model is None and reward_function is None:
+        raise ValueError("PPO needs a reward: give a reward_model, a reward_function, or both")
+    timings = timings if timings is not None else {}
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    n = prompt_ids.shape[0]
+
+    start = time.perf_counter()
+    pieces = [
+        generate_responses(
+            policy, prompt_ids[s], prompt_mask[s], sampling, eos_token_id=eos, pad_token_id=pad
+        )
+        for s in _chunks(n, max(micro_batch_size, 1) * 4)  # generation is cheap on memory: bigger chunks
+    ]
+    width = max(ids.shape[1] for ids, _ in pieces)
+    response_ids = torch.cat([F.pad(ids, (0, width - ids.shape[1]), value=pad) for ids, _ in pieces])
+    response_mask = torch.cat([F.pad(m, (0, width - m.shape[1]), value=0) for _, m in pieces])
+    timings["generation"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    decoded = decode_responses(tokenizer, response_ids, response_mask)
+    input_ids = torch.cat([prompt_ids, response_ids], 1)
+    attention_mask = torch.cat([prompt_mask, response_mask], 1)
+    raw = torch.zeros(n, device=prompt_ids.device)
+    rm_scores = function_scores = gold = None
+    if reward_model is not None:
+        chunks = _chunks(n, micro_batch_size)
+        rm_scores = torch.cat(
+            [sequence_scores(reward_model, input_ids[s], attention_mask[s]) for s in chunks]
+        )
+        raw += rm_scores
+    if reward_function is not None:
+        function_scores = call_reward_function(reward_function, prompts, decoded.texts, "reward_function")
+        raw += function_scores.to(raw.device)
+    if gold_function is not None:
+        gold = call_reward_function(gold_function, prompts, decoded.texts, "gold_function")
+    timings["scoring"] = time.perf_counter() - start
+    return ScoredSamples(
+        response_ids=response_ids,
+        response_mask=response_mask,
+        texts=decoded.texts,
+        ended=torch.tensor(decoded.ended, device=prompt_ids.device),
+        raw_scores=raw,
+        rm_scores=rm_scores,
+        function_scores=function_scores,
+        gold_scores=gold,
+    )
+
+
 @torch.no_grad()
 def collect_rollout(
     *,
@@ -83,51 +166,29 @@ def collect_rollout(
     Inference runs in micro-batches of ``micro_batch_size`` sequences, each model once per rollout.
     ``timings`` (if given) receives seconds spent in ``generation``, ``scoring`` and ``inference``.
     """
-    if reward_model is None and reward_function is None:
-        raise ValueError("PPO needs a reward: give a reward_model, a reward_function, or both")
     timings = timings if timings is not None else {}
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    samples = sample_and_score(
+        policy=policy,
+        tokenizer=tokenizer,
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        prompts=prompts,
+        sampling=sampling,
+        reward_model=reward_model,
+        reward_function=reward_function,
+        gold_function=gold_function,
+        micro_batch_size=micro_batch_size,
+        timings=timings,
+    )
     n, prompt_len = prompt_ids.shape
-
-    start = time.perf_counter()
-    pieces = [
-        generate_responses(
-            policy, prompt_ids[s], prompt_mask[s], sampling, eos_token_id=eos, pad_token_id=pad
-        )
-        for s in _chunks(n, max(micro_batch_size, 1) * 4)  # generation is cheap on memory: bigger chunks
-    ]
-    width = max(ids.shape[1] for ids, _ in pieces)
-    response_ids = torch.cat(
-        [torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=pad) for ids, _ in pieces]
+    response_ids, response_mask, ended, raw = (
+        samples.response_ids,
+        samples.response_mask,
+        samples.ended,
+        samples.raw_scores,
     )
-    response_mask = torch.cat(
-        [torch.nn.functional.pad(m, (0, width - m.shape[1]), value=0) for _, m in pieces]
-    )
-    timings["generation"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    decoded = decode_responses(tokenizer, response_ids, response_mask)
-    ended = torch.tensor(decoded.ended, device=prompt_ids.device)
     input_ids = torch.cat([prompt_ids, response_ids], 1)
     attention_mask = torch.cat([prompt_mask, response_mask], 1)
-    raw = torch.zeros(n, device=prompt_ids.device)
-    rm_scores = function_scores = None
-    if reward_model is not None:
-        rm_scores = torch.cat(
-            [
-                sequence_scores(reward_model, input_ids[s], attention_mask[s])
-                for s in _chunks(n, micro_batch_size)
-            ]
-        )
-        raw += rm_scores
-    if reward_function is not None:
-        function_scores = call_reward_function(reward_function, prompts, decoded.texts, "reward_function")
-        raw += function_scores.to(raw.device)
-    gold = None
-    if gold_function is not None:
-        gold = call_reward_function(gold_function, prompts, decoded.texts, "gold_function")
-    timings["scoring"] = time.perf_counter() - start
 
     start = time.perf_counter()
     logprobs, ref_logprobs, values = [], [], []
@@ -174,10 +235,10 @@ def collect_rollout(
         advantages=advantages,
         returns=returns,
         prompts=list(prompts),
-        responses=decoded.texts,
-        rm_scores=rm_scores,
-        function_scores=function_scores,
-        gold_scores=gold,
+        responses=samples.texts,
+        rm_scores=samples.rm_scores,
+        function_scores=samples.function_scores,
+        gold_scores=samples.gold_scores,
     )
 
 
