@@ -118,12 +118,16 @@ def response_token_logprobs(
     prompt_len: int,
     *,
     entropy: bool = False,
+    temperature: float = 1.0,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs [N, R] of the response tokens ``input_ids[:, prompt_len:]`` (and their entropies if asked).
 
     The response token at column ``prompt_len + t`` is predicted by the logits at ``prompt_len + t - 1``.
+    ``temperature`` divides the logits, so the log-probs are those of the distribution sampled from.
     """
     logits = policy_logits(model, input_ids, attention_mask)[:, prompt_len - 1 : -1]
+    if temperature != 1.0:
+        logits = logits / temperature
     logps = token_logprobs(logits, input_ids[:, prompt_len:])
     return logps, (entropy_from_logits(logits) if entropy else None)
 

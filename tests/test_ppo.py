@@ -204,3 +204,105 @@ def test_validation_samples_held_out_prompts_and_logs_scores(testbed, tmp_path):
     metrics = quiet(tmp_path).validate(module, data, verbose=False)[0]
     assert metrics["val/gold_score"] == pytest.approx(metrics["val/score"], abs=1e-6)
     assert 0 < metrics["val/response_length"] <= 6 and 0 <= metrics["val/eos_rate"] <= 1
+
+
+class _RankState(L.Callback):
+    """Writes each rank's step count and PPO controller state at the end of fit (ddp_spawn children)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_train_end(self, trainer, pl_module):
+        state = {
+            "global_step": trainer.global_step,
+            "kl_coef": pl_module.kl_controller.value,
+            "moments": pl_module.score_moments.state_dict(),
+        }
+        with open(f"{self.folder}/rank{trainer.global_rank}.json", "w") as f:
+            json.dump(state, f)
+
+
+class _FirstGradients(L.Callback):
+    """Records the policy's gradients at the first optimizer step."""
+
+    grads: dict | None = None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.grads is None:
+            self.grads = {
+                n: p.grad.clone() for n, p in pl_module.policy.named_parameters() if p.grad is not None
+            }
+
+
+def test_micro_batch_size_does_not_change_the_gradient(testbed, tmp_path):
+    """Gradient accumulation is a memory setting: micro=8 and micro=1 give the same first-step gradient
+    (each micro-batch's token-mean loss is weighted by its share of the mini-batch's tokens)."""
+    grads = {}
+    for micro in (8, 1):
+        L.seed_everything(0, verbose=False)
+        module = PPOModule(
+            str(testbed / "init_policy"),
+            reward_function=GoldReward(str(testbed)),
+            mini_batch_size=8,
+            micro_batch_size=micro,
+            max_new_tokens=8,
+            max_grad_norm=None,
+        )
+        recorder = _FirstGradients()
+        quiet(tmp_path, max_steps=1, enable_checkpointing=False, callbacks=[recorder]).fit(
+            module, prompts(testbed, batch_size=8)
+        )
+        grads[micro] = recorder.grads
+    assert grads[8].keys() == grads[1].keys() and grads[8]
+    for name in grads[8]:
+        torch.testing.assert_close(grads[1][name], grads[8][name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_bad_sampling_and_kl_settings_name_the_flag():
+    for kwargs, message in (
+        ({"temperature": 0.0}, "temperature must be > 0"),
+        ({"target_kl": 1.0, "kl_coef": 0.0}, "kl_coef must be > 0 with target_kl"),
+        ({"missing_eos_penalty": -1.0}, "missing_eos_penalty must be >= 0"),
+        ({"kl_estimator": "k4"}, "kl_estimator must be k1, k2 or k3"),
+        ({"ppo_epochs": 1.5}, "ppo_epochs must be an integer"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            PPOModule("m", reward_function=len, **kwargs)
+
+
+def test_two_ddp_ranks_stay_in_step_with_early_stop_and_adaptive_kl(testbed, tmp_path):
+    """2 CPU processes (gloo): early stopping and the KL controller decide on values reduced over ranks, so
+    both ranks make the same number of optimizer steps (a per-rank decision used to break the collectives)."""
+    module = PPOModule(
+        str(testbed / "init_policy"),
+        reward_function=GoldReward(str(testbed)),
+        mini_batch_size=4,
+        micro_batch_size=4,
+        max_new_tokens=6,
+        early_stop_kl=1e-9,
+        ppo_epochs=2,
+        target_kl=0.5,
+        normalize_scores=True,
+        learning_rate=1e-3,
+    )
+    fit = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=5,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        callbacks=[_RankState(str(tmp_path))],
+    )
+    fit.fit(module, prompts(testbed, batch_size=8))
+    states = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
+    assert len(states) == 2
+    # A rollout of 8 prompts is 2 mini-batches of 4 per rank, x 2 PPO epochs = 4 steps. The first mini-batch
+    # sees KL 0 (policy == sampler); the second sees the first update's KL and stops: 2 steps per rollout,
+    # so max_steps=5 ends after the third rollout at step 6 (without early stop: 2 rollouts, step 8).
+    # Both ranks hold the same adaptive KL coefficient and score statistics.
+    assert states[0] == states[1]
+    assert states[0]["global_step"] == 6 and states[0]["kl_coef"] != 0.1

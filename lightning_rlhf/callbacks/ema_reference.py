@@ -10,6 +10,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_rlhf.modules.base import zero_stage
+
 
 class EMAReferenceUpdate(Callback):
     """``reference ← (1 − η) · reference + η · policy`` with ``η = decay``, every few optimizer steps.
@@ -93,6 +95,11 @@ class EMAReferenceUpdate(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if zero_stage(trainer) == 3:
+            # Partitioned parameters: lerp_ on their empty .data placeholders would silently do nothing.
+            raise NotImplementedError(
+                "EMAReferenceUpdate does not support DeepSpeed ZeRO-3 yet; use ZeRO stage 2 or DDP"
+            )
         self._models(pl_module)
 
     @override

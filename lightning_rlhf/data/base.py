@@ -178,7 +178,9 @@ class TableDataModule(LightningDataModule):
             log.info("%s (%s split): %s", where, split, summary)
 
     # ----------------------------------------------------------------------------------------- loaders
-    def _loader(self, split: str, *, shuffle: bool = False, sampler: Sampler | None = None) -> DataLoader:
+    def _loader(
+        self, split: str, *, shuffle: bool = False, sampler: Sampler | None = None, drop_last: bool = False
+    ) -> DataLoader:
         if split not in self.datasets:
             raise ValueError(
                 f"no {split!r} split (have {sorted(self.datasets)}); call setup() first, and for 'val' set "
@@ -193,6 +195,7 @@ class TableDataModule(LightningDataModule):
             generator=generator,
             num_workers=self.hparams.num_workers,
             collate_fn=self._collator(),
+            drop_last=drop_last,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datasets
+from torch.utils.data import DataLoader
 
 from lightning_rlhf.data.base import OnBadRow, TableDataModule, pad_id
 from lightning_rlhf.data.collate import PromptCollator
@@ -45,6 +46,7 @@ class PromptDataModule(TableDataModule):
         seed: int = 0,
         chat_template: str | None = None,
         implicit_prompt_delimiter: str = "\n\nAssistant:",
+        drop_last: bool = True,
     ) -> None:
         """
         Args:
@@ -65,6 +67,7 @@ class PromptDataModule(TableDataModule):
             seed: Seed of the training shuffle and of the val_fraction split.
             chat_template: Jinja chat template replacing the tokenizer's (for base models that ship none).
             implicit_prompt_delimiter: Where the implicit format ends a transcript's prompt (its last one).
+            drop_last: Drop the last, short training batch (a PPO rollout batch must split into mini-batches).
         """
         super().__init__()
         owner = "PromptDataModule"
@@ -105,3 +108,6 @@ class PromptDataModule(TableDataModule):
 
     def _collator(self) -> PromptCollator:
         return PromptCollator(pad_id(self.tokenizer))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True, drop_last=self.hparams.drop_last)

@@ -38,6 +38,14 @@ def build_object(value: object) -> object:
     return value
 
 
+def zero_stage(trainer) -> int | None:
+    """The DeepSpeed ZeRO stage the trainer runs, or None for any other strategy."""
+    config = getattr(getattr(trainer, "strategy", None), "config", None)
+    if isinstance(config, dict):
+        return config.get("zero_optimization", {}).get("stage")
+    return None
+
+
 def adamw_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay only matrices: decaying biases and norm gains pulls them to 0 for no regularising gain."""
     params = [p for p in model.parameters() if p.requires_grad]

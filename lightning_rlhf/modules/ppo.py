@@ -22,7 +22,7 @@ from lightning_rlhf.models import (
     response_token_logprobs,
     response_values,
 )
-from lightning_rlhf.modules.base import adamw_param_groups
+from lightning_rlhf.modules.base import adamw_param_groups, zero_stage
 from lightning_rlhf.ops import masked_mean, masked_var
 from lightning_rlhf.rollout.collect import (
     ShapingConfig,
@@ -78,6 +78,7 @@ class PPOModule(LightningModule):
         ppo_epochs: int = 1,
         mini_batch_size: int = 64,
         micro_batch_size: int = 8,
+        generation_batch_size: int = 64,
         clip_range: float = 0.2,
         dual_clip: float | None = None,
         clip_range_value: float | None = 0.2,
@@ -117,6 +118,7 @@ class PPOModule(LightningModule):
             ppo_epochs: Passes over each rollout batch.
             mini_batch_size: Sequences per optimizer step; must divide the rollout batch size.
             micro_batch_size: Sequences per forward/backward (accumulated); must divide mini_batch_size.
+            generation_batch_size: Prompts per generate call (memory knob; other values draw other samples).
             clip_range: PPO ratio clip epsilon (> 0).
             dual_clip: Dual-clip constant c > 1 bounding the loss of negative advantages (None = off).
             clip_range_value: Value clip around the rollout's values (None = unclipped value loss).
@@ -148,6 +150,7 @@ class PPOModule(LightningModule):
             "ppo_epochs": ppo_epochs,
             "mini_batch_size": mini_batch_size,
             "micro_batch_size": micro_batch_size,
+            "generation_batch_size": generation_batch_size,
             "clip_range": clip_range,
             "learning_rate": learning_rate,
             "critic_learning_rate": critic_learning_rate,
@@ -176,6 +179,28 @@ class PPOModule(LightningModule):
         for name, value in optional_positive.items():
             if value is not None and not value > 0:
                 raise ValueError(f"PPOModule: {name} must be > 0 or null (got {value})")
+        if not 0 < temperature < float("inf"):
+            raise ValueError(
+                f"PPOModule: temperature must be > 0 (got {temperature}): PPO learns from samples"
+            )
+        if target_kl is not None and kl_coef == 0:
+            raise ValueError(
+                "PPOModule: kl_coef must be > 0 with target_kl (the controller only rescales it)"
+            )
+        if missing_eos_penalty is not None and not missing_eos_penalty >= 0:
+            raise ValueError(
+                f"PPOModule: missing_eos_penalty must be >= 0 or null (got {missing_eos_penalty!r})"
+            )
+        if kl_estimator not in ("k1", "k2", "k3"):
+            raise ValueError(f"PPOModule: kl_estimator must be k1, k2 or k3 (got {kl_estimator!r})")
+        for name, value in (
+            ("max_new_tokens", max_new_tokens),
+            ("ppo_epochs", ppo_epochs),
+            ("mini_batch_size", mini_batch_size),
+            ("micro_batch_size", micro_batch_size),
+        ):
+            if not isinstance(value, int):
+                raise ValueError(f"PPOModule: {name} must be an integer (got {value!r})")
         if dual_clip is not None and not dual_clip > 1:
             raise ValueError(f"PPOModule: dual_clip must be > 1 or null (got {dual_clip})")
         if mini_batch_size % micro_batch_size:
@@ -276,6 +301,11 @@ class PPOModule(LightningModule):
             raise ValueError("PPOModule: give a reward_model, a reward_function, or both")
 
     def on_fit_start(self) -> None:
+        if zero_stage(self.trainer) == 3:
+            raise NotImplementedError(
+                "PPOModule does not support DeepSpeed ZeRO-3 yet: generation would need gathered weights and "
+                "EMA updates gathered parameters. Use ZeRO-2 (with offload_optimizer for large models)."
+            )
         datamodule = getattr(self.trainer, "datamodule", None)
         batch_size = getattr(getattr(datamodule, "hparams", {}), "get", lambda *_: None)("batch_size")
         if batch_size is not None and batch_size % self.hparams.mini_batch_size:
@@ -304,9 +334,16 @@ class PPOModule(LightningModule):
             gold_function=self.gold_function,
             moments=self.score_moments,
             micro_batch_size=self.hparams.micro_batch_size,
+            generation_batch_size=self.hparams.generation_batch_size,
             timings=timings,
         )
         self._timings = timings
+        mask = rollout.response_mask.float()
+        # Logged as they came out of GAE: after AdvantageNormalization the post-hook values are always 0 / 1.
+        self._raw_advantage_stats = {
+            "rollout/advantage_raw_mean": masked_mean(rollout.advantages, mask, all_reduce=True),
+            "rollout/advantage_raw_std": masked_var(rollout.advantages, mask, all_reduce=True).sqrt(),
+        }
         call_rollout_hooks(self.trainer, self, rollout)
         return rollout
 
@@ -317,7 +354,8 @@ class PPOModule(LightningModule):
             raise ValueError(
                 f"the rollout batch ({n} prompts) is not divisible by "
                 f"mini_batch_size={self.hparams.mini_batch_size};"
-                " make the prompt loader's batch_size a multiple of it (and drop the last partial batch)"
+                " make the prompt loader's batch_size a multiple of it (PromptDataModule drops the last,"
+                " short batch unless drop_last=false)"
             )
         if self._first_step_pending:
             self._check_reference_matches(rollout)
@@ -326,7 +364,11 @@ class PPOModule(LightningModule):
         self._timings["update"] = time.perf_counter() - start
         mask = rollout.response_mask.float()
         kl_per_sequence = sequence_kl(rollout.kl, mask)
-        self.kl_controller.update(float(kl_per_sequence.mean()), n)
+        # Every rank feeds the controller the KL of the *whole* rollout batch, so all ranks keep one value.
+        totals = self.trainer.strategy.reduce(
+            torch.stack([kl_per_sequence.sum(), kl_per_sequence.new_tensor(float(n))]), reduce_op="sum"
+        )
+        self.kl_controller.update(float(totals[0] / totals[1]), int(totals[1]))
         self._log_rollout(rollout, kl_per_sequence, stats)
 
     def _update(self, rollout: Rollout) -> dict[str, Tensor]:
@@ -340,10 +382,13 @@ class PPOModule(LightningModule):
             for start in range(0, n, mini):
                 optimizer.zero_grad()
                 approx_kls = []
+                # Each micro-batch's token-mean loss is weighted by its share of the mini-batch's tokens, so
+                # the step minimises the token-mean over the whole mini-batch whatever micro_batch_size is.
+                mini_tokens = rollout.response_mask[order[start : start + mini]].sum().clamp(min=1)
                 for micro_start in range(start, start + mini, micro):
                     mb = rollout.minibatch(order[micro_start : micro_start + micro])
                     loss, metrics = self._micro_loss(mb, rollout.prompt_ids.shape[1])
-                    self.manual_backward(loss * (micro / mini))
+                    self.manual_backward(loss * (mb["response_mask"].sum() / mini_tokens))
                     approx_kls.append(metrics["ppo/approx_kl"])
                     for key, value in metrics.items():
                         totals.setdefault(key, []).append(value)
@@ -352,9 +397,12 @@ class PPOModule(LightningModule):
                         optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm"
                     )
                 optimizer.step()
-                if hp.early_stop_kl is not None and float(torch.stack(approx_kls).mean()) > hp.early_stop_kl:
-                    stopped = 1.0
-                    break
+                if hp.early_stop_kl is not None:
+                    # Decided on the mean over ranks: every rank stops at the same step (DDP stays in step).
+                    approx_kl = self.trainer.strategy.reduce(torch.stack(approx_kls).mean(), reduce_op="mean")
+                    if float(approx_kl) > hp.early_stop_kl:
+                        stopped = 1.0
+                        break
             if stopped:
                 break
         out = {key: torch.stack(values).mean() for key, values in totals.items()}
@@ -365,7 +413,12 @@ class PPOModule(LightningModule):
         hp = self.hparams
         mask = mb["response_mask"].float()
         logprobs, entropy = response_token_logprobs(
-            self.policy, mb["input_ids"], mb["attention_mask"], prompt_len, entropy=True
+            self.policy,
+            mb["input_ids"],
+            mb["attention_mask"],
+            prompt_len,
+            entropy=True,
+            temperature=self.sampling.temperature,
         )
         if self._first_step_pending:
             self._check_first_ratio(logprobs, mb["logprobs"], mask)
@@ -403,6 +456,7 @@ class PPOModule(LightningModule):
             reward_function=self.reward_function,
             gold_function=self.gold_function,
             micro_batch_size=self.hparams.micro_batch_size,
+            generation_batch_size=self.hparams.generation_batch_size,
         )
         metrics = {
             "val/score": samples.raw_scores.mean(),
@@ -466,6 +520,7 @@ class PPOModule(LightningModule):
             "rollout/value_mean": masked_mean(rollout.values, mask),
             "ppo/explained_variance": explained_variance(rollout.values, rollout.returns, mask),
             **{f"time/{k}": v for k, v in self._timings.items()},
+            **self._raw_advantage_stats,
             **stats,
         }
         if rollout.rm_scores is not None:

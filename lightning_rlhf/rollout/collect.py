@@ -86,9 +86,12 @@ def sample_and_score(
     reward_function: RewardFunction | None = None,
     gold_function: RewardFunction | None = None,
     micro_batch_size: int = 8,
+    generation_batch_size: int = 64,
     timings: dict[str, float] | None = None,
 ) -> ScoredSamples:
     """Sample one response per (left-padded) prompt and score it: reward model + reward function.
+
+    Generation runs ``generation_batch_size`` prompts at a time, scoring ``micro_batch_size`` sequences.
 
     ``timings`` (if given) receives the seconds spent in ``generation`` and ``scoring``.
     """
@@ -104,7 +107,7 @@ def sample_and_score(
         generate_responses(
             policy, prompt_ids[s], prompt_mask[s], sampling, eos_token_id=eos, pad_token_id=pad
         )
-        for s in _chunks(n, max(micro_batch_size, 1) * 4)  # generation is cheap on memory: bigger chunks
+        for s in _chunks(n, generation_batch_size)
     ]
     width = max(ids.shape[1] for ids, _ in pieces)
     response_ids = torch.cat([F.pad(ids, (0, width - ids.shape[1]), value=pad) for ids, _ in pieces])
@@ -159,6 +162,7 @@ def collect_rollout(
     gold_function: RewardFunction | None = None,
     moments: RunningMoments | None = None,
     micro_batch_size: int = 8,
+    generation_batch_size: int = 64,
     timings: dict[str, float] | None = None,
 ) -> Rollout:
     """Sample responses to the prompts and compute everything the PPO update needs.
@@ -178,6 +182,7 @@ def collect_rollout(
         reward_function=reward_function,
         gold_function=gold_function,
         micro_batch_size=micro_batch_size,
+        generation_batch_size=generation_batch_size,
         timings=timings,
     )
     n, prompt_len = prompt_ids.shape
@@ -196,11 +201,11 @@ def collect_rollout(
     policy.eval()  # the old log-probs describe the distribution that sampled (no dropout)
     critic.eval()
     for s in _chunks(n, micro_batch_size):
-        logprobs.append(response_token_logprobs(policy, input_ids[s], attention_mask[s], prompt_len)[0])
-        ref_logprobs.append(
-            response_token_logprobs(reference, input_ids[s], attention_mask[s], prompt_len)[0]
-        )
-        values.append(response_values(critic, input_ids[s], attention_mask[s], prompt_len))
+        # Both at the sampling temperature: the ratio and the KL then compare the distribution sampled from.
+        args = (input_ids[s], attention_mask[s], prompt_len)
+        logprobs.append(response_token_logprobs(policy, *args, temperature=sampling.temperature)[0])
+        ref_logprobs.append(response_token_logprobs(reference, *args, temperature=sampling.temperature)[0])
+        values.append(response_values(critic, *args))
     logprobs, ref_logprobs, values = torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
     for model, training in modes.items():
         model.train(training)

@@ -50,11 +50,16 @@ class RunningMoments:
         self.mean, self.var, self.count = 0.0, 1.0, 0
 
     def update(self, values: Tensor) -> None:
+        """Fold in ``values``; under torch.distributed, the values of every rank (so all ranks agree)."""
         values = values.detach().double().flatten()
-        n = values.numel()
+        stats = torch.stack([values.new_tensor(float(values.numel())), values.sum(), (values**2).sum()])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(stats)
+        n = int(stats[0])
         if n == 0:
             return
-        batch_mean, batch_var = float(values.mean()), float(values.var(unbiased=False))
+        batch_mean = float(stats[1]) / n
+        batch_var = max(float(stats[2]) / n - batch_mean**2, 0.0)
         total = self.count + n
         delta = batch_mean - self.mean
         m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
