@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Frozen reference and reward models are in eval mode on purpose.
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
     warnings.filterwarnings("ignore", message=".*val_dataloader.*validation_step.*")
+    warnings.filterwarnings("ignore", message=".*Total length of .* across ranks is zero.*")
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
 
     out = Path(args.out)

@@ -30,6 +30,22 @@ _METRICS = (
 )
 
 
+def dpo_metrics(
+    out: DPOLossOutput, chosen: Tensor, rejected: Tensor, chosen_per_token: Tensor, rejected_per_token: Tensor
+) -> dict[str, Tensor]:
+    """The DPO metrics under TRL's names, from the loss output and the policy's log-probs [B]."""
+    return {
+        "rewards/chosen": out.chosen_rewards.mean(),
+        "rewards/rejected": out.rejected_rewards.mean(),
+        "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().mean(),
+        "rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean(),
+        "logps/chosen": chosen.detach().mean(),
+        "logps/rejected": rejected.detach().mean(),
+        "logps_per_token/chosen": chosen_per_token.detach().mean(),
+        "logps_per_token/rejected": rejected_per_token.detach().mean(),
+    }
+
+
 class DPOModule(HFModelModule):
     """DPO (Rafailov et al. 2023) with a frozen reference, or reference-free, on preference batches.
 
@@ -165,14 +181,7 @@ class DPOModule(HFModelModule):
         out = self.loss(chosen, rejected, ref_chosen, ref_rejected, chosen_nll=-chosen_per_token)
         metrics = {
             "loss": out.loss.detach(),
-            "rewards/chosen": out.chosen_rewards.mean(),
-            "rewards/rejected": out.rejected_rewards.mean(),
-            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().mean(),
-            "rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean(),
-            "logps/chosen": chosen.detach().mean(),
-            "logps/rejected": rejected.detach().mean(),
-            "logps_per_token/chosen": chosen_per_token.detach().mean(),
-            "logps_per_token/rejected": rejected_per_token.detach().mean(),
+            **dpo_metrics(out, chosen, rejected, chosen_per_token, rejected_per_token),
         }
         return out, metrics
 

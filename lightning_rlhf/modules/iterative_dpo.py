@@ -27,6 +27,7 @@ from lightning_rlhf.models import (
     sequence_scores,
 )
 from lightning_rlhf.modules.base import HFModelModule
+from lightning_rlhf.modules.dpo import dpo_metrics
 from lightning_rlhf.rollout.collect import call_reward_function
 from lightning_rlhf.rollout.generation import SamplingConfig, decode_responses, generate_responses
 from lightning_rlhf.rollout.pairs import Samples, build_pair_batch, select_pairs, take_pairs
@@ -48,7 +49,6 @@ _DPO_METRICS = (
 
 def _slices(n: int, size: int) -> list[slice]:
     return [slice(start, start + size) for start in range(0, n, size)]
-
 
 
 class IterativeDPOModule(HFModelModule):
@@ -293,14 +293,7 @@ class IterativeDPOModule(HFModelModule):
         out = self.loss(chosen, rejected, *refs, chosen_nll=-chosen_per_token)
         metrics = {
             "train/loss": out.loss.detach(),
-            "rewards/chosen": out.chosen_rewards.mean(),
-            "rewards/rejected": out.rejected_rewards.mean(),
-            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().mean(),
-            "rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean(),
-            "logps/chosen": chosen.detach().mean(),
-            "logps/rejected": rejected.detach().mean(),
-            "logps_per_token/chosen": chosen_per_token.detach().mean(),
-            "logps_per_token/rejected": rejected_per_token.detach().mean(),
+            **dpo_metrics(out, chosen, rejected, chosen_per_token, rejected_per_token),
         }
         return out.loss, metrics
 
