@@ -213,3 +213,21 @@ def test_missing_model_folder_says_what_to_do(tmp_path):
         SFTDataModule("runs/nowhere/sft_policy", str(tmp_path / "x.jsonl")).setup("fit")
     with pytest.raises(FileNotFoundError, match="model folder not found"):
         DPOModule("runs/nowhere/sft_policy").configure_model()
+
+
+def test_a_fixed_reference_is_left_out_of_checkpoints_and_restored_from_disk(testbed, tmp_path):
+    """Half-size checkpoints: a frozen reference is not saved; resuming reloads it with the same weights."""
+    module = DPOModule(str(testbed / "init_policy"), learning_rate=1e-3, diagnostic_batches=0)
+    trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(module, pairs(testbed))
+    (checkpoint,) = tmp_path.rglob("*.ckpt")
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    assert any(k.startswith("policy.") for k in state) and not any(k.startswith("reference.") for k in state)
+    resumed = DPOModule(str(testbed / "init_policy"), learning_rate=1e-3, diagnostic_batches=0)
+    trainer(tmp_path / "resume", max_steps=3, limit_val_batches=0).fit(
+        resumed, pairs(testbed), ckpt_path=checkpoint
+    )
+    initial = load_causal_lm(str(testbed / "init_policy")).state_dict()
+    for name, value in resumed.reference.state_dict().items():
+        torch.testing.assert_close(value, initial[name], msg=name)
+    loaded = DPOModule.load_from_checkpoint(checkpoint, weights_only=True)  # export path
+    torch.testing.assert_close(loaded.reference.lm_head.weight, initial["lm_head.weight"])

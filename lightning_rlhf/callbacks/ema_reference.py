@@ -101,6 +101,7 @@ class EMAReferenceUpdate(Callback):
                 "EMAReferenceUpdate does not support DeepSpeed ZeRO-3 yet; use ZeRO stage 2 or DDP"
             )
         self._models(pl_module)
+        pl_module.reference_in_checkpoint = True  # the reference now changes: checkpoints must carry it
 
     @override
     def on_train_batch_end(

@@ -46,6 +46,31 @@ def zero_stage(trainer) -> int | None:
     return None
 
 
+_REFERENCE_DROPPED = "lightning_rlhf_reference_dropped"
+
+
+def drop_frozen_reference(module: LightningModule, checkpoint: dict) -> None:
+    """Leave a fixed reference model out of a checkpoint (it would double its size) and mark that we did.
+
+    Modules whose reference changes during training set ``reference_in_checkpoint = True`` (the
+    ``EMAReferenceUpdate`` callback and DPO-Iter's refresh do), and then it is saved like any weight.
+    """
+    if getattr(module, "reference", None) is None or getattr(module, "reference_in_checkpoint", False):
+        return
+    state = checkpoint.get("state_dict", {})
+    for key in [k for k in state if k.startswith("reference.")]:
+        del state[key]
+    checkpoint[_REFERENCE_DROPPED] = True
+
+
+def restore_frozen_reference(module: LightningModule, checkpoint: dict) -> None:
+    """Refill a dropped reference from the freshly loaded one (same weights: it was fixed) before loading."""
+    if checkpoint.get(_REFERENCE_DROPPED) and getattr(module, "reference", None) is not None:
+        state = checkpoint["state_dict"]
+        for key, value in module.reference.state_dict().items():
+            state.setdefault(f"reference.{key}", value)
+
+
 def adamw_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay only matrices: decaying biases and norm gains pulls them to 0 for no regularising gain."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -80,6 +105,10 @@ class HFModelModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Lets `lightning-rlhf export --checkpoint X.ckpt` rebuild the right module from the file alone.
         checkpoint[MODULE_CLASS_KEY] = module_class_path(self)
+        drop_frozen_reference(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        restore_frozen_reference(self, checkpoint)
 
     def tokenizer_for_export(self) -> PreTrainedTokenizerBase:
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None

@@ -160,6 +160,8 @@ class IterativeDPOModule(HFModelModule):
         except ValueError as err:
             raise ValueError(f"{owner}: {err}") from err
         self.save_hyperparameters(ignore=["loss", "reward_function", "gold_function"])
+        # A refreshed reference changes every iteration: checkpoints must carry it (a fixed one is reloaded).
+        self.reference_in_checkpoint = refresh_reference
         self.reward_function = reward_function
         self.gold_function = gold_function
         self.policy: PreTrainedModel | None = None

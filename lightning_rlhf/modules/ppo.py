@@ -22,7 +22,12 @@ from lightning_rlhf.models import (
     response_token_logprobs,
     response_values,
 )
-from lightning_rlhf.modules.base import adamw_param_groups, zero_stage
+from lightning_rlhf.modules.base import (
+    adamw_param_groups,
+    drop_frozen_reference,
+    restore_frozen_reference,
+    zero_stage,
+)
 from lightning_rlhf.ops import masked_mean, masked_var
 from lightning_rlhf.rollout.collect import (
     ShapingConfig,
@@ -282,12 +287,14 @@ class PPOModule(LightningModule):
     # ------------------------------------------------------------------ checkpoint state
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[MODULE_CLASS_KEY] = module_class_path(self)
+        drop_frozen_reference(self, checkpoint)
         checkpoint["ppo_state"] = {
             "kl_controller": self.kl_controller.state_dict(),
             "score_moments": self.score_moments.state_dict(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        restore_frozen_reference(self, checkpoint)
         state = checkpoint.get("ppo_state")
         if state is not None:
             self.kl_controller.load_state_dict(state["kl_controller"])
