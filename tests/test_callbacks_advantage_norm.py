@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from lightning_rlhf.callbacks import AdvantageNormalization
 from lightning_rlhf.rollout.types import Rollout
+from tests.gloo import run_on_two_gloo_ranks
 
 
 def make_rollout(advantages: torch.Tensor, mask: torch.Tensor) -> Rollout:
@@ -109,20 +108,7 @@ def _worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
 
 
 def test_two_gloo_ranks_equal_one_process_on_the_concatenated_batch(tmp_path: Path) -> None:
-    processes = mp.start_processes(
-        _worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + 120
-    try:
-        # join() raises with the child's traceback if a rank fails; the deadline stops a hung rendezvous.
-        while not processes.join(timeout=1):
-            assert time.monotonic() < deadline, "gloo ranks did not finish within 120 s"
-    finally:
-        for process in processes.processes:
-            if process.is_alive():
-                process.kill()
-                process.join(5)
-    assert [p.exitcode for p in processes.processes] == [0, 0]
+    run_on_two_gloo_ranks(_worker, tmp_path)
 
     advantages, mask = _batch()
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]

@@ -7,18 +7,11 @@ from lightning_rlhf.data.collate import PreferenceCollator
 from lightning_rlhf.data.formats import RowError, split_implicit
 from lightning_rlhf.data.sampling import LengthGroupedSampler
 from lightning_rlhf.data.tokenize import encode_pair
-from lightning_rlhf.testbed.files import tokenizer_corpus
 from lightning_rlhf.testbed.task import TaskConfig, WordTask
-from lightning_rlhf.testbed.tokenizer import train_tokenizer
 
 WORDS = WordTask(TaskConfig(seed=0)).words  # each " word" is exactly one token of the testbed tokenizer
 HH_CHOSEN = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant: I am fine."
 HH_REJECTED = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant: I am bad."
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer(tokenizer_corpus(WordTask(TaskConfig(seed=0))))
 
 
 def ids(tokenizer, text):

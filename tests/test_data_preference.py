@@ -17,18 +17,6 @@ HH_CHOSEN = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssista
 HH_REJECTED = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant: I am bad."
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer(tokenizer_corpus(WordTask(TaskConfig(seed=0))))
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tok")
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def ids(tokenizer, text):
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 

@@ -8,23 +8,9 @@ import torch
 from lightning_rlhf.data.collate import PromptCollator, pad_left
 from lightning_rlhf.data.loading import DataError
 from lightning_rlhf.data.prompts import PromptDataModule
-from lightning_rlhf.testbed.files import tokenizer_corpus
 from lightning_rlhf.testbed.task import TaskConfig, WordTask
-from lightning_rlhf.testbed.tokenizer import train_tokenizer
 
 WORDS = WordTask(TaskConfig(seed=0)).words  # each " word" is exactly one token of the testbed tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer(tokenizer_corpus(WordTask(TaskConfig(seed=0))))
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tok")
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def ids(tokenizer, text):

@@ -9,15 +9,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from lightning_rlhf import DPOModule, IPOLoss, RewardModule, SigmoidDPOLoss
 from lightning_rlhf.losses import BradleyTerryLoss
 from lightning_rlhf.models import last_token_index
-from lightning_rlhf.testbed.files import tokenizer_corpus
 from lightning_rlhf.testbed.models import build_causal_lm
-from lightning_rlhf.testbed.task import TaskConfig, WordTask
-from lightning_rlhf.testbed.tokenizer import train_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer(tokenizer_corpus(WordTask(TaskConfig(seed=0))))
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,11 @@ references written as explicit Python loops."""
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -31,6 +29,7 @@ from lightning_rlhf.ops import (
     sequence_logprobs,
     token_logprobs,
 )
+from tests.gloo import run_on_two_gloo_ranks
 
 LOW_PRECISION = [torch.bfloat16, torch.float16]
 ALL_FLOATS = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -586,24 +585,7 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, out_dir: str
 
 
 def test_all_reduce_on_two_gloo_ranks_equals_single_process(tmp_path: Path) -> None:
-    processes = mp.start_processes(
-        _distributed_worker,
-        args=(2, str(tmp_path / "init"), str(tmp_path)),
-        nprocs=2,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + 120
-    try:
-        # join() raises with the child's traceback if a rank fails; the deadline stops a hung rendezvous.
-        while not processes.join(timeout=1):
-            assert time.monotonic() < deadline, "gloo ranks did not finish within 120 s"
-    finally:
-        for process in processes.processes:
-            if process.is_alive():
-                process.kill()
-                process.join(5)
-    assert [p.exitcode for p in processes.processes] == [0, 0]
+    run_on_two_gloo_ranks(_distributed_worker, tmp_path)
 
     values, mask = _split_batch()
     whole = _stats(values, mask, all_reduce=False)
