@@ -37,6 +37,17 @@ def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     raise ValueError("the tokenizer has neither a pad_token nor an eos_token; set one (e.g. eos_token)")
 
 
+def check_length_args(owner: str, max_length: int, max_prompt_length: int | None) -> None:
+    """``max_length`` >= 2 and, if set, ``1 <= max_prompt_length < max_length`` (responses need room)."""
+    if max_length < 2:
+        raise ValueError(f"{owner}: max_length must be >= 2 (got {max_length})")
+    if max_prompt_length is not None and not 0 < max_prompt_length < max_length:
+        raise ValueError(
+            f"{owner}: max_prompt_length must be in [1, max_length) (got {max_prompt_length} with "
+            f"max_length {max_length}); responses need room"
+        )
+
+
 class TableDataModule(LightningDataModule):
     """Base class: train/val tables -> lists of encoded rows in ``self.datasets``, counts in ``self.stats``.
 

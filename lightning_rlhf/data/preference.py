@@ -9,7 +9,7 @@ import struct
 import datasets
 from torch.utils.data import DataLoader
 
-from lightning_rlhf.data.base import OnBadRow, TableDataModule, pad_id
+from lightning_rlhf.data.base import OnBadRow, TableDataModule, check_length_args, pad_id
 from lightning_rlhf.data.collate import PreferenceCollator
 from lightning_rlhf.data.formats import PairFormat, PairReader, RowError, decide_format
 from lightning_rlhf.data.loading import DataError, check_columns
@@ -85,13 +85,7 @@ class PreferenceDataModule(TableDataModule):
         """
         super().__init__()
         owner = "PreferenceDataModule"
-        if max_length < 2:
-            raise ValueError(f"{owner}: max_length must be >= 2 (got {max_length})")
-        if max_prompt_length is not None and not 0 < max_prompt_length < max_length:
-            raise ValueError(
-                f"{owner}: max_prompt_length must be in [1, max_length) (got {max_prompt_length} with "
-                f"max_length {max_length}); responses need room"
-            )
+        check_length_args(owner, max_length, max_prompt_length)
         if format not in ("auto", "standard", "conversational", "implicit"):
             raise ValueError(
                 f"{owner}: format must be auto, standard, conversational or implicit (got {format!r})"

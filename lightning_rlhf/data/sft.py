@@ -6,7 +6,7 @@ from typing import Literal
 
 import datasets
 
-from lightning_rlhf.data.base import OnBadRow, TableDataModule, pad_id
+from lightning_rlhf.data.base import OnBadRow, TableDataModule, check_length_args, pad_id
 from lightning_rlhf.data.collate import SFTCollator
 from lightning_rlhf.data.formats import check_chat_template, read_sft_messages, text_field
 from lightning_rlhf.data.loading import check_columns
@@ -75,13 +75,7 @@ class SFTDataModule(TableDataModule):
         """
         super().__init__()
         owner = "SFTDataModule"
-        if max_length < 2:
-            raise ValueError(f"{owner}: max_length must be >= 2 (got {max_length})")
-        if max_prompt_length is not None and not 0 < max_prompt_length < max_length:
-            raise ValueError(
-                f"{owner}: max_prompt_length must be in [1, max_length) (got {max_prompt_length} with "
-                f"max_length {max_length}); completions need room"
-            )
+        check_length_args(owner, max_length, max_prompt_length)
         if format not in ("auto", "prompt_completion", "messages"):
             raise ValueError(f"{owner}: format must be auto, prompt_completion or messages (got {format!r})")
         self.save_hyperparameters()
