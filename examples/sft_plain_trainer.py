@@ -1,6 +1,6 @@
 """Use lightning_rlhf inside your own Lightning script, no CLI: SFT of the testbed policy.
 
-    python examples/sft_plain_trainer.py --out runs/example
+python examples/sft_plain_trainer.py --out runs/example
 """
 
 import argparse

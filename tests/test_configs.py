@@ -224,3 +224,22 @@ def test_every_public_argument_has_a_one_line_doc():
         docs = {**parse_docs(cls, None, None), **parse_docs(cls.__init__, None, None)} if params else {}
         undocumented += [f"{cls.__name__}.{p}" for p in params if not docs.get(p)]
     assert undocumented == []
+
+
+@pytest.mark.parametrize(
+    ("script", "args"),
+    [("sft_plain_trainer.py", []), ("ppo_plain_trainer.py", ["--model-size", "nano", "--max-steps", "8"])],
+)
+def test_examples_run(script, args, tmp_path):
+    """The example scripts a user copies from still run (shortened where they take an option for it)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "examples" / script), "--out", str(tmp_path / "run"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "gold_reward" in result.stdout
