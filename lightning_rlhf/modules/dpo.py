@@ -17,8 +17,8 @@ from lightning_rlhf.modules.reference_cache import ReferenceLogps, precompute_re
 
 log = logging.getLogger(__name__)
 
-_METRICS = (
-    "loss",
+# The names dpo_metrics() returns (TRL's), in logging order.
+DPO_METRIC_NAMES = (
     "rewards/chosen",
     "rewards/rejected",
     "rewards/accuracies",
@@ -28,6 +28,7 @@ _METRICS = (
     "logps_per_token/chosen",
     "logps_per_token/rejected",
 )
+_METRICS = ("loss", *DPO_METRIC_NAMES)
 
 
 def dpo_metrics(

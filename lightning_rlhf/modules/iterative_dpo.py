@@ -27,24 +27,14 @@ from lightning_rlhf.models import (
     sequence_scores,
 )
 from lightning_rlhf.modules.base import HFModelModule
-from lightning_rlhf.modules.dpo import dpo_metrics
+from lightning_rlhf.modules.dpo import DPO_METRIC_NAMES, dpo_metrics
 from lightning_rlhf.rollout.collect import call_reward_function
 from lightning_rlhf.rollout.generation import SamplingConfig, decode_responses, generate_responses
 from lightning_rlhf.rollout.pairs import Samples, build_pair_batch, select_pairs, take_pairs
 
 RewardFn = Callable[[list[str], list[str]], Any]
 
-_DPO_METRICS = (
-    "train/loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-    "logps_per_token/chosen",
-    "logps_per_token/rejected",
-)
+_DPO_METRICS = ("train/loss", *DPO_METRIC_NAMES)
 
 
 def _slices(n: int, size: int) -> list[slice]:
