@@ -7,11 +7,9 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-from lightning import LightningModule
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from lightning_rlhf.export import MODULE_CLASS_KEY, module_class_path
 from lightning_rlhf.losses import entropy_bonus, ppo_policy_loss, ppo_value_loss
 from lightning_rlhf.models import (
     disable_dropout,
@@ -22,12 +20,7 @@ from lightning_rlhf.models import (
     response_token_logprobs,
     response_values,
 )
-from lightning_rlhf.modules.base import (
-    adamw_param_groups,
-    drop_frozen_reference,
-    restore_frozen_reference,
-    zero_stage,
-)
+from lightning_rlhf.modules.base import HFModelModule, adamw_param_groups, zero_stage
 from lightning_rlhf.ops import masked_mean, masked_var
 from lightning_rlhf.rollout.collect import (
     ShapingConfig,
@@ -52,7 +45,7 @@ class FirstStepCheckError(RuntimeError):
     """The first PPO update found policy, sampler and reference inconsistent (see the message)."""
 
 
-class PPOModule(LightningModule):
+class PPOModule(HFModelModule):
     """PPO with a critic and a KL penalty to a frozen reference (Ouyang et al. 2022; Xu et al. 2024).
 
     Each training batch is a *rollout batch* of prompts (from :class:`~lightning_rlhf.PromptDataModule`).
@@ -148,7 +141,7 @@ class PPOModule(LightningModule):
             first_step_tolerance: Largest |log-ratio| the first-step check accepts.
             trust_remote_code: Allow model code shipped with checkpoints to run (off for safety).
         """
-        super().__init__()
+        super().__init__(learning_rate, weight_decay)  # checks both, names them
         self.automatic_optimization = False
         positive = {
             "max_new_tokens": max_new_tokens,
@@ -157,7 +150,6 @@ class PPOModule(LightningModule):
             "micro_batch_size": micro_batch_size,
             "generation_batch_size": generation_batch_size,
             "clip_range": clip_range,
-            "learning_rate": learning_rate,
             "critic_learning_rate": critic_learning_rate,
             "first_step_tolerance": first_step_tolerance,
             "kl_horizon": kl_horizon,
@@ -169,7 +161,6 @@ class PPOModule(LightningModule):
             "kl_coef": kl_coef,
             "entropy_coef": entropy_coef,
             "value_loss_coef": value_loss_coef,
-            "weight_decay": weight_decay,
         }
         for name, value in non_negative.items():
             if not value >= 0:
@@ -276,25 +267,16 @@ class PPOModule(LightningModule):
     def trained_model(self) -> PreTrainedModel:
         return self.policy
 
-    def save_pretrained(self, path):
-        from pathlib import Path
-
-        path = Path(path)
-        self.policy.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-        return path
-
     # ------------------------------------------------------------------ checkpoint state
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[MODULE_CLASS_KEY] = module_class_path(self)
-        drop_frozen_reference(self, checkpoint)
+        super().on_save_checkpoint(checkpoint)
         checkpoint["ppo_state"] = {
             "kl_controller": self.kl_controller.state_dict(),
             "score_moments": self.score_moments.state_dict(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        restore_frozen_reference(self, checkpoint)
+        super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("ppo_state")
         if state is not None:
             self.kl_controller.load_state_dict(state["kl_controller"])
