@@ -430,3 +430,12 @@ def test_gold_reward_rises_on_held_out_prompts(testbed, tokenizer):
     assert len(rows) == 12
     assert after["gold_reward"] > before["gold_reward"] + 0.25, (before, after)
     assert rows[-1]["iteration/score_mean"] > rows[0]["iteration/score_mean"]
+
+
+def test_the_configured_loss_is_recorded_for_checkpoints():
+    """Like DPOModule: hparams hold the loss spec, so load_from_checkpoint rebuilds IPO, not the default."""
+    from lightning_rlhf import IPOLoss
+
+    module = IterativeDPOModule("m", reward_function=len, loss=IPOLoss(beta=0.5))
+    rebuilt = IterativeDPOModule(**{**module.hparams, "reward_function": len})
+    assert isinstance(rebuilt.loss, IPOLoss) and rebuilt.loss.beta == 0.5

@@ -98,6 +98,15 @@ class HFModelModule(LightningModule):
         """The model this stage trains and exports (the policy, or the reward model)."""
         raise NotImplementedError
 
+    def _use_loss(self, loss: object | None, default: object) -> object:
+        """The loss object to use (built from a recorded spec when loading), recorded in the hparams.
+
+        Call after ``save_hyperparameters(ignore=["loss", ...])``: a checkpoint must rebuild this exact loss.
+        """
+        built = build_object(loss) if loss is not None else default
+        self.hparams["loss"] = object_spec(built)
+        return built
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         groups = adamw_param_groups(self.trained_model(), self.hparams.weight_decay)
         return torch.optim.AdamW(groups, lr=self.hparams.learning_rate)

@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 
 from lightning_rlhf.losses import DPOLoss, DPOLossOutput, SigmoidDPOLoss
 from lightning_rlhf.models import disable_dropout, freeze, load_causal_lm, response_logps
-from lightning_rlhf.modules.base import HFModelModule, build_object, object_spec
+from lightning_rlhf.modules.base import HFModelModule
 from lightning_rlhf.modules.reference_cache import ReferenceLogps, precompute_reference_logps
 
 log = logging.getLogger(__name__)
@@ -96,8 +96,7 @@ class DPOModule(HFModelModule):
         if diagnostic_batches < 0:
             raise ValueError(f"DPOModule: diagnostic_batches must be >= 0 (got {diagnostic_batches})")
         self.save_hyperparameters(ignore=["loss"])
-        self.loss = build_object(loss) if loss is not None else SigmoidDPOLoss()
-        self.hparams["loss"] = object_spec(self.loss)  # a checkpoint must rebuild this exact loss
+        self.loss = self._use_loss(loss, SigmoidDPOLoss())
         if self.loss.reference_free and (reference_model is not None or precompute_reference):
             raise ValueError(
                 "DPOModule: the loss is reference_free; leave reference_model and precompute_reference unset"

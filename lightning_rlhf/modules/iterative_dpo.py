@@ -139,17 +139,17 @@ class IterativeDPOModule(HFModelModule):
             raise ValueError(f"{owner}: max_grad_norm must be > 0 or null (got {max_grad_norm})")
         if missing_eos_penalty is not None and not missing_eos_penalty >= 0:
             raise ValueError(f"{owner}: missing_eos_penalty must be >= 0 or null (got {missing_eos_penalty})")
-        self.loss = loss if loss is not None else SigmoidDPOLoss()
-        if reference_model is not None and (refresh_reference or self.loss.reference_free):
-            raise ValueError(
-                f"{owner}: reference_model is only used with refresh_reference=false and a loss that is not "
-                "reference_free; unset it (the reference then starts as the policy's own weights)"
-            )
         try:
             self.sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p)
         except ValueError as err:
             raise ValueError(f"{owner}: {err}") from err
         self.save_hyperparameters(ignore=["loss", "reward_function", "gold_function"])
+        self.loss = self._use_loss(loss, SigmoidDPOLoss())
+        if reference_model is not None and (refresh_reference or self.loss.reference_free):
+            raise ValueError(
+                f"{owner}: reference_model is only used with refresh_reference=false and a loss that is not "
+                "reference_free; unset it (the reference then starts as the policy's own weights)"
+            )
         # A refreshed reference changes every iteration: checkpoints must carry it (a fixed one is reloaded).
         self.reference_in_checkpoint = refresh_reference
         self.reward_function = reward_function

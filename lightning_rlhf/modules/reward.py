@@ -10,7 +10,7 @@ from transformers import PreTrainedModel
 
 from lightning_rlhf.losses import BradleyTerryLoss
 from lightning_rlhf.models import load_reward_model, sequence_scores
-from lightning_rlhf.modules.base import HFModelModule, build_object, object_spec
+from lightning_rlhf.modules.base import HFModelModule
 
 
 class RewardModule(HFModelModule):
@@ -39,8 +39,7 @@ class RewardModule(HFModelModule):
         """
         super().__init__(learning_rate, weight_decay)
         self.save_hyperparameters(ignore=["loss"])
-        self.loss = build_object(loss) if loss is not None else BradleyTerryLoss()
-        self.hparams["loss"] = object_spec(self.loss)  # a checkpoint must rebuild this exact loss
+        self.loss = self._use_loss(loss, BradleyTerryLoss())
         self.reward_model: PreTrainedModel | None = None
         self.val_accuracy, self.val_margin, self.val_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_rewards = CatMetric()
