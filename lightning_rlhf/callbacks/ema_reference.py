@@ -10,7 +10,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_rlhf.modules.base import zero_stage
+from lightning_rlhf.zero import gathered_tensors
 
 
 class EMAReferenceUpdate(Callback):
@@ -95,11 +95,6 @@ class EMAReferenceUpdate(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if zero_stage(trainer) == 3:
-            # Partitioned parameters: lerp_ on their empty .data placeholders would silently do nothing.
-            raise NotImplementedError(
-                "EMAReferenceUpdate does not support DeepSpeed ZeRO-3 yet; use ZeRO stage 2 or DDP"
-            )
         self._models(pl_module)
         pl_module.reference_in_checkpoint = True  # the reference now changes: checkpoints must carry it
 
@@ -119,19 +114,19 @@ class EMAReferenceUpdate(Callback):
     def _update_parameters(self, reference: nn.Module, policy: nn.Module) -> None:
         """One EMA step, parameter by parameter, matched by name.
 
-        Under DeepSpeed ZeRO-3 the parameters here are partitioned placeholders; wrap this loop in
-        ``deepspeed.zero.GatheredParameters(list(reference.parameters()) + list(policy.parameters()),
-        modifier_rank=0)`` (or lerp the matching local shards ``param.ds_tensor``, which ZeRO partitions
-        identically for two models of the same architecture) so it sees and writes the full tensors.
+        Under DeepSpeed ZeRO-3 each pair of parameters is gathered whole for its own update (one tensor
+        pair in memory at a time), rank 0's result is written back and re-partitioned to every rank.
         """
         eta = self.decay
         sources = dict(_averaged_tensors(policy))
-        for name, target in _averaged_tensors(reference):
-            source = sources[name].to(device=target.device)
-            if target.dtype in (torch.float32, torch.float64):
-                target.lerp_(source.to(target.dtype), eta)
-            else:  # bf16/fp16: average in float32 and round once
-                target.copy_(target.float().lerp_(source.float(), eta))
+        for name, target_param in _averaged_tensors(reference):
+            with gathered_tensors([target_param, sources[name]], modifier_rank=0):
+                target = target_param.data
+                source = sources[name].data.to(device=target.device)
+                if target.dtype in (torch.float32, torch.float64):
+                    target.lerp_(source.to(target.dtype), eta)
+                else:  # bf16/fp16: average in float32 and round once
+                    target.copy_(target.float().lerp_(source.float(), eta))
 
     def _models(self, pl_module: LightningModule) -> tuple[nn.Module, nn.Module]:
         """(reference, policy) of the module, after checking the EMA can run on them."""

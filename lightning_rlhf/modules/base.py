@@ -12,6 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_rlhf.export import MODULE_CLASS_KEY, module_class_path
 from lightning_rlhf.models import load_tokenizer
+from lightning_rlhf.zero import hf_zero3_loading
 
 
 def object_spec(obj: object) -> dict:
@@ -36,14 +37,6 @@ def build_object(value: object) -> object:
         cls = getattr(importlib.import_module(module_name), class_name)
         return cls(**value.get("init_args", {}))
     return value
-
-
-def zero_stage(trainer) -> int | None:
-    """The DeepSpeed ZeRO stage the trainer runs, or None for any other strategy."""
-    config = getattr(getattr(trainer, "strategy", None), "config", None)
-    if isinstance(config, dict):
-        return config.get("zero_optimization", {}).get("stage")
-    return None
 
 
 _REFERENCE_DROPPED = "lightning_rlhf_reference_dropped"
@@ -93,6 +86,16 @@ class HFModelModule(LightningModule):
             raise ValueError(f"{type(self).__name__}: learning_rate must be > 0 (got {learning_rate})")
         if not weight_decay >= 0:
             raise ValueError(f"{type(self).__name__}: weight_decay must be >= 0 (got {weight_decay})")
+
+    def setup(self, stage: str) -> None:
+        # Runs before configure_model, which Lightning wraps in deepspeed.zero.Init under ZeRO-3; transformers
+        # must know too, so from_pretrained partitions each model as it loads instead of filling placeholders.
+        self._zero3_loading = hf_zero3_loading(self._trainer)
+
+    def teardown(self, stage: str) -> None:
+        if getattr(self, "_zero3_loading", None) is not None:
+            self._zero3_loading.close()
+            self._zero3_loading = None
 
     def trained_model(self) -> PreTrainedModel:
         """The model this stage trains and exports (the policy, or the reward model)."""

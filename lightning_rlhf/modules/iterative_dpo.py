@@ -31,6 +31,13 @@ from lightning_rlhf.modules.dpo import DPO_METRIC_NAMES, dpo_metrics
 from lightning_rlhf.rollout.collect import call_reward_function
 from lightning_rlhf.rollout.generation import SamplingConfig, decode_responses, generate_responses
 from lightning_rlhf.rollout.pairs import Samples, build_pair_batch, select_pairs, take_pairs
+from lightning_rlhf.zero import (
+    configure_for_manual_accumulation,
+    gathered_tensors,
+    start_micro_batch,
+    whole_model_for_generation,
+    zero_stage,
+)
 
 RewardFn = Callable[[list[str], list[str]], Any]
 
@@ -192,25 +199,22 @@ class IterativeDPOModule(HFModelModule):
         return self.policy
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         # Checked here, not in __init__: a checkpoint does not store the reward function (an arbitrary
         # object), and `lightning-rlhf export` must still rebuild the module from it.
         if stage == "fit" and self.hparams.reward_model is None and self.reward_function is None:
             raise ValueError("IterativeDPOModule: give a reward_model, a reward_function, or both")
-
-    def on_fit_start(self) -> None:
-        partitioned = self.reference is not None and any(
-            hasattr(p, "ds_id") for p in self.reference.parameters()
-        )
-        if self.hparams.refresh_reference and partitioned:
-            # ZeRO-3 leaves each parameter's .data an empty placeholder: copying it would silently do nothing.
-            raise NotImplementedError(
-                "IterativeDPOModule: refresh_reference=true does not support ZeRO-3 partitioned parameters "
-                "yet; use DDP or ZeRO stage 2, or refresh_reference=false"
+        if zero_stage(self._trainer) is not None:
+            configure_for_manual_accumulation(
+                self._trainer.strategy.config, self.hparams.max_grad_norm, "IterativeDPOModule"
             )
 
     @torch.no_grad()
     def refresh_reference_weights(self) -> None:
-        """Copy the policy's parameters and buffers into the reference, matched by name."""
+        """Copy the policy's parameters and buffers into the reference, matched by name.
+
+        Under ZeRO-3 each pair is gathered whole, copied on rank 0 and re-partitioned to every rank.
+        """
         for kind in ("parameters", "buffers"):
             target = dict(getattr(self.reference, f"named_{kind}")())
             for name, tensor in getattr(self.policy, f"named_{kind}")():
@@ -218,7 +222,8 @@ class IterativeDPOModule(HFModelModule):
                     raise KeyError(
                         f"the reference has no {kind[:-1]} {name!r}: it is not the policy's architecture"
                     )
-                target[name].copy_(tensor)
+                with gathered_tensors([target[name], tensor], modifier_rank=0):
+                    target[name].data.copy_(tensor.data)
 
     # ------------------------------------------------------------------ one iteration
     @torch.no_grad()
@@ -232,10 +237,11 @@ class IterativeDPOModule(HFModelModule):
         # Generation keeps no activations for backward, so it can take bigger chunks than a training forward.
         chunks = _slices(len(prompts), 8 * hp.micro_batch_size)
         tokens = {"eos_token_id": eos, "pad_token_id": pad}
-        pieces = [
-            generate_responses(self.policy, prompt_ids[c], prompt_mask[c], self.sampling, **tokens)
-            for c in chunks
-        ]
+        with whole_model_for_generation(self.trainer, self.policy):
+            pieces = [
+                generate_responses(self.policy, prompt_ids[c], prompt_mask[c], self.sampling, **tokens)
+                for c in chunks
+            ]
         width = max(ids.shape[1] for ids, _ in pieces)
         pad_to = torch.nn.functional.pad
         response_ids = torch.cat([pad_to(ids, (0, width - ids.shape[1]), value=pad) for ids, _ in pieces])
@@ -301,7 +307,9 @@ class IterativeDPOModule(HFModelModule):
             for mini in order.split(hp.mini_batch_size):
                 mini_pairs = max(int(valid[mini].sum()), 1)
                 optimizer.zero_grad()
-                for micro in mini.split(hp.micro_batch_size):
+                micros = mini.split(hp.micro_batch_size)
+                for i, micro in enumerate(micros):
+                    start_micro_batch(self.trainer, is_last=i == len(micros) - 1)
                     refs = (None, None) if ref_chosen is None else (ref_chosen[micro], ref_rejected[micro])
                     loss, metrics = self.compute_loss(take_pairs(pair_batch, micro), *refs, valid[micro])
                     count = int(valid[micro].sum())

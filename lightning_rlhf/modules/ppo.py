@@ -20,7 +20,7 @@ from lightning_rlhf.models import (
     response_token_logprobs,
     response_values,
 )
-from lightning_rlhf.modules.base import HFModelModule, adamw_param_groups, zero_stage
+from lightning_rlhf.modules.base import HFModelModule, adamw_param_groups
 from lightning_rlhf.ops import masked_mean, masked_var
 from lightning_rlhf.rollout.collect import (
     ShapingConfig,
@@ -37,6 +37,13 @@ from lightning_rlhf.rollout.shaping import (
     sequence_kl,
 )
 from lightning_rlhf.rollout.types import Rollout
+from lightning_rlhf.zero import (
+    configure_for_manual_accumulation,
+    is_partitioned,
+    start_micro_batch,
+    whole_model_for_generation,
+    zero_stage,
+)
 
 RewardFn = Callable[[list[str], list[str]], Any]
 
@@ -77,6 +84,7 @@ class PPOModule(HFModelModule):
         mini_batch_size: int = 64,
         micro_batch_size: int = 8,
         generation_batch_size: int = 64,
+        zero3_generation: Literal["gather", "synced"] = "gather",
         clip_range: float = 0.2,
         dual_clip: float | None = None,
         clip_range_value: float | None = 0.2,
@@ -117,6 +125,8 @@ class PPOModule(HFModelModule):
             mini_batch_size: Sequences per optimizer step; must divide the rollout batch size.
             micro_batch_size: Sequences per forward/backward (accumulated); must divide mini_batch_size.
             generation_batch_size: Prompts per generate call (memory knob; other values draw other samples).
+            zero3_generation: Under ZeRO-3, ``gather`` the policy's whole weights once per rollout (fast; one
+                full copy per rank) or keep them partitioned and decode with ``synced`` ranks (least memory).
             clip_range: PPO ratio clip epsilon (> 0).
             dual_clip: Dual-clip constant c > 1 bounding the loss of negative advantages (None = off).
             clip_range_value: Value clip around the rollout's values (None = unclipped value loss).
@@ -186,6 +196,10 @@ class PPOModule(HFModelModule):
         if missing_eos_penalty is not None and not missing_eos_penalty >= 0:
             raise ValueError(
                 f"PPOModule: missing_eos_penalty must be >= 0 or null (got {missing_eos_penalty!r})"
+            )
+        if zero3_generation not in ("gather", "synced"):
+            raise ValueError(
+                f"PPOModule: zero3_generation must be 'gather' or 'synced' (got {zero3_generation!r})"
             )
         if kl_estimator not in ("k1", "k2", "k3"):
             raise ValueError(f"PPOModule: kl_estimator must be k1, k2 or k3 (got {kl_estimator!r})")
@@ -284,17 +298,17 @@ class PPOModule(HFModelModule):
         self._first_step_pending = False  # a resumed run no longer has policy == reference
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         # Checked when fitting, not in __init__: a checkpoint does not store the reward function, and
         # export or evaluation from it must not demand one.
         if stage == "fit" and self.hparams.reward_model is None and self.reward_function is None:
             raise ValueError("PPOModule: give a reward_model, a reward_function, or both")
+        if zero_stage(self._trainer) is not None:
+            configure_for_manual_accumulation(
+                self._trainer.strategy.config, self.hparams.max_grad_norm, "PPOModule"
+            )
 
     def on_fit_start(self) -> None:
-        if zero_stage(self.trainer) == 3:
-            raise NotImplementedError(
-                "PPOModule does not support DeepSpeed ZeRO-3 yet: generation would need gathered weights and "
-                "EMA updates gathered parameters. Use ZeRO-2 (with offload_optimizer for large models)."
-            )
         datamodule = getattr(self.trainer, "datamodule", None)
         batch_size = getattr(getattr(datamodule, "hparams", {}), "get", lambda *_: None)("batch_size")
         if batch_size is not None and batch_size % self.hparams.mini_batch_size:
@@ -325,6 +339,7 @@ class PPOModule(HFModelModule):
             micro_batch_size=self.hparams.micro_batch_size,
             generation_batch_size=self.hparams.generation_batch_size,
             timings=timings,
+            **self._generation_placement(),
         )
         self._timings = timings
         mask = rollout.response_mask.float()
@@ -335,6 +350,14 @@ class PPOModule(HFModelModule):
         }
         call_rollout_hooks(self.trainer, self, rollout)
         return rollout
+
+    def _generation_placement(self) -> dict:
+        """How ``generate`` sees a ZeRO-3 policy: whole weights gathered once, or shards, ranks in step."""
+        if not is_partitioned(self.policy):
+            return {}
+        if self.hparams.zero3_generation == "gather":
+            return {"generation_context": lambda: whole_model_for_generation(self.trainer, self.policy)}
+        return {"synced_gpus": self.trainer.world_size > 1}
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         rollout = self.collect(batch)
@@ -375,6 +398,7 @@ class PPOModule(HFModelModule):
                 # the step minimises the token-mean over the whole mini-batch whatever micro_batch_size is.
                 mini_tokens = rollout.response_mask[order[start : start + mini]].sum().clamp(min=1)
                 for micro_start in range(start, start + mini, micro):
+                    start_micro_batch(self.trainer, is_last=micro_start + micro >= start + mini)
                     mb = rollout.minibatch(order[micro_start : micro_start + micro])
                     loss, metrics = self._micro_loss(mb, rollout.prompt_ids.shape[1])
                     self.manual_backward(loss * (mb["response_mask"].sum() / mini_tokens))
@@ -446,6 +470,7 @@ class PPOModule(HFModelModule):
             gold_function=self.gold_function,
             micro_batch_size=self.hparams.micro_batch_size,
             generation_batch_size=self.hparams.generation_batch_size,
+            **self._generation_placement(),
         )
         metrics = {
             "val/score": samples.raw_scores.mean(),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -88,10 +89,14 @@ def sample_and_score(
     micro_batch_size: int = 8,
     generation_batch_size: int = 64,
     timings: dict[str, float] | None = None,
+    generation_context: Callable[[], AbstractContextManager] = nullcontext,
+    synced_gpus: bool = False,
 ) -> ScoredSamples:
     """Sample one response per (left-padded) prompt and score it: reward model + reward function.
 
     Generation runs ``generation_batch_size`` prompts at a time, scoring ``micro_batch_size`` sequences.
+    ``generation_context`` is entered around all the generate calls (under ZeRO-3: whole policy weights);
+    ``synced_gpus`` is passed to ``generate`` (ZeRO-3 with partitioned weights).
 
     ``timings`` (if given) receives the seconds spent in ``generation`` and ``scoring``.
     """
@@ -103,12 +108,19 @@ def sample_and_score(
     n = prompt_ids.shape[0]
 
     start = time.perf_counter()
-    pieces = [
-        generate_responses(
-            policy, prompt_ids[s], prompt_mask[s], sampling, eos_token_id=eos, pad_token_id=pad
-        )
-        for s in _chunks(n, generation_batch_size)
-    ]
+    with generation_context():
+        pieces = [
+            generate_responses(
+                policy,
+                prompt_ids[s],
+                prompt_mask[s],
+                sampling,
+                eos_token_id=eos,
+                pad_token_id=pad,
+                synced_gpus=synced_gpus,
+            )
+            for s in _chunks(n, generation_batch_size)
+        ]
     width = max(ids.shape[1] for ids, _ in pieces)
     response_ids = torch.cat([F.pad(ids, (0, width - ids.shape[1]), value=pad) for ids, _ in pieces])
     response_mask = torch.cat([F.pad(m, (0, width - m.shape[1]), value=0) for _, m in pieces])
@@ -164,6 +176,8 @@ def collect_rollout(
     micro_batch_size: int = 8,
     generation_batch_size: int = 64,
     timings: dict[str, float] | None = None,
+    generation_context: Callable[[], AbstractContextManager] = nullcontext,
+    synced_gpus: bool = False,
 ) -> Rollout:
     """Sample responses to the prompts and compute everything the PPO update needs.
 
@@ -184,6 +198,8 @@ def collect_rollout(
         micro_batch_size=micro_batch_size,
         generation_batch_size=generation_batch_size,
         timings=timings,
+        generation_context=generation_context,
+        synced_gpus=synced_gpus,
     )
     n, prompt_len = prompt_ids.shape
     response_ids, response_mask, ended, raw = (

@@ -51,11 +51,13 @@ def generate_responses(
     *,
     eos_token_id: int,
     pad_token_id: int,
+    synced_gpus: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Sample responses to left-padded prompts with the KV cache: (response_ids, response_mask), [N, R].
 
     Generation stops at EOS (or ``max_new_tokens``); tokens after a row's EOS are padding and masked out.
-    The model is put in eval mode for the call and restored after.
+    The model is put in eval mode for the call and restored after. ``synced_gpus`` keeps every rank
+    decoding until all are done, which ZeRO-3 partitioned weights need (each forward is a collective).
     """
     was_training = model.training
     model.eval()  # dropout off: samples must come from the policy itself
@@ -70,6 +72,7 @@ def generate_responses(
         top_p=None if greedy else sampling.top_p,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
+        synced_gpus=synced_gpus,
     )
     model.train(was_training)
     response_ids = out[:, prompt_ids.shape[1] :]

@@ -1,0 +1,151 @@
+"""DeepSpeed ZeRO in one place: which stage runs, loading models partitioned, and seeing whole weights.
+
+Under ZeRO-3 every parameter of every model in the module (policy, reference, reward model, critic) is split
+across ranks: a rank holds ``param.ds_tensor`` (its shard) and ``param.data`` is an empty placeholder
+until DeepSpeed gathers it for a forward. Code that reads or writes weights outside a forward (sampling with
+``generate``, the EMA reference update, exporting) goes through the helpers here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+
+def zero_stage(trainer) -> int | None:
+    """The DeepSpeed ZeRO stage the trainer runs, or None for any other strategy."""
+    config = getattr(getattr(trainer, "strategy", None), "config", None)
+    if isinstance(config, dict):
+        return config.get("zero_optimization", {}).get("stage")
+    return None
+
+
+def is_partitioned(module: nn.Module) -> bool:
+    """Whether ``module``'s parameters are ZeRO-3 shards (DeepSpeed marks each with ``ds_id``)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+class HFZero3Loading:
+    """Tells transformers that ZeRO-3 is on, so ``from_pretrained`` builds each model partitioned.
+
+    Lightning calls ``configure_model`` inside ``deepspeed.zero.Init``; transformers must know that too, or
+    it initialises and loads weights into empty placeholders. It reads the flag through a weak reference to
+    an ``HfDeepSpeedConfig``, so the module keeps this object alive from ``setup`` to ``teardown``.
+    """
+
+    def __init__(self, config: dict) -> None:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        self._config = HfDeepSpeedConfig(config)
+
+    def close(self) -> None:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+
+
+def hf_zero3_loading(trainer) -> HFZero3Loading | None:
+    """An active :class:`HFZero3Loading` when the trainer runs ZeRO-3, else None."""
+    if zero_stage(trainer) != 3:
+        return None
+    return HFZero3Loading(trainer.strategy.config)
+
+
+@contextlib.contextmanager
+def gathered(modules: nn.Module | list[nn.Module], modifier_rank: int | None = None) -> Iterator[None]:
+    """Whole parameters of ``modules`` inside the block (no-op unless they are ZeRO-3 partitioned).
+
+    With ``modifier_rank=r`` the values rank ``r`` writes are re-partitioned to every rank on exit. The
+    gather costs one full copy of the modules' weights per rank for the duration of the block.
+    """
+    modules = modules if isinstance(modules, list) else [modules]
+    with gathered_tensors([p for m in modules for p in m.parameters()], modifier_rank):
+        yield
+
+
+@contextlib.contextmanager
+def gathered_tensors(tensors: list[torch.Tensor], modifier_rank: int | None = None) -> Iterator[None]:
+    """Like :func:`gathered` for some parameters; tensors that are not ZeRO-3 shards pass through."""
+    params = [t for t in tensors if hasattr(t, "ds_id")]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+        yield
+
+
+def local_shards(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of this rank's piece of each parameter: the ZeRO-3 shard, or the whole tensor."""
+    for name, param in module.named_parameters():
+        yield name, (param.ds_tensor if hasattr(param, "ds_tensor") else param.data)
+
+
+def _parameter_offload(trainer):
+    """DeepSpeed's ZeRO-3 hook owner (it gathers parameters around each submodule's forward), or None."""
+    engine = getattr(getattr(trainer, "strategy", None), "model", None)
+    optimizer = getattr(engine, "optimizer", None)
+    offload = getattr(optimizer, "parameter_offload", optimizer)
+    return offload if hasattr(offload, "forward_hooks") else None
+
+
+@contextlib.contextmanager
+def whole_model_for_generation(trainer, model: nn.Module) -> Iterator[None]:
+    """``model`` with whole weights and ZeRO-3's per-layer hooks off, for a ``generate`` call.
+
+    Gathering once for the whole call costs one full copy of the model per rank but no communication per
+    token; without it every layer of every decoding step would all-gather its weights (and every rank would
+    have to keep stepping until the slowest finished: ``synced_gpus``). Hooks are restored on exit.
+    """
+    offload = _parameter_offload(trainer) if is_partitioned(model) else None
+    with gathered(model):
+        if offload is None:
+            yield
+            return
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            offload._register_deepspeed_module(offload.module)
+
+
+def configure_for_manual_accumulation(config: dict, max_grad_norm: float | None, owner: str) -> None:
+    """Make a DeepSpeed ``config`` fit a module that accumulates micro-batches itself (PPO, DPO-Iter).
+
+    Such a module backpropagates every micro-batch and calls ``step()`` once per mini-batch, marking the
+    micro-batches with :func:`start_micro_batch`. DeepSpeed clips gradients inside its step
+    (Lightning's ``clip_gradients`` does nothing there), so ``max_grad_norm`` goes into the config. Call
+    before the engine is built (a module's ``setup``).
+    """
+    clip = max_grad_norm or 0.0
+    theirs = config.get("gradient_clipping")
+    if theirs not in (None, 0, 0.0, clip):
+        raise ValueError(
+            f"{owner}: max_grad_norm={max_grad_norm} but the DeepSpeed config sets "
+            f"gradient_clipping={theirs}; set one of them (or make them equal)"
+        )
+    config["gradient_clipping"] = clip
+
+
+def start_micro_batch(trainer, is_last: bool) -> None:
+    """Before a micro-batch's forward in a module's own accumulation loop (no-op without DeepSpeed).
+
+    DeepSpeed counts micro-batches in its engine's ``forward``, which Lightning calls once per
+    ``training_step``; a loop of several forward/backward pairs inside one step must count them itself, or
+    ZeRO-3 overwrites the gradient partitions at each backward instead of adding to them (only the last
+    micro-batch would count). It also marks the last backward before ``step()`` as the accumulation
+    boundary, where ZeRO reduces gradients across ranks.
+    """
+    engine = getattr(getattr(trainer, "strategy", None), "model", None)
+    if not hasattr(engine, "set_gradient_accumulation_boundary"):
+        return
+    clear = getattr(engine.optimizer, "clear_backward_seen_flag", None)
+    if clear is not None:
+        clear()
+    engine.set_gradient_accumulation_boundary(is_last)

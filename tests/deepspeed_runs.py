@@ -1,0 +1,181 @@
+"""Stage fits run on 1 or 2 spawned CPU ranks under DDP or ZeRO-2/3, recording what the tests compare.
+
+Every run of one spawn shares the process group: a test can fit the same stage under DDP, ZeRO-2 and
+ZeRO-3 in one go and compare them step by step (imports and the rendezvous happen once).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch.multiprocessing as mp
+
+
+@dataclass(frozen=True)
+class Run:
+    """One fit: which stage, under which strategy, with which extras."""
+
+    tag: str
+    stage: str  # "reward" | "dpo" | "ppo"
+    strategy: str  # "ddp" | "zero2" | "zero3"
+    max_steps: int = 3
+    ema: bool = False
+    advantage_normalization: bool = False
+    precompute_reference: bool = False
+    zero3_generation: str = "gather"
+    checkpoint_every: int | None = None
+    resume_from: str | None = None
+    module_kwargs: dict = field(default_factory=dict)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(testbed: Path, out_dir: Path, runs: list[Run], nprocs: int, timeout_s: float = 600) -> dict:
+    """Run ``runs`` in order on ``nprocs`` spawned ranks; returns ``{tag: record}`` written by rank 0."""
+    port = free_port()
+    payload = [asdict(r) for r in runs]
+    processes = mp.start_processes(
+        _worker,
+        args=(nprocs, port, str(testbed), str(out_dir), payload),
+        nprocs=nprocs,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not processes.join(timeout=1):
+            assert time.monotonic() < deadline, f"ranks did not finish within {timeout_s} s"
+    finally:
+        for process in processes.processes:
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+    return {r.tag: json.loads((out_dir / f"{r.tag}.json").read_text()) for r in runs}
+
+
+def _worker(rank: int, world_size: int, port: int, testbed: str, out_dir: str, runs: list[dict]) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        NODE_RANK="0",
+        OMP_NUM_THREADS="1",
+    )
+    import torch
+
+    torch.set_num_threads(1)
+    for spec in runs:
+        _fit(Run(**spec), rank, world_size, Path(testbed), Path(out_dir))
+
+
+def _strategy(name: str):
+    from deepspeed_cpu import CPUDeepSpeedStrategy, zero_config
+    from lightning.pytorch.strategies import DDPStrategy
+
+    if name == "ddp":
+        return DDPStrategy(process_group_backend="gloo")
+    return CPUDeepSpeedStrategy(config=zero_config(int(name[-1])))
+
+
+def _fit(run: Run, rank: int, world_size: int, testbed: Path, out_dir: Path) -> None:
+    import lightning as L
+    import torch
+
+    from lightning_rlhf import AdvantageNormalization, EMAReferenceUpdate
+    from lightning_rlhf.zero import gathered
+
+    L.seed_everything(0, verbose=False)
+    module, data = _stage(run, testbed)
+    steps: list[dict] = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            steps.append(
+                {k: float(v) for k, v in trainer.callback_metrics.items() if k.split("/")[0] in _KEYS}
+            )
+
+    callbacks = [Record()]
+    if run.advantage_normalization:
+        callbacks.insert(0, AdvantageNormalization())
+    if run.ema:
+        callbacks.insert(0, EMAReferenceUpdate(decay=0.25))
+    if run.checkpoint_every:
+        callbacks.append(
+            L.pytorch.callbacks.ModelCheckpoint(
+                dirpath=out_dir / f"{run.tag}_ckpt", every_n_train_steps=run.checkpoint_every, save_top_k=-1
+            )
+        )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=world_size,
+        strategy=_strategy(run.strategy),
+        max_steps=run.max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=bool(run.checkpoint_every),
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        default_root_dir=out_dir / run.tag,
+        deterministic=True,
+        callbacks=callbacks,
+    )
+    trainer.fit(module, data, ckpt_path=run.resume_from)
+    weights = {}
+    for name in ("policy", "reference", "reward_model"):
+        model = getattr(module, name, None)
+        if isinstance(model, torch.nn.Module):
+            with gathered(model):  # whole tensors on every rank under ZeRO-3
+                weights[name] = sum(float(p.double().pow(2).sum()) for p in model.parameters())
+    if rank == 0:
+        record = {"steps": steps, "weights": weights, "global_step": trainer.global_step}
+        (out_dir / f"{run.tag}.json").write_text(json.dumps(record))
+    trainer.strategy.barrier()
+
+
+_KEYS = {"train", "ppo", "rollout"}
+
+
+def _stage(run: Run, testbed: Path):
+    from lightning_rlhf import DPOModule, PPOModule, PreferenceDataModule, PromptDataModule, RewardModule
+    from lightning_rlhf.testbed.reward import GoldReward
+
+    policy = str(testbed / "init_policy")
+    if run.stage == "ppo":
+        kwargs = dict(
+            mini_batch_size=4,
+            micro_batch_size=2,
+            max_new_tokens=6,
+            learning_rate=1e-3,
+            critic_learning_rate=1e-3,
+            zero3_generation=run.zero3_generation,
+        )
+        module = PPOModule(
+            model=policy, reward_function=GoldReward(str(testbed)), **{**kwargs, **run.module_kwargs}
+        )
+        return module, PromptDataModule(policy, str(testbed / "prompts_train.jsonl"), batch_size=8)
+    pairs = PreferenceDataModule(
+        policy, str(testbed / "pairs_train.jsonl"), None, batch_size=4, max_length=48
+    )
+    if run.stage == "reward":
+        return RewardModule(policy, learning_rate=1e-3, **run.module_kwargs), pairs
+    module = DPOModule(
+        policy,
+        learning_rate=1e-3,
+        precompute_reference=run.precompute_reference,
+        reference_cache_dir=str(testbed / f"ref_cache_{run.tag}"),
+        diagnostic_batches=0,
+        **run.module_kwargs,
+    )
+    return module, pairs
