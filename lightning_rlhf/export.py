@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +22,11 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, tokenizer: str
     ``tokenizer`` defaults to the one saved beside the model the stage started from.
     """
     checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():  # DeepSpeed writes a folder of ZeRO shards
+        with tempfile.TemporaryDirectory() as tmp:
+            single = Path(tmp) / "consolidated.ckpt"
+            torch.save(consolidate_deepspeed_checkpoint(checkpoint), single)
+            return export_checkpoint(single, out, tokenizer=tokenizer)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     # Only our own metadata is read here (weights_only: no arbitrary objects are unpickled).
@@ -36,3 +42,37 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, tokenizer: str
 
         module.tokenizer_for_export = lambda: AutoTokenizer.from_pretrained(tokenizer)
     return module.save_pretrained(out)
+
+
+def consolidate_deepspeed_checkpoint(checkpoint_dir: str | Path) -> dict:
+    """One ordinary Lightning checkpoint dict from a DeepSpeed (ZeRO-2/3) checkpoint folder.
+
+    The weights are DeepSpeed's fp32 copies gathered from every rank's shard files; the rest (hyper-
+    parameters, our module-class key, callback states) is the client state rank 0 saved beside them.
+    Needs no GPU and no process group; needs ``deepspeed`` installed.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    if not (checkpoint_dir / "latest").is_file():
+        raise FileNotFoundError(
+            f"{checkpoint_dir} is a folder but not a DeepSpeed checkpoint (no 'latest' file in it); pass the "
+            "`.ckpt` folder that Lightning's DeepSpeedStrategy wrote, or a single-file checkpoint"
+        )
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError as err:
+        raise ImportError(
+            f"{checkpoint_dir} is a DeepSpeed checkpoint; reading it needs `pip install deepspeed`"
+        ) from err
+    tag = (checkpoint_dir / "latest").read_text().strip()
+    # Rank 0's client state: mp_rank_00_model_states.pt (ZeRO-2), zero_pp_rank_0_..._model_states.pt (ZeRO-3).
+    model_states = sorted((checkpoint_dir / tag).glob("*model_states.pt"))
+    if not model_states:
+        raise FileNotFoundError(
+            f"no *model_states.pt in {checkpoint_dir / tag}: the checkpoint is incomplete"
+        )
+    client = torch.load(model_states[0], map_location="cpu", weights_only=True)
+    skip = {"module", "optimizer", "lr_scheduler", "csr_tensor_module_names", "skipped_steps", "global_steps"}
+    consolidated = {k: v for k, v in client.items() if k not in skip and not k.startswith(("dp_", "mp_"))}
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag)
+    consolidated["state_dict"] = {k.removeprefix("_forward_module."): v for k, v in state.items()}
+    return consolidated

@@ -140,11 +140,13 @@ def _fit(run: Run, rank: int, world_size: int, testbed: Path, out_dir: Path) -> 
                 weights[name] = sum(float(p.double().pow(2).sum()) for p in model.parameters())
     if rank == 0:
         record = {"steps": steps, "weights": weights, "global_step": trainer.global_step}
+        if hasattr(module, "kl_controller"):
+            record["kl_coef"] = float(module.kl_controller.value)
         (out_dir / f"{run.tag}.json").write_text(json.dumps(record))
     trainer.strategy.barrier()
 
 
-_KEYS = {"train", "ppo", "rollout"}
+_KEYS = {"train", "ppo", "rollout", "rewards", "logps", "time"}
 
 
 def _stage(run: Run, testbed: Path):
