@@ -11,6 +11,7 @@ from lightning import LightningModule
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_rlhf.export import MODULE_CLASS_KEY, module_class_path
+from lightning_rlhf.lora import LoraSettings, merged_copy
 from lightning_rlhf.models import load_tokenizer
 
 
@@ -107,6 +108,15 @@ class HFModelModule(LightningModule):
         self.hparams["loss"] = object_spec(built)
         return built
 
+    def _use_lora(self, lora: LoraSettings | dict | None) -> LoraSettings | None:
+        """The LoRA settings (from a checkpoint's dict when loading), recorded in the hparams as plain values.
+
+        Call after ``save_hyperparameters(ignore=["lora", ...])``: checkpoints are read with weights_only.
+        """
+        settings = LoraSettings.build(lora)
+        self.hparams["lora"] = settings.to_dict() if settings is not None else None
+        return settings
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         groups = adamw_param_groups(self.trained_model(), self.hparams.weight_decay)
         return torch.optim.AdamW(groups, lr=self.hparams.learning_rate)
@@ -125,8 +135,11 @@ class HFModelModule(LightningModule):
         return tokenizer if tokenizer is not None else load_tokenizer(self.hparams.model)
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """Write the trained model and its tokenizer as a folder that transformers alone can load."""
+        """Write the trained model and its tokenizer as a folder that transformers alone can load.
+
+        LoRA adapters are merged into the weights first: the folder is an ordinary model, not an adapter.
+        """
         path = Path(path)
-        self.trained_model().save_pretrained(path)
+        merged_copy(self.trained_model()).save_pretrained(path)
         self.tokenizer_for_export().save_pretrained(path)
         return path

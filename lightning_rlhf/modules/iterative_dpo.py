@@ -16,6 +16,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from lightning_rlhf.data.base import pad_id
+from lightning_rlhf.lora import AdaptersDisabled, LoraSettings, apply_lora, check_dropout
 from lightning_rlhf.losses import DPOLoss, SigmoidDPOLoss
 from lightning_rlhf.models import (
     disable_dropout,
@@ -58,6 +59,9 @@ class IterativeDPOModule(HFModelModule):
        iterations may move far from the SFT model (the iterative-DPO recipe). ``False`` anchors every
        iteration to the initial (or ``reference_model``) weights, like PPO's fixed KL reference.
 
+    With ``lora`` (and ``refresh_reference=False``) only adapters are trained and the fixed reference is the
+    policy with its adapters off, so no reference copy is held.
+
     ``trainer.global_step`` counts optimizer steps. Logged: ``train/loss``, DPOModule's ``rewards/*``,
     ``logps/*`` and ``logps_per_token/*`` (means over the step's pairs and updates, measured before each
     optimizer step: with a refreshed reference and one step per iteration they are 0 and the sigmoid loss
@@ -88,6 +92,7 @@ class IterativeDPOModule(HFModelModule):
         weight_decay: float = 0.0,
         max_grad_norm: float | None = 1.0,
         disable_dropout: bool = True,
+        lora: LoraSettings | None = None,
         trust_remote_code: bool = False,
     ) -> None:
         """
@@ -113,6 +118,8 @@ class IterativeDPOModule(HFModelModule):
             weight_decay: AdamW weight decay (biases and norms excluded).
             max_grad_norm: Clip gradients to this global norm (None = off).
             disable_dropout: Turn dropout off in the policy so policy and reference log-probs are comparable.
+            lora: Train LoRA adapters only; the reference is the policy with adapters off (needs
+                refresh_reference=false). Needs the ``peft`` extra.
             trust_remote_code: Allow model code shipped with checkpoints to run (off for safety).
         """
         super().__init__(learning_rate, weight_decay)
@@ -143,8 +150,16 @@ class IterativeDPOModule(HFModelModule):
             self.sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p)
         except ValueError as err:
             raise ValueError(f"{owner}: {err}") from err
-        self.save_hyperparameters(ignore=["loss", "reward_function", "gold_function"])
+        self.save_hyperparameters(ignore=["loss", "reward_function", "gold_function", "lora"])
         self.loss = self._use_loss(loss, SigmoidDPOLoss())
+        self.lora = self._use_lora(lora)
+        check_dropout(owner, self.lora, disable_dropout)
+        if self.lora is not None and refresh_reference and not self.loss.reference_free:
+            raise ValueError(
+                f"{owner}: refresh_reference=true is not supported with lora: the reference is the base "
+                "model with the adapters off, which cannot follow the policy. Set refresh_reference: false "
+                "(a fixed reference, as PPO's), or lora: null"
+            )
         if reference_model is not None and (refresh_reference or self.loss.reference_free):
             raise ValueError(
                 f"{owner}: reference_model is only used with refresh_reference=false and a loss that is not "
@@ -168,8 +183,10 @@ class IterativeDPOModule(HFModelModule):
         self.policy = load_causal_lm(hp.model, **remote)
         if hp.disable_dropout:
             disable_dropout(self.policy)
+        if self.lora is not None:
+            self.policy = apply_lora(self.policy, self.lora, "causal_lm")
         self.policy.train()
-        if not self.loss.reference_free:
+        if not self.loss.reference_free and (self.lora is None or hp.reference_model is not None):
             # Loaded from disk, never deep-copied: under ZeRO-3 the policy is already partitioned here.
             self.reference = freeze(load_causal_lm(hp.reference_model or hp.model, **remote))
             disable_dropout(self.reference)
@@ -265,8 +282,9 @@ class IterativeDPOModule(HFModelModule):
         if self.loss.reference_free:
             return None, None
         n, average, chosen, rejected = pair_batch["index"].numel(), self.hparams.average_log_probs, [], []
+        reference = self.reference if self.reference is not None else AdaptersDisabled(self.policy)
         for pairs in torch.arange(n, device=self.device).split(self.hparams.micro_batch_size):
-            logps, _ = response_logps(self.reference, take_pairs(pair_batch, pairs), average=average)
+            logps, _ = response_logps(reference, take_pairs(pair_batch, pairs), average=average)
             chosen.append(logps.chunk(2)[0])
             rejected.append(logps.chunk(2)[1])
         return torch.cat(chosen), torch.cat(rejected)
