@@ -4,7 +4,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 pytest.importorskip("peft")
 
@@ -168,7 +168,9 @@ def test_cache_fingerprint_is_the_base_weights(testbed, tmp_path, monkeypatch):
     base = weights_fingerprint(load_causal_lm(str(testbed / "init_policy")))
     assert weights_fingerprint(AdaptersDisabled(module.policy)) == base
     assert weights_fingerprint(module.policy) != base  # the trained adapters are in the full state
-    assert set(base_state_dict(module.policy)) == set(load_causal_lm(str(testbed / "init_policy")).state_dict())
+    assert set(base_state_dict(module.policy)) == set(
+        load_causal_lm(str(testbed / "init_policy")).state_dict()
+    )
 
 
 def test_dpo_export_is_merged_and_checkpoints_resume(testbed, tmp_path):
@@ -184,7 +186,9 @@ def test_dpo_export_is_merged_and_checkpoints_resume(testbed, tmp_path):
     batch = a_batch(testbed)
     args = (batch["input_ids"], batch["attention_mask"])
     with torch.no_grad():
-        torch.testing.assert_close(policy_logits(exported, *args), policy_logits(straight.policy.eval(), *args))
+        torch.testing.assert_close(
+            policy_logits(exported, *args), policy_logits(straight.policy.eval(), *args)
+        )
 
     # Resume: every batch the same, so the restarted loader sees what the uninterrupted run saw.
     def same_batches():
@@ -285,3 +289,27 @@ def test_iterative_dpo_with_lora_and_a_fixed_reference_runs(testbed, tmp_path):
     fit.fit(module, prompts(testbed))
     assert module.reference is None and fit.global_step == 2
     assert "train/loss" in fit.callback_metrics
+
+
+def test_lora_configs_run_from_the_cli_and_export_plain_models(tmp_path, monkeypatch):
+    """configs/{dpo,ppo}/testbed-lora.yaml run with `lightning-rlhf fit` and write merged folders."""
+    from pathlib import Path
+
+    from lightning_rlhf.cli import cli_main
+    from lightning_rlhf.testbed.models import build_reward_model
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    testbed = Path("runs/testbed")
+    write_testbed(testbed, TaskConfig(seed=0), SIZES, model_size="nano")
+    policy = load_causal_lm(str(testbed / "init_policy"))
+    policy.save_pretrained(testbed / "sft_policy")
+    tokenizer = AutoTokenizer.from_pretrained(testbed / "init_policy")
+    tokenizer.save_pretrained(testbed / "sft_policy")
+    build_reward_model("nano", tokenizer).save_pretrained(testbed / "reward_model")
+    for stage, batch in (("dpo", 8), ("ppo", 16)):
+        overrides = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "1"]
+        overrides += ["--data.init_args.batch_size", str(batch)]
+        cli_main(["fit", "--config", str(repo / f"configs/{stage}/testbed-lora.yaml"), *overrides])
+        exported = AutoModelForCausalLM.from_pretrained(testbed / f"{stage}_lora_policy")
+        assert not any("lora" in name for name in exported.state_dict()), stage
