@@ -206,6 +206,8 @@ def test_dpo_export_is_merged_and_checkpoints_resume(testbed, tmp_path):
     for name, value in runs["straight"].items():
         torch.testing.assert_close(runs["resumed"][name], value, msg=name)
     checkpoint = tmp_path / "ckpt" / "step=2.ckpt"
+    saved = torch.load(checkpoint, weights_only=True)["state_dict"]
+    assert saved and all(".lora_" in key for key in saved)  # the frozen base weights are reloaded instead
 
     out = export_checkpoint(checkpoint, tmp_path / "from_ckpt")
     midway = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -214,7 +216,9 @@ def test_dpo_export_is_merged_and_checkpoints_resume(testbed, tmp_path):
 
 def test_reward_model_lora_trains_the_head_fully_and_exports_merged(testbed, tmp_path):
     module = RewardModule(str(testbed / "init_policy"), learning_rate=1e-2, lora=LORA)
-    fit = trainer(tmp_path, max_steps=3, limit_val_batches=0, callbacks=[HFExport(str(tmp_path / "rm"))])
+    saver = ModelCheckpoint(tmp_path / "ckpt", filename="last")
+    callbacks = [HFExport(str(tmp_path / "rm")), saver]
+    fit = trainer(tmp_path, max_steps=3, limit_val_batches=0, callbacks=callbacks, enable_checkpointing=True)
     fit.fit(module, pairs(testbed))
     trainable = [n for n, p in module.named_parameters() if p.requires_grad]
     assert any(".score." in n and ".lora_" not in n for n in trainable)  # the head, fully
@@ -227,6 +231,8 @@ def test_reward_model_lora_trains_the_head_fully_and_exports_merged(testbed, tmp
         ours = sequence_scores(module.reward_model.eval(), *args)
         torch.testing.assert_close(sequence_scores(exported, *args), ours)
         torch.testing.assert_close(sequence_scores(load_reward_model(str(tmp_path / "rm")), *args), ours)
+        from_checkpoint = export_checkpoint(tmp_path / "ckpt" / "last.ckpt", tmp_path / "rm_ckpt")
+        torch.testing.assert_close(sequence_scores(load_reward_model(str(from_checkpoint)), *args), ours)
 
 
 def ppo(testbed, **kwargs) -> PPOModule:

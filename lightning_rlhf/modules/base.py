@@ -72,6 +72,35 @@ def restore_frozen_reference(module: LightningModule, checkpoint: dict) -> None:
             state.setdefault(f"reference.{key}", value)
 
 
+_FROZEN_DROPPED = "lightning_rlhf_lora_frozen_dropped"
+
+
+def drop_frozen_weights(module: LightningModule, checkpoint: dict) -> None:
+    """With LoRA, leave every frozen parameter out of a checkpoint and mark that we did.
+
+    They are the base weights (and frozen reward or reference models), loaded again from the folders named in
+    the hyperparameters by ``configure_model``: a LoRA checkpoint then holds the adapters, trained heads and
+    optimizer state only, instead of a full copy of the model. Resuming needs those folders unchanged, as
+    for a dropped reference.
+    """
+    if module.hparams.get("lora") is None or "state_dict" not in checkpoint:
+        return
+    state = checkpoint["state_dict"]
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            state.pop(name, None)
+    checkpoint[_FROZEN_DROPPED] = True
+
+
+def restore_frozen_weights(module: LightningModule, checkpoint: dict) -> None:
+    """Refill dropped frozen parameters from the freshly loaded module before the state is loaded."""
+    if checkpoint.get(_FROZEN_DROPPED):
+        state = checkpoint["state_dict"]
+        for name, param in module.named_parameters():
+            if not param.requires_grad:
+                state.setdefault(name, param.detach())
+
+
 def adamw_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay only matrices: decaying biases and norm gains pulls them to 0 for no regularising gain."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -125,9 +154,11 @@ class HFModelModule(LightningModule):
         # Lets `lightning-rlhf export --checkpoint X.ckpt` rebuild the right module from the file alone.
         checkpoint[MODULE_CLASS_KEY] = module_class_path(self)
         drop_frozen_reference(self, checkpoint)
+        drop_frozen_weights(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         restore_frozen_reference(self, checkpoint)
+        restore_frozen_weights(self, checkpoint)
 
     def tokenizer_for_export(self) -> PreTrainedTokenizerBase:
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
