@@ -140,6 +140,56 @@ class AdaptersDisabled:
         return self.model.config
 
 
+REFERENCE_ADAPTER = "reference"
+
+
+def add_reference_adapter(model: nn.Module) -> None:
+    """Give a PEFT model a frozen second adapter, ``reference``, equal to its trained one (``default``).
+
+    ``AdapterReference(model)`` computes with it; :func:`copy_into_reference_adapter` refreshes it. Copying
+    both factors makes the reference exactly base + B·A of the policy at that moment (an EMA of the factors
+    would not be an EMA of B·A, which is why ``EMAReferenceUpdate`` is refused instead).
+    """
+    active = model.active_adapter
+    model.add_adapter(REFERENCE_ADAPTER, model.peft_config[active])
+    model.set_adapter(active)  # the trained adapter stays the active, trainable one
+    copy_into_reference_adapter(model)
+
+
+@torch.no_grad()
+def copy_into_reference_adapter(model: nn.Module) -> None:
+    """Copy the trained adapter's weights into the ``reference`` adapter, matched by name."""
+    active = model.active_adapter
+    params = dict(model.named_parameters())
+    marker, target_marker = f".{active}.", f".{REFERENCE_ADAPTER}."
+    copied = 0
+    for name, param in params.items():
+        if ".lora_" in name and marker in name:
+            target = params[name.replace(marker, target_marker)]
+            target.copy_(param)
+            target.requires_grad_(False)
+            copied += 1
+    if copied == 0:
+        raise RuntimeError(f"no parameters of the adapter {active!r} found to copy into the reference")
+
+
+class AdapterReference(AdaptersDisabled):
+    """Calls a PEFT model with its ``reference`` adapter active instead of the trained one, in eval mode."""
+
+    def __call__(self, *args, **kwargs):
+        training, active = self.model.training, self.model.active_adapter
+        self.model.eval()
+        self.model.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            self.model.set_adapter(active)  # trainable again; the reference adapter frozen
+            self.model.train(training)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError("a reference adapter changes during training; it is never fingerprinted")
+
+
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The weights a PEFT model computes with its adapters off, under the plain transformers names.
 

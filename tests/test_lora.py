@@ -19,7 +19,12 @@ from lightning_rlhf import (  # noqa: E402  (after the importorskip: these tests
     RewardModule,
 )
 from lightning_rlhf.export import export_checkpoint  # noqa: E402
-from lightning_rlhf.lora import AdaptersDisabled, LoraSettings, base_state_dict  # noqa: E402
+from lightning_rlhf.lora import (  # noqa: E402
+    AdapterReference,
+    AdaptersDisabled,
+    LoraSettings,
+    base_state_dict,
+)
 from lightning_rlhf.models import (  # noqa: E402
     load_causal_lm,
     load_reward_model,
@@ -117,8 +122,6 @@ def test_settings_round_trip_through_plain_hparams():
 def test_unsupported_combinations_name_the_flag(testbed, tmp_path):
     with pytest.raises(ValueError, match="lora.dropout=0.1 conflicts with disable_dropout=true"):
         DPOModule("m", lora=LoraSettings(dropout=0.1))
-    with pytest.raises(ValueError, match="refresh_reference=true is not supported with lora"):
-        IterativeDPOModule("m", reward_function=len, lora=LORA)
     module = dpo(testbed)
     fit = trainer(tmp_path, max_steps=1, callbacks=[EMAReferenceUpdate()])
     with pytest.raises(ValueError, match="EMAReferenceUpdate does not support LoRA.*lora: null"):
@@ -279,22 +282,57 @@ def test_ppo_with_lora_refuses_the_ema_reference(testbed, tmp_path):
         fit.fit(ppo(testbed), prompts(testbed))
 
 
-def test_iterative_dpo_with_lora_and_a_fixed_reference_runs(testbed, tmp_path):
-    module = IterativeDPOModule(
-        str(testbed / "init_policy"),
+def iterative(testbed, **kwargs) -> IterativeDPOModule:
+    args = dict(
         reward_function=GoldReward(str(testbed)),
         num_samples=2,
         max_new_tokens=6,
         mini_batch_size=8,
         micro_batch_size=8,
-        refresh_reference=False,
         learning_rate=1e-2,
         lora=LORA,
     )
+    return IterativeDPOModule(str(testbed / "init_policy"), **{**args, **kwargs})
+
+
+def test_iterative_dpo_with_lora_and_a_fixed_reference_runs(testbed, tmp_path):
+    module = iterative(testbed, refresh_reference=False)
     fit = trainer(tmp_path, max_steps=2)
     fit.fit(module, prompts(testbed))
     assert module.reference is None and fit.global_step == 2
     assert "train/loss" in fit.callback_metrics
+    assert not any(".reference." in name for name, _ in module.policy.named_parameters())
+
+
+def test_iterative_dpo_refreshes_a_reference_adapter(testbed, tmp_path):
+    """refresh_reference with LoRA: a frozen second adapter equal to the trained one after each iteration,
+    kept in checkpoints (with the frozen base weights left out), and never merged into the export."""
+    module = iterative(testbed, refresh_reference=True)
+    saver = ModelCheckpoint(tmp_path / "ckpt", filename="last")
+    callbacks = [HFExport(str(tmp_path / "hf")), saver]
+    fit = trainer(tmp_path, max_steps=2, callbacks=callbacks, enable_checkpointing=True)
+    fit.fit(module, prompts(testbed))
+    params = dict(module.policy.named_parameters())
+    references = [name for name in params if ".reference." in name]
+    assert references and not any(params[name].requires_grad for name in references)
+    assert all(params[name].requires_grad for name in params if ".lora_" in name and ".default." in name)
+    for name in references:
+        assert torch.equal(params[name], params[name.replace(".reference.", ".default.")]), name
+    optimized = {id(p) for group in fit.optimizers[0].param_groups for p in group["params"]}
+    assert not optimized & {id(params[name]) for name in references}
+
+    batch = a_batch(testbed)
+    args = (batch["input_ids"], batch["attention_mask"])
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        trained = policy_logits(module.policy.eval(), *args)
+        assert not torch.allclose(trained, policy_logits(AdaptersDisabled(module.policy), *args), atol=1e-4)
+        assert torch.equal(policy_logits(AdapterReference(module.policy), *args), trained)
+        assert module.policy.active_adapter == "default"
+        torch.testing.assert_close(policy_logits(exported, *args), trained)  # merged once, not twice
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["state_dict"]
+    assert {f"policy.{name}" for name in references} <= set(saved)
+    assert all(".lora_" in key for key in saved)
 
 
 def test_lora_configs_run_from_the_cli_and_export_plain_models(tmp_path, monkeypatch):

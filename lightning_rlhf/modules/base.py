@@ -76,18 +76,18 @@ _FROZEN_DROPPED = "lightning_rlhf_lora_frozen_dropped"
 
 
 def drop_frozen_weights(module: LightningModule, checkpoint: dict) -> None:
-    """With LoRA, leave every frozen parameter out of a checkpoint and mark that we did.
+    """With LoRA, leave the frozen weights that are not adapters out of a checkpoint and mark that we did.
 
     They are the base weights (and frozen reward or reference models), loaded again from the folders named in
-    the hyperparameters by ``configure_model``: a LoRA checkpoint then holds the adapters, trained heads and
-    optimizer state only, instead of a full copy of the model. Resuming needs those folders unchanged, as
-    for a dropped reference.
+    the hyperparameters by ``configure_model``: a LoRA checkpoint then holds the adapters (frozen ones too,
+    such as DPO-Iter's reference adapter, which changes), trained heads and optimizer state, instead of a
+    full copy of the model. Resuming needs those folders unchanged, as for a dropped reference.
     """
     if module.hparams.get("lora") is None or "state_dict" not in checkpoint:
         return
     state = checkpoint["state_dict"]
     for name, param in module.named_parameters():
-        if not param.requires_grad:
+        if not param.requires_grad and ".lora_" not in name:
             state.pop(name, None)
     checkpoint[_FROZEN_DROPPED] = True
 
@@ -97,7 +97,7 @@ def restore_frozen_weights(module: LightningModule, checkpoint: dict) -> None:
     if checkpoint.get(_FROZEN_DROPPED):
         state = checkpoint["state_dict"]
         for name, param in module.named_parameters():
-            if not param.requires_grad:
+            if not param.requires_grad and ".lora_" not in name:
                 state.setdefault(name, param.detach())
 
 
