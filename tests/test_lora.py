@@ -357,3 +357,16 @@ def test_lora_configs_run_from_the_cli_and_export_plain_models(tmp_path, monkeyp
         cli_main(["fit", "--config", str(repo / f"configs/{stage}/testbed-lora.yaml"), *overrides])
         exported = AutoModelForCausalLM.from_pretrained(testbed / f"{stage}_lora_policy")
         assert not any("lora" in name for name in exported.state_dict()), stage
+
+
+def test_sft_with_lora_exports_a_merged_model(testbed, tmp_path):
+    from lightning_rlhf import SFTDataModule, SFTModule
+
+    module = SFTModule(str(testbed / "init_policy"), learning_rate=1e-2, lora=LORA)
+    data = SFTDataModule(str(testbed / "init_policy"), str(testbed / "sft_train.jsonl"), batch_size=4)
+    trainer(tmp_path, max_steps=2, callbacks=[HFExport(str(tmp_path / "hf"))]).fit(module, data)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    batch = a_batch(testbed)
+    args = (batch["input_ids"], batch["attention_mask"])
+    with torch.no_grad():
+        torch.testing.assert_close(policy_logits(exported, *args), policy_logits(module.policy.eval(), *args))
