@@ -260,7 +260,8 @@ def test_ppo_with_lora_runs_holds_no_reference_and_exports_merged(testbed, tmp_p
     """Two rollouts: the first-step check (policy == adapters-off reference) passes, the critic is a
     separate LoRA model with its head trained fully, and the export matches the trained policy."""
     module = ppo(testbed)
-    fit = trainer(tmp_path, max_steps=2, limit_val_batches=0, callbacks=[HFExport(str(tmp_path / "hf"))])
+    callbacks = [HFExport(str(tmp_path / "hf")), ModelCheckpoint(tmp_path / "ckpt", filename="last")]
+    fit = trainer(tmp_path, max_steps=2, limit_val_batches=0, callbacks=callbacks, enable_checkpointing=True)
     fit.fit(module, prompts(testbed))
     assert module.reference is None
     assert fit.global_step == 2 and "rollout/kl" in fit.callback_metrics
@@ -274,6 +275,9 @@ def test_ppo_with_lora_runs_holds_no_reference_and_exports_merged(testbed, tmp_p
         torch.testing.assert_close(policy_logits(exported, *args), policy_logits(module.policy.eval(), *args))
         base = load_causal_lm(str(testbed / "init_policy"))
         assert torch.equal(policy_logits(AdaptersDisabled(module.policy), *args), policy_logits(base, *args))
+        from_checkpoint = export_checkpoint(tmp_path / "ckpt" / "last.ckpt", tmp_path / "from_ckpt")
+        reloaded = AutoModelForCausalLM.from_pretrained(from_checkpoint).eval()
+        torch.testing.assert_close(policy_logits(reloaded, *args), policy_logits(exported, *args))
 
 
 def test_ppo_with_lora_refuses_the_ema_reference(testbed, tmp_path):
