@@ -139,8 +139,8 @@ class EMAReferenceUpdate(Callback):
         if getattr(pl_module, "hparams", {}).get("lora") is not None:
             raise ValueError(
                 f"EMAReferenceUpdate does not support LoRA ({owner} has lora set): the reference is the base "
-                "model with the adapters off and cannot be averaged towards the policy. Remove the "
-                "EMAReferenceUpdate callback, or set the model's lora: null"
+                "model with the adapters off, and an average of adapter factors A, B is not an average of "
+                "their update B·A. Remove the EMAReferenceUpdate callback, or set the model's lora: null"
             )
         policy = getattr(pl_module, "policy", None)
         reference = getattr(pl_module, "reference", None)
