@@ -5,6 +5,7 @@ from lightning_rlhf.data.loading import DataError
 from lightning_rlhf.data.preference import PreferenceDataModule
 from lightning_rlhf.data.prompts import PromptDataModule
 from lightning_rlhf.data.sft import SFTDataModule
+from lightning_rlhf.lora import LoraSettings
 from lightning_rlhf.losses import (
     BradleyTerryLoss,
     DPOLoss,
@@ -32,6 +33,7 @@ __all__ = [
     "HingeDPOLoss",
     "IPOLoss",
     "IterativeDPOModule",
+    "LoraSettings",
     "PPOModule",
     "PreferenceDataModule",
     "PromptDataModule",

@@ -20,6 +20,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from lightning_rlhf.lora import unwrap
 from lightning_rlhf.ops import entropy_from_logits, sequence_logprobs, token_logprobs
 
 
@@ -151,6 +152,9 @@ def _score_head(model: PreTrainedModel) -> torch.nn.Module:
 
 def token_scores(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """The scalar head at every position, [B, T]: a critic's values, a reward model's per-token view."""
+    # A PEFT wrapper's own `base_model` is its LoRA layer tree, whose forward returns the head's output;
+    # the transformers model inside (adapters still active) has the backbone we want.
+    model = unwrap(model)
     hidden = model.base_model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -167,7 +171,10 @@ def sequence_scores(model: PreTrainedModel, input_ids: Tensor, attention_mask: T
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over parameter names, shapes, dtypes and values (keys caches to the exact weights)."""
+    """sha256 over parameter names, shapes, dtypes and values (keys caches to the exact weights).
+
+    ``model`` is anything with a ``state_dict()``: for a LoRA reference, ``lora.AdaptersDisabled``.
+    """
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())

@@ -131,6 +131,12 @@ class EMAReferenceUpdate(Callback):
     def _models(self, pl_module: LightningModule) -> tuple[nn.Module, nn.Module]:
         """(reference, policy) of the module, after checking the EMA can run on them."""
         owner = type(pl_module).__name__
+        if getattr(pl_module, "hparams", {}).get("lora") is not None:
+            raise ValueError(
+                f"EMAReferenceUpdate does not support LoRA ({owner} has lora set): the reference is the base "
+                "model with the adapters off, and an average of adapter factors A, B is not an average of "
+                "their update B·A. Remove the EMAReferenceUpdate callback, or set the model's lora: null"
+            )
         policy = getattr(pl_module, "policy", None)
         reference = getattr(pl_module, "reference", None)
         if not isinstance(policy, nn.Module):

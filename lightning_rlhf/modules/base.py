@@ -11,6 +11,7 @@ from lightning import LightningModule
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_rlhf.export import MODULE_CLASS_KEY, module_class_path
+from lightning_rlhf.lora import LoraSettings, merged_copy
 from lightning_rlhf.models import load_tokenizer
 from lightning_rlhf.zero import hf_zero3_loading
 
@@ -64,6 +65,35 @@ def restore_frozen_reference(module: LightningModule, checkpoint: dict) -> None:
             state.setdefault(f"reference.{key}", value)
 
 
+_FROZEN_DROPPED = "lightning_rlhf_lora_frozen_dropped"
+
+
+def drop_frozen_weights(module: LightningModule, checkpoint: dict) -> None:
+    """With LoRA, leave the frozen weights that are not adapters out of a checkpoint and mark that we did.
+
+    They are the base weights (and frozen reward or reference models), loaded again from the folders named in
+    the hyperparameters by ``configure_model``: a LoRA checkpoint then holds the adapters (frozen ones too,
+    such as DPO-Iter's reference adapter, which changes), trained heads and optimizer state, instead of a
+    full copy of the model. Resuming needs those folders unchanged, as for a dropped reference.
+    """
+    if module.hparams.get("lora") is None or "state_dict" not in checkpoint:
+        return
+    state = checkpoint["state_dict"]
+    for name, param in module.named_parameters():
+        if not param.requires_grad and ".lora_" not in name:
+            state.pop(name, None)
+    checkpoint[_FROZEN_DROPPED] = True
+
+
+def restore_frozen_weights(module: LightningModule, checkpoint: dict) -> None:
+    """Refill dropped frozen parameters from the freshly loaded module before the state is loaded."""
+    if checkpoint.get(_FROZEN_DROPPED):
+        state = checkpoint["state_dict"]
+        for name, param in module.named_parameters():
+            if not param.requires_grad and ".lora_" not in name:
+                state.setdefault(name, param.detach())
+
+
 def adamw_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay only matrices: decaying biases and norm gains pulls them to 0 for no regularising gain."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -110,6 +140,15 @@ class HFModelModule(LightningModule):
         self.hparams["loss"] = object_spec(built)
         return built
 
+    def _use_lora(self, lora: LoraSettings | dict | None) -> LoraSettings | None:
+        """The LoRA settings (from a checkpoint's dict when loading), recorded in the hparams as plain values.
+
+        Call after ``save_hyperparameters(ignore=["lora", ...])``: checkpoints are read with weights_only.
+        """
+        settings = LoraSettings.build(lora)
+        self.hparams["lora"] = settings.to_dict() if settings is not None else None
+        return settings
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         groups = adamw_param_groups(self.trained_model(), self.hparams.weight_decay)
         return torch.optim.AdamW(groups, lr=self.hparams.learning_rate)
@@ -118,9 +157,11 @@ class HFModelModule(LightningModule):
         # Lets `lightning-rlhf export --checkpoint X.ckpt` rebuild the right module from the file alone.
         checkpoint[MODULE_CLASS_KEY] = module_class_path(self)
         drop_frozen_reference(self, checkpoint)
+        drop_frozen_weights(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         restore_frozen_reference(self, checkpoint)
+        restore_frozen_weights(self, checkpoint)
 
     def tokenizer_for_export(self) -> PreTrainedTokenizerBase:
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
@@ -128,8 +169,11 @@ class HFModelModule(LightningModule):
         return tokenizer if tokenizer is not None else load_tokenizer(self.hparams.model)
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """Write the trained model and its tokenizer as a folder that transformers alone can load."""
+        """Write the trained model and its tokenizer as a folder that transformers alone can load.
+
+        LoRA adapters are merged into the weights first: the folder is an ordinary model, not an adapter.
+        """
         path = Path(path)
-        self.trained_model().save_pretrained(path)
+        merged_copy(self.trained_model()).save_pretrained(path)
         self.tokenizer_for_export().save_pretrained(path)
         return path

@@ -10,6 +10,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
+from lightning_rlhf.lora import AdaptersDisabled, LoraSettings, apply_lora, check_dropout
 from lightning_rlhf.losses import DPOLoss, DPOLossOutput, SigmoidDPOLoss
 from lightning_rlhf.models import disable_dropout, freeze, load_causal_lm, response_logps
 from lightning_rlhf.modules.base import HFModelModule
@@ -62,6 +63,9 @@ class DPOModule(HFModelModule):
     of the preference responses. Very low values at the start mean the pairs are far from what the policy
     would say (the setting where the paper finds DPO fails); ``diagnostics/start/...`` records them before
     the first update.
+
+    With ``lora`` only LoRA adapters are trained, and the reference (live or for the cache) is the policy
+    with its adapters switched off: no second copy of the model is held.
     """
 
     def __init__(
@@ -76,6 +80,7 @@ class DPOModule(HFModelModule):
         weight_decay: float = 0.0,
         disable_dropout: bool = True,
         diagnostic_batches: int = 4,
+        lora: LoraSettings | None = None,
         trust_remote_code: bool = False,
     ) -> None:
         """
@@ -90,13 +95,17 @@ class DPOModule(HFModelModule):
             weight_decay: AdamW weight decay (biases and norms excluded).
             disable_dropout: Turn dropout off in the policy so policy and reference log-probs are comparable.
             diagnostic_batches: Batches scored before the first update for the start diagnostic (0 = off).
+            lora: Train LoRA adapters instead of all weights; the reference is then the base model with
+                adapters off (unless reference_model is given). Needs the ``peft`` extra.
             trust_remote_code: Allow model code shipped with the checkpoint to run (off for safety).
         """
         super().__init__(learning_rate, weight_decay)
         if diagnostic_batches < 0:
             raise ValueError(f"DPOModule: diagnostic_batches must be >= 0 (got {diagnostic_batches})")
-        self.save_hyperparameters(ignore=["loss"])
+        self.save_hyperparameters(ignore=["loss", "lora"])
         self.loss = self._use_loss(loss, SigmoidDPOLoss())
+        self.lora = self._use_lora(lora)
+        check_dropout("DPOModule", self.lora, disable_dropout)
         if self.loss.reference_free and (reference_model is not None or precompute_reference):
             raise ValueError(
                 "DPOModule: the loss is reference_free; leave reference_model and precompute_reference unset"
@@ -111,14 +120,21 @@ class DPOModule(HFModelModule):
     def needs_live_reference(self) -> bool:
         return not self.loss.reference_free and not self.hparams.precompute_reference
 
+    @property
+    def adapter_reference(self) -> bool:
+        """Whether the reference is the LoRA policy with its adapters off (no separate reference model)."""
+        return self.lora is not None and self.hparams.reference_model is None and not self.loss.reference_free
+
     def configure_model(self) -> None:
         hp = self.hparams
         if self.policy is None:
             self.policy = load_causal_lm(hp.model, trust_remote_code=hp.trust_remote_code)
             if hp.disable_dropout:
                 disable_dropout(self.policy)
+            if self.lora is not None:
+                self.policy = apply_lora(self.policy, self.lora, "causal_lm")
             self.policy.train()
-        if self.reference is None and self.needs_live_reference:
+        if self.reference is None and self.needs_live_reference and not self.adapter_reference:
             # Loaded again from disk rather than deep-copied from the policy: under ZeRO-3 the policy's
             # parameters are partitioned at this point and a deepcopy would copy empty shards.
             self.reference = freeze(self.load_reference())
@@ -128,6 +144,12 @@ class DPOModule(HFModelModule):
         model = load_causal_lm(hp.reference_model or hp.model, trust_remote_code=hp.trust_remote_code)
         disable_dropout(model)
         return model
+
+    def cache_reference(self) -> PreTrainedModel | AdaptersDisabled:
+        """The frozen reference on this module's device, for computing the reference log-prob cache."""
+        if self.adapter_reference:
+            return AdaptersDisabled(self.policy)
+        return freeze(self.load_reference()).to(self.device)
 
     def trained_model(self) -> PreTrainedModel:
         return self.policy
@@ -167,7 +189,12 @@ class DPOModule(HFModelModule):
             return None, None
         if self.hparams.precompute_reference and split in self.cached:
             return self.cached[split].lookup(batch["index"], device=self.device)
-        reference = self.reference if self.reference is not None else self._eval_reference[0]
+        if self.reference is not None:
+            reference = self.reference
+        elif self.adapter_reference:
+            reference = AdaptersDisabled(self.policy)
+        else:
+            reference = self._eval_reference[0]
         with torch.no_grad():
             logps, _ = response_logps(reference, batch, average=self.hparams.average_log_probs)
         return logps.chunk(2)
@@ -238,7 +265,7 @@ class DPOModule(HFModelModule):
         self._log_evaluation("val")
 
     def on_test_start(self) -> None:
-        if self.reference is None and not self.loss.reference_free:
+        if self.reference is None and not self.loss.reference_free and not self.adapter_reference:
             # Test data has no precomputed log-probs: hold a reference for the test run only. Kept in a list
             # so it is not registered as a submodule (it must not enter checkpoints or the optimizer).
             self._eval_reference = [freeze(self.load_reference()).to(self.device)]

@@ -16,6 +16,15 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from lightning_rlhf.data.base import pad_id
+from lightning_rlhf.lora import (
+    AdapterReference,
+    AdaptersDisabled,
+    LoraSettings,
+    add_reference_adapter,
+    apply_lora,
+    check_dropout,
+    copy_into_reference_adapter,
+)
 from lightning_rlhf.losses import DPOLoss, SigmoidDPOLoss
 from lightning_rlhf.models import (
     disable_dropout,
@@ -65,6 +74,11 @@ class IterativeDPOModule(HFModelModule):
        iterations may move far from the SFT model (the iterative-DPO recipe). ``False`` anchors every
        iteration to the initial (or ``reference_model``) weights, like PPO's fixed KL reference.
 
+    With ``lora`` only adapters are trained and no reference copy of the model is held: a fixed reference
+    (``refresh_reference=False``) is the policy with its adapters off; a refreshed one is a second, frozen
+    adapter (``reference``) into which the trained adapter is copied after each iteration (exact: the
+    reference is then base + B·A of the policy that sampled the pairs).
+
     ``trainer.global_step`` counts optimizer steps. Logged: ``train/loss``, DPOModule's ``rewards/*``,
     ``logps/*`` and ``logps_per_token/*`` (means over the step's pairs and updates, measured before each
     optimizer step: with a refreshed reference and one step per iteration they are 0 and the sigmoid loss
@@ -95,6 +109,7 @@ class IterativeDPOModule(HFModelModule):
         weight_decay: float = 0.0,
         max_grad_norm: float | None = 1.0,
         disable_dropout: bool = True,
+        lora: LoraSettings | None = None,
         trust_remote_code: bool = False,
     ) -> None:
         """
@@ -120,6 +135,8 @@ class IterativeDPOModule(HFModelModule):
             weight_decay: AdamW weight decay (biases and norms excluded).
             max_grad_norm: Clip gradients to this global norm (None = off).
             disable_dropout: Turn dropout off in the policy so policy and reference log-probs are comparable.
+            lora: Train LoRA adapters only; the reference is the policy with adapters off, or with a refreshed
+                copy of its adapter (refresh_reference). Needs the ``peft`` extra.
             trust_remote_code: Allow model code shipped with checkpoints to run (off for safety).
         """
         super().__init__(learning_rate, weight_decay)
@@ -150,8 +167,10 @@ class IterativeDPOModule(HFModelModule):
             self.sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p)
         except ValueError as err:
             raise ValueError(f"{owner}: {err}") from err
-        self.save_hyperparameters(ignore=["loss", "reward_function", "gold_function"])
+        self.save_hyperparameters(ignore=["loss", "reward_function", "gold_function", "lora"])
         self.loss = self._use_loss(loss, SigmoidDPOLoss())
+        self.lora = self._use_lora(lora)
+        check_dropout(owner, self.lora, disable_dropout)
         if reference_model is not None and (refresh_reference or self.loss.reference_free):
             raise ValueError(
                 f"{owner}: reference_model is only used with refresh_reference=false and a loss that is not "
@@ -175,8 +194,12 @@ class IterativeDPOModule(HFModelModule):
         self.policy = load_causal_lm(hp.model, **remote)
         if hp.disable_dropout:
             disable_dropout(self.policy)
+        if self.lora is not None:
+            self.policy = apply_lora(self.policy, self.lora, "causal_lm")
+            if self.adapter_refresh:
+                add_reference_adapter(self.policy)
         self.policy.train()
-        if not self.loss.reference_free:
+        if not self.loss.reference_free and (self.lora is None or hp.reference_model is not None):
             # Loaded from disk, never deep-copied: under ZeRO-3 the policy is already partitioned here.
             self.reference = freeze(load_causal_lm(hp.reference_model or hp.model, **remote))
             disable_dropout(self.reference)
@@ -194,6 +217,11 @@ class IterativeDPOModule(HFModelModule):
             raise ValueError(
                 f"the tokenizer of {hp.model} has no eos_token: cannot tell when a response ends"
             )
+
+    @property
+    def adapter_refresh(self) -> bool:
+        """Whether the reference is a second LoRA adapter refreshed from the trained one."""
+        return self.lora is not None and self.hparams.refresh_reference and not self.loss.reference_free
 
     def trained_model(self) -> PreTrainedModel:
         return self.policy
@@ -271,8 +299,12 @@ class IterativeDPOModule(HFModelModule):
         if self.loss.reference_free:
             return None, None
         n, average, chosen, rejected = pair_batch["index"].numel(), self.hparams.average_log_probs, [], []
+        if self.reference is not None:
+            reference = self.reference
+        else:
+            reference = (AdapterReference if self.adapter_refresh else AdaptersDisabled)(self.policy)
         for pairs in torch.arange(n, device=self.device).split(self.hparams.micro_batch_size):
-            logps, _ = response_logps(self.reference, take_pairs(pair_batch, pairs), average=average)
+            logps, _ = response_logps(reference, take_pairs(pair_batch, pairs), average=average)
             chosen.append(logps.chunk(2)[0])
             rejected.append(logps.chunk(2)[1])
         return torch.cat(chosen), torch.cat(rejected)
@@ -358,3 +390,5 @@ class IterativeDPOModule(HFModelModule):
             self.log_dict(dpo, batch_size=size)  # already reduced over ranks
         if self.hparams.refresh_reference and self.reference is not None:
             self.refresh_reference_weights()
+        elif self.adapter_refresh:
+            copy_into_reference_adapter(self.policy)

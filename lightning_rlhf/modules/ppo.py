@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from lightning_rlhf.lora import AdaptersDisabled, LoraSettings, apply_lora, check_dropout
 from lightning_rlhf.losses import entropy_bonus, ppo_policy_loss, ppo_value_loss
 from lightning_rlhf.models import (
     disable_dropout,
@@ -66,6 +67,10 @@ class PPOModule(HFModelModule):
 
     The paper's recipe is three switches: a large rollout batch (the prompt loader's ``batch_size``, 512 in
     the paper), ``AdvantageNormalization`` and ``EMAReferenceUpdate`` callbacks (configs/ppo/paper.yaml).
+
+    With ``lora`` the policy and the critic each get their own LoRA adapters (the critic stays a separate
+    model initialised from the reward model, its ``score`` head trained fully), and the reference is the
+    policy with its adapters off: no reference copy is held. ``EMAReferenceUpdate`` is refused with LoRA.
     """
 
     def __init__(
@@ -107,6 +112,7 @@ class PPOModule(HFModelModule):
         disable_dropout: bool = True,
         check_first_step: bool = True,
         first_step_tolerance: float = 1e-3,
+        lora: LoraSettings | None = None,
         trust_remote_code: bool = False,
     ) -> None:
         """
@@ -149,6 +155,8 @@ class PPOModule(HFModelModule):
             disable_dropout: Turn dropout off in policy and critic (PPO compares log-probs across forwards).
             check_first_step: At the first update check ratio == 1 and policy-reference KL == 0.
             first_step_tolerance: Largest |log-ratio| the first-step check accepts.
+            lora: LoRA adapters on the policy and (separately) the critic instead of training all weights;
+                the reference is then the policy with adapters off (unless reference_model is given).
             trust_remote_code: Allow model code shipped with checkpoints to run (off for safety).
         """
         super().__init__(learning_rate, weight_decay)  # checks both, names them
@@ -220,7 +228,9 @@ class PPOModule(HFModelModule):
             )
         if not (0 <= gamma <= 1 and 0 <= lam <= 1):
             raise ValueError(f"PPOModule: gamma and lam must be in [0, 1] (got {gamma}, {lam})")
-        self.save_hyperparameters(ignore=["reward_function", "gold_function"])
+        self.save_hyperparameters(ignore=["reward_function", "gold_function", "lora"])
+        self.lora = self._use_lora(lora)
+        check_dropout("PPOModule", self.lora, disable_dropout)
         self.reward_function = reward_function
         self.gold_function = gold_function
         self.sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p)
@@ -251,11 +261,15 @@ class PPOModule(HFModelModule):
         if hp.disable_dropout:
             disable_dropout(self.policy)
             disable_dropout(self.critic)
+        if self.lora is not None:
+            self.policy = apply_lora(self.policy, self.lora, "causal_lm")
+            self.critic = apply_lora(self.critic, self.lora, "sequence_classification")
         self.policy.train()
         self.critic.train()
-        # Loaded from disk, never deep-copied: under ZeRO-3 the policy is already partitioned here.
-        self.reference = freeze(load_causal_lm(hp.reference_model or hp.model, **remote))
-        disable_dropout(self.reference)
+        if self.lora is None or hp.reference_model is not None:  # with LoRA: the policy, adapters off
+            # Loaded from disk, never deep-copied: under ZeRO-3 the policy is already partitioned here.
+            self.reference = freeze(load_causal_lm(hp.reference_model or hp.model, **remote))
+            disable_dropout(self.reference)
         if hp.reward_model is not None:
             self.reward_model = freeze(load_reward_model(hp.reward_model, **remote))
         self.tokenizer = load_tokenizer(hp.model, **remote)
@@ -323,7 +337,7 @@ class PPOModule(HFModelModule):
         timings: dict[str, float] = {}
         rollout = collect_rollout(
             policy=self.policy,
-            reference=self.reference,
+            reference=self.reference if self.reference is not None else AdaptersDisabled(self.policy),
             critic=self.critic,
             tokenizer=self.tokenizer,
             prompt_ids=batch["input_ids"],

@@ -17,7 +17,7 @@ import torch
 from lightning import LightningDataModule
 from torch import Tensor
 
-from lightning_rlhf.models import freeze, response_logps, weights_fingerprint
+from lightning_rlhf.models import response_logps, weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,13 @@ def _compute_split(
 def precompute_reference_logps(
     module, datamodule: LightningDataModule, splits: list[str], cache_dir: Path, *, average: bool
 ) -> dict[str, ReferenceLogps]:
-    """Load or compute the reference log-probs of ``splits``; ``module`` provides ``load_reference()``."""
+    """Load or compute the reference log-probs of ``splits``; ``module`` provides ``cache_reference()``.
+
+    With LoRA that reference is the policy with its adapters off, and the fingerprint covers exactly those
+    base weights (under their plain names): a cache written with or without LoRA serves both.
+    """
     trainer = module.trainer
-    reference = freeze(module.load_reference()).to(module.device)
+    reference = module.cache_reference()
     weights = weights_fingerprint(reference)
     results = {}
     for split in splits:

@@ -8,6 +8,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.aggregation import CatMetric
 from transformers import PreTrainedModel
 
+from lightning_rlhf.lora import LoraSettings, apply_lora
 from lightning_rlhf.losses import BradleyTerryLoss
 from lightning_rlhf.models import load_reward_model, sequence_scores
 from lightning_rlhf.modules.base import HFModelModule
@@ -19,6 +20,8 @@ class RewardModule(HFModelModule):
     Batches follow the preference layout of :class:`~lightning_rlhf.PreferenceDataModule`: ``input_ids``
     [2B, T] with the B chosen rows first, plus ``attention_mask`` and ``margin`` [B]. The score of a sequence
     is read at its last real token (from the attention mask, whatever the padding side or pad token).
+    With ``lora`` the backbone gets LoRA adapters and the ``score`` head is trained fully (PEFT's
+    ``modules_to_save``); the export merges them into a plain sequence-classification model.
     """
 
     def __init__(
@@ -27,6 +30,7 @@ class RewardModule(HFModelModule):
         loss: BradleyTerryLoss | None = None,
         learning_rate: float = 1e-5,
         weight_decay: float = 0.0,
+        lora: LoraSettings | None = None,
         trust_remote_code: bool = False,
     ) -> None:
         """
@@ -35,11 +39,13 @@ class RewardModule(HFModelModule):
             loss: The pairwise loss; default Bradley-Terry with no reward centering.
             learning_rate: AdamW learning rate (used when no optimizer is given in the config).
             weight_decay: AdamW weight decay (biases and norms excluded).
+            lora: Train LoRA adapters on the backbone (and the score head fully). Needs the ``peft`` extra.
             trust_remote_code: Allow model code shipped with the checkpoint to run (off for safety).
         """
         super().__init__(learning_rate, weight_decay)
-        self.save_hyperparameters(ignore=["loss"])
+        self.save_hyperparameters(ignore=["loss", "lora"])
         self.loss = self._use_loss(loss, BradleyTerryLoss())
+        self.lora = self._use_lora(lora)
         self.reward_model: PreTrainedModel | None = None
         self.val_accuracy, self.val_margin, self.val_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_rewards = CatMetric()
@@ -49,6 +55,8 @@ class RewardModule(HFModelModule):
             self.reward_model = load_reward_model(
                 self.hparams.model, trust_remote_code=self.hparams.trust_remote_code
             )
+            if self.lora is not None:
+                self.reward_model = apply_lora(self.reward_model, self.lora, "sequence_classification")
             self.reward_model.train()
 
     def trained_model(self) -> PreTrainedModel:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from lightning_rlhf.lora import LoraSettings, apply_lora
 from lightning_rlhf.models import load_causal_lm, next_token_logprobs
 from lightning_rlhf.modules.base import HFModelModule
 from lightning_rlhf.ops import masked_mean
@@ -18,6 +19,7 @@ class SFTModule(HFModelModule):
         model: str,
         learning_rate: float = 1e-5,
         weight_decay: float = 0.0,
+        lora: LoraSettings | None = None,
         trust_remote_code: bool = False,
     ) -> None:
         """
@@ -25,16 +27,20 @@ class SFTModule(HFModelModule):
             model: Hub name or local ``save_pretrained`` folder of the causal LM to fine-tune.
             learning_rate: AdamW learning rate (used when no optimizer is given in the config).
             weight_decay: AdamW weight decay (biases and norms excluded).
+            lora: Train LoRA adapters instead of all weights (merged on export). Needs the ``peft`` extra.
             trust_remote_code: Allow model code shipped with the checkpoint to run (off for safety).
         """
         super().__init__(learning_rate, weight_decay)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["lora"])
+        self.lora = self._use_lora(lora)
         self.policy: PreTrainedModel | None = None
 
     def configure_model(self) -> None:
         # Built here, not in __init__, so that strategies such as DeepSpeed ZeRO-3 can shard it at creation.
         if self.policy is None:
             self.policy = load_causal_lm(self.hparams.model, trust_remote_code=self.hparams.trust_remote_code)
+            if self.lora is not None:
+                self.policy = apply_lora(self.policy, self.lora, "causal_lm")
             # transformers may hand the model back in eval mode; fine-tuning runs in train mode (Lightning
             # switches to eval for validation and back).
             self.policy.train()
