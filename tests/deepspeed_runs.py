@@ -29,6 +29,7 @@ class Run:
     precompute_reference: bool = False
     zero3_generation: str = "gather"
     checkpoint_every: int | None = None
+    hf_export: bool = False
     resume_from: str | None = None
     module_kwargs: dict = field(default_factory=dict)
 
@@ -92,7 +93,7 @@ def _fit(run: Run, rank: int, world_size: int, testbed: Path, out_dir: Path) -> 
     import lightning as L
     import torch
 
-    from lightning_rlhf import AdvantageNormalization, EMAReferenceUpdate
+    from lightning_rlhf import AdvantageNormalization, EMAReferenceUpdate, HFExport
     from lightning_rlhf.zero import gathered
 
     L.seed_everything(0, verbose=False)
@@ -110,6 +111,8 @@ def _fit(run: Run, rank: int, world_size: int, testbed: Path, out_dir: Path) -> 
         callbacks.insert(0, AdvantageNormalization())
     if run.ema:
         callbacks.insert(0, EMAReferenceUpdate(decay=0.25))
+    if run.hf_export:
+        callbacks.append(HFExport(str(out_dir / f"{run.tag}_hf")))
     if run.checkpoint_every:
         callbacks.append(
             L.pytorch.callbacks.ModelCheckpoint(

@@ -13,7 +13,9 @@ import pytest
 deepspeed = pytest.importorskip("deepspeed")
 
 from deepspeed_runs import Run, spawn  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
+from lightning_rlhf.export import export_checkpoint  # noqa: E402
 from lightning_rlhf.testbed.files import SplitSizes, write_testbed  # noqa: E402
 from lightning_rlhf.testbed.task import TaskConfig  # noqa: E402
 
@@ -76,13 +78,16 @@ def test_ppo_on_two_ranks_zero2_and_zero3_match_ddp_with_the_paper_callbacks(tes
     runs = [
         Run("ddp", "ppo", "ddp", **paper),
         Run("zero2", "ppo", "zero2", **paper),
-        Run("zero3_gather", "ppo", "zero3", **paper),
+        Run("zero3_gather", "ppo", "zero3", hf_export=True, **paper),
         Run("zero3_synced", "ppo", "zero3", zero3_generation="synced", **paper),
     ]
     out = spawn(testbed, tmp_path, runs, nprocs=2)
     for tag in ("zero2", "zero3_gather", "zero3_synced"):
         assert_same_steps(out[tag], out["ddp"], PPO_KEYS)
         assert out[tag]["global_step"] == out["ddp"]["global_step"] == 4
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "zero3_gather_hf")  # HFExport, gathered
+    squares = sum(float(p.double().pow(2).sum()) for p in exported.parameters())
+    assert squares == pytest.approx(out["zero3_gather"]["weights"]["policy"], rel=1e-7)
     for record in out.values():  # whitened over the whole rollout batch, i.e. across both ranks
         assert record["steps"][0]["rollout/advantage_mean"] == pytest.approx(0.0, abs=1e-5)
         assert record["steps"][0]["rollout/advantage_std"] == pytest.approx(1.0, abs=1e-3)
@@ -109,9 +114,6 @@ def test_zero3_checkpoint_restores_the_state_and_exports_a_plain_model(testbed, 
     assert out["loaded"]["kl_coef"] == out["first"]["kl_coef"] != 0.1  # the adaptive controller moved
     assert out["resumed"]["weights"]["policy"] != out["first"]["weights"]["policy"]
 
-    from transformers import AutoModelForCausalLM
-
-    from lightning_rlhf.export import export_checkpoint
 
     (final,) = (tmp_path / "resumed_ckpt").glob("*step=4*.ckpt")
     assert final.is_dir()

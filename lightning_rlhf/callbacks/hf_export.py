@@ -30,7 +30,7 @@ class HFExport(Callback):
         if not hasattr(pl_module, "save_pretrained"):
             raise TypeError(f"HFExport needs a lightning_rlhf module; got {type(pl_module).__name__}")
         path = Path(self.dirpath or Path(trainer.default_root_dir) / "hf_model")
+        pl_module.save_pretrained(path)  # every rank: under ZeRO-3 the weights are gathered; rank 0 writes
         if trainer.is_global_zero:
-            pl_module.save_pretrained(path)
             log.info("exported %s to %s", type(pl_module.trained_model()).__name__, path)
         trainer.strategy.barrier()

@@ -13,7 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lightning_rlhf.export import MODULE_CLASS_KEY, module_class_path
 from lightning_rlhf.lora import LoraSettings, merged_copy
 from lightning_rlhf.models import load_tokenizer
-from lightning_rlhf.zero import hf_zero3_loading
+from lightning_rlhf.zero import gathered, hf_zero3_loading
 
 
 def object_spec(obj: object) -> dict:
@@ -172,8 +172,13 @@ class HFModelModule(LightningModule):
         """Write the trained model and its tokenizer as a folder that transformers alone can load.
 
         LoRA adapters are merged into the weights first: the folder is an ordinary model, not an adapter.
+        Under DeepSpeed ZeRO-3 every rank must call this (the weights are gathered from all ranks' shards);
+        rank 0 writes. Elsewhere any single rank may call it.
         """
         path = Path(path)
-        merged_copy(self.trained_model()).save_pretrained(path)
-        self.tokenizer_for_export().save_pretrained(path)
+        model = self.trained_model()
+        with gathered(model):
+            if self._trainer is None or self.trainer.is_global_zero:
+                merged_copy(model).save_pretrained(path)
+                self.tokenizer_for_export().save_pretrained(path)
         return path
