@@ -28,19 +28,30 @@ class ParseOnlyCLI(RLHFCLI):
         pass
 
 
+# configs/deepspeed/ holds strategy-only files, used after a stage config: check them on top of one.
+STRATEGY_BASE = REPO / "configs" / "ppo" / "llama2-7b-hh.yaml"
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
 def test_config_parses_and_builds(path, tmp_path, monkeypatch):
     """Every YAML parses; CPU ones are built too (GPU ones need CUDA and DeepSpeed to build a Trainer)."""
     monkeypatch.chdir(tmp_path)  # default_root_dir and logs land in tmp_path
+    fragment = path.parent.name == "deepspeed"
+    args = ["--config", str(STRATEGY_BASE)] if fragment else []
     parsed = ParseOnlyCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        args=["--config", str(path)],
+        args=[*args, "--config", str(path)],
         run=False,
     )
     config = parsed.config
+    if fragment:
+        strategy = config.trainer.strategy
+        assert strategy.class_path == "lightning.pytorch.strategies.DeepSpeedStrategy"
+        assert strategy.init_args.stage == int(path.stem[4])  # zero2 / zero3 / zero3-offload
+        return
     assert config.model.class_path.startswith("lightning_rlhf.")
     if config.trainer.accelerator == "cpu":
         cli = build_cli(["--config", str(path)], run=False)

@@ -17,7 +17,7 @@ MODEL_SIZES: dict[str, tuple[int, int, int, int]] = {
     "nano": (64, 2, 4, 128),
     "tiny": (128, 4, 4, 384),
     "small": (256, 6, 8, 768),
-    "0.5b": (1024, 24, 16, 2816),
+    "0.5b": (1280, 24, 20, 3584),  # 0.49B parameters outside the (testbed-sized) embeddings
 }
 
 
