@@ -12,6 +12,7 @@ is turned on.
 from __future__ import annotations
 
 import copy
+import zlib
 from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
@@ -102,8 +103,36 @@ def apply_lora(
         task_type=task_type,
     )
     wrapped = peft.get_peft_model(model, config)
+    _init_adapters(wrapped)
     wrapped.train(model.training)
     return wrapped
+
+
+def _init_adapters(model: nn.Module) -> None:
+    """(Re-)initialise every adapter from a seed of its own: the run's seed and the layer's name.
+
+    Two reasons. Under ``deepspeed.zero.Init`` (ZeRO-3) each new adapter weight is split across ranks as
+    soon as it exists, so PEFT's ``zeros_(lora_B)`` and Kaiming ``lora_A`` ran on empty placeholders: B would
+    not be zero and the policy would not start equal to its reference; here rank 0 initialises the gathered
+    tensors. And the initial adapters no longer depend on how much of the global RNG stream model loading
+    used, so DDP, ZeRO-2 and ZeRO-3 runs of one seed start from the same adapters.
+    """
+    from lightning_rlhf.zero import gathered_tensors
+
+    base_seed = torch.initial_seed()
+    for layer_name, module in model.named_modules():
+        if not hasattr(module, "reset_lora_parameters") or not hasattr(module, "lora_A"):
+            continue
+        params = [
+            p for name in module.lora_A for p in (module.lora_A[name].weight, module.lora_B[name].weight)
+        ]
+        if not params:
+            continue
+        devices = [params[0].device.index or 0] if params[0].is_cuda else []
+        with gathered_tensors(params, modifier_rank=0), torch.random.fork_rng(devices=devices):
+            torch.manual_seed((base_seed + zlib.crc32(layer_name.encode())) % 2**63)
+            for name in list(module.lora_A):
+                module.reset_lora_parameters(name, init_lora_weights=True)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -47,6 +47,24 @@ class HFZero3Loading:
         unset_hf_deepspeed_config()
 
 
+@contextlib.contextmanager
+def unpartitioned_loading() -> Iterator[None]:
+    """``from_pretrained`` builds an ordinary, whole model inside the block even while ZeRO-3 is on.
+
+    For a model loaded outside ``configure_model`` (DPO's reference for the one-off log-prob pass): the
+    engine registered its gathering hooks on the module's submodules only, so a partitioned newcomer would
+    run its forward on empty placeholders. transformers reads ZeRO-3 from a module-level weak reference.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def hf_zero3_loading(trainer) -> HFZero3Loading | None:
     """An active :class:`HFZero3Loading` when the trainer runs ZeRO-3, else None."""
     if zero_stage(trainer) != 3:

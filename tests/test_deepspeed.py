@@ -41,6 +41,7 @@ def assert_same_steps(a: dict, b: dict, keys: list[str], tol: float = TOL) -> No
         assert value == pytest.approx(b["weights"][name], rel=1e-5), f"final {name} weights"
 
 
+LORA = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
 REWARD_KEYS = ["train/loss", "train/accuracy", "train/margin"]
 DPO_KEYS = ["train/loss", "rewards/margins", "logps/chosen"]
 PPO_KEYS = ["ppo/loss", "ppo/policy_loss", "ppo/value_loss", "ppo/approx_kl", "rollout/score", "rollout/kl"]
@@ -48,9 +49,11 @@ PPO_KEYS = ["ppo/loss", "ppo/policy_loss", "ppo/value_loss", "ppo/approx_kl", "r
 
 def test_reward_model_zero2_and_zero3_on_two_ranks_match_ddp(testbed, tmp_path):
     runs = [Run(tag, "reward", tag) for tag in ("ddp", "zero2", "zero3")]
+    runs += [Run(f"{tag}_lora", "reward", tag, module_kwargs=LORA) for tag in ("ddp", "zero3")]
     out = spawn(testbed, tmp_path, runs, nprocs=2)
     for tag in ("zero2", "zero3"):
         assert_same_steps(out[tag], out["ddp"], REWARD_KEYS)
+    assert_same_steps(out["zero3_lora"], out["ddp_lora"], REWARD_KEYS)
     assert out["ddp"]["steps"][0]["train/loss"] == pytest.approx(0.6931, abs=0.02)  # fresh head: ~log 2
 
 
@@ -62,10 +65,15 @@ def test_dpo_on_one_rank_zero3_ema_and_zero2_cached_reference_match_ddp(testbed,
         Run("zero3_ema", "dpo", "zero3", ema=True),
         Run("ddp_cached", "dpo", "ddp", precompute_reference=True),
         Run("zero2_cached", "dpo", "zero2", precompute_reference=True),
+        Run("zero3_cached", "dpo", "zero3", precompute_reference=True),
+        Run("ddp_lora", "dpo", "ddp", module_kwargs=LORA),
+        Run("zero3_lora", "dpo", "zero3", module_kwargs=LORA),
     ]
     out = spawn(testbed, tmp_path, runs, nprocs=1)
     assert_same_steps(out["zero3_ema"], out["ddp_ema"], DPO_KEYS)
     assert_same_steps(out["zero2_cached"], out["ddp_cached"], DPO_KEYS)
+    assert_same_steps(out["zero3_cached"], out["ddp_cached"], DPO_KEYS)
+    assert_same_steps(out["zero3_lora"], out["ddp_lora"], DPO_KEYS)
     # The EMA moved the reference (so the comparison above covered it), the cached run has none.
     assert out["ddp_ema"]["weights"]["reference"] != pytest.approx(out["ddp_ema"]["weights"]["policy"])
     assert "reference" not in out["zero2_cached"]["weights"]

@@ -15,6 +15,7 @@ from lightning_rlhf.losses import DPOLoss, DPOLossOutput, SigmoidDPOLoss
 from lightning_rlhf.models import disable_dropout, freeze, load_causal_lm, response_logps
 from lightning_rlhf.modules.base import HFModelModule
 from lightning_rlhf.modules.reference_cache import ReferenceLogps, precompute_reference_logps
+from lightning_rlhf.zero import unpartitioned_loading
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,9 @@ class DPOModule(HFModelModule):
         """The frozen reference on this module's device, for computing the reference log-prob cache."""
         if self.adapter_reference:
             return AdaptersDisabled(self.policy)
-        return freeze(self.load_reference()).to(self.device)
+        # Whole, not ZeRO-3 partitioned: no engine hooks would gather a model loaded outside configure_model.
+        with unpartitioned_loading():
+            return freeze(self.load_reference()).to(self.device)
 
     def trained_model(self) -> PreTrainedModel:
         return self.policy

@@ -18,6 +18,7 @@ from lightning import LightningDataModule
 from torch import Tensor
 
 from lightning_rlhf.models import response_logps, weights_fingerprint
+from lightning_rlhf.zero import gathered
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,10 @@ def precompute_reference_logps(
     """
     trainer = module.trainer
     reference = module.cache_reference()
-    weights = weights_fingerprint(reference)
+    model = getattr(reference, "model", reference)  # AdaptersDisabled wraps the policy
+    with gathered(model):  # whole weights under ZeRO-3 (a no-op otherwise)
+        weights = weights_fingerprint(reference)
+
     results = {}
     for split in splits:
         key = hashlib.sha256(
