@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lightning_rlhf.data.formats import RowError
 from lightning_rlhf.data.loading import DataError, load_table
+from lightning_rlhf.data.sampling import ResumableDataLoader, SeededRandomSampler
 from lightning_rlhf.models import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -197,13 +198,16 @@ class TableDataModule(LightningDataModule):
                 f"no {split!r} split (have {sorted(self.datasets)}); call setup() first, and for 'val' set "
                 "val_file, val_split or val_fraction"
             )
-        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
-        return DataLoader(
+        if shuffle and sampler is None:
+            # Seeded by (seed, epoch) alone, so a mid-epoch checkpoint can resume at the exact position.
+            sampler = SeededRandomSampler(len(self.datasets[split]), seed=self.hparams.seed)
+        return ResumableDataLoader(
             self.datasets[split],
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
             sampler=sampler,
-            generator=generator,
+            # Only to seed worker processes: without it DataLoader draws that seed from the global torch RNG,
+            # shifting every random number the model draws afterwards (a resumed run must not differ).
+            generator=torch.Generator().manual_seed(self.hparams.seed),
             num_workers=self.hparams.num_workers,
             collate_fn=self._collator(),
             drop_last=drop_last,

@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 
 from lightning_rlhf.losses import DPOLoss, DPOLossOutput, SigmoidDPOLoss
 from lightning_rlhf.models import disable_dropout, freeze, load_causal_lm, response_logps
-from lightning_rlhf.modules.base import HFModelModule
+from lightning_rlhf.modules.base import HFModelModule, NonFinitePolicy
 from lightning_rlhf.modules.reference_cache import ReferenceLogps, precompute_reference_logps
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ class DPOModule(HFModelModule):
         disable_dropout: bool = True,
         diagnostic_batches: int = 4,
         trust_remote_code: bool = False,
+        nonfinite: NonFinitePolicy = "raise",
     ) -> None:
         """
         Args:
@@ -91,8 +92,10 @@ class DPOModule(HFModelModule):
             disable_dropout: Turn dropout off in the policy so policy and reference log-probs are comparable.
             diagnostic_batches: Batches scored before the first update for the start diagnostic (0 = off).
             trust_remote_code: Allow model code shipped with the checkpoint to run (off for safety).
+            nonfinite: A NaN/inf loss term or gradient: 'raise' (naming step, rows, term) or 'skip' the step
+                and count it (train/nonfinite_skipped).
         """
-        super().__init__(learning_rate, weight_decay)
+        super().__init__(learning_rate, weight_decay, nonfinite)
         if diagnostic_batches < 0:
             raise ValueError(f"DPOModule: diagnostic_batches must be >= 0 (got {diagnostic_batches})")
         self.save_hyperparameters(ignore=["loss"])
@@ -105,6 +108,7 @@ class DPOModule(HFModelModule):
         self.reference: PreTrainedModel | None = None
         self.cached: dict[str, ReferenceLogps] = {}
         self._eval_reference: list[PreTrainedModel] = []
+        self._start_diagnostic: dict[str, float] | None = None  # kept in checkpoints, re-logged on resume
         self.val_metrics = torch.nn.ModuleDict({name.replace("/", "_"): MeanMetric() for name in _METRICS})
 
     @property
@@ -187,6 +191,10 @@ class DPOModule(HFModelModule):
 
     def on_train_start(self) -> None:
         """Log the distribution-shift diagnostic before any update."""
+        if self._start_diagnostic is not None:
+            # Resumed: the policy has been trained, so re-log the values measured before the first update.
+            self.log_dict({k: torch.tensor(v) for k, v in self._start_diagnostic.items()}, sync_dist=True)
+            return
         n = self.hparams.diagnostic_batches
         datamodule = self.trainer.datamodule
         if n == 0 or not hasattr(datamodule, "reference_dataloader"):
@@ -206,13 +214,25 @@ class DPOModule(HFModelModule):
             "diagnostics/start/logps_per_token/rejected": torch.cat(rejected).mean(),
         }
         self.log_dict(start, sync_dist=True)
+        self._start_diagnostic = {k: float(v) for k, v in start.items()}
         log.info(
             "policy mean per-token log-prob before training: %s",
             {k: round(float(v), 4) for k, v in start.items()},
         )
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["dpo_start_diagnostic"] = self._start_diagnostic
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._start_diagnostic = checkpoint.get("dpo_start_diagnostic")
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         out, metrics = self.compute_loss(batch, "train")
+        terms = {"logps/chosen": metrics["logps/chosen"], "logps/rejected": metrics["logps/rejected"]}
+        if not self.finite_or_skip({**terms, "loss": out.loss}, batch):
+            return None  # Lightning then skips backward and the optimizer step
         size = batch["index"].shape[0]
         self.log("train/loss", metrics.pop("loss"), prog_bar=True, batch_size=size)
         self.log_dict(metrics, batch_size=size)

@@ -20,7 +20,7 @@ from lightning_rlhf.models import (
     response_token_logprobs,
     response_values,
 )
-from lightning_rlhf.modules.base import HFModelModule, adamw_param_groups, zero_stage
+from lightning_rlhf.modules.base import HFModelModule, NonFinitePolicy, adamw_param_groups, zero_stage
 from lightning_rlhf.ops import masked_mean, masked_var
 from lightning_rlhf.rollout.collect import (
     ShapingConfig,
@@ -100,6 +100,7 @@ class PPOModule(HFModelModule):
         check_first_step: bool = True,
         first_step_tolerance: float = 1e-3,
         trust_remote_code: bool = False,
+        nonfinite: NonFinitePolicy = "raise",
     ) -> None:
         """
         Args:
@@ -140,8 +141,10 @@ class PPOModule(HFModelModule):
             check_first_step: At the first update check ratio == 1 and policy-reference KL == 0.
             first_step_tolerance: Largest |log-ratio| the first-step check accepts.
             trust_remote_code: Allow model code shipped with checkpoints to run (off for safety).
+            nonfinite: A NaN/inf loss term or gradient: 'raise' (naming step, rows, term) or 'skip' the step
+                and count it (train/nonfinite_skipped).
         """
-        super().__init__(learning_rate, weight_decay)  # checks both, names them
+        super().__init__(learning_rate, weight_decay, nonfinite)  # checks both, names them
         self.automatic_optimization = False
         positive = {
             "max_new_tokens": max_new_tokens,
@@ -374,13 +377,22 @@ class PPOModule(HFModelModule):
                 # Each micro-batch's token-mean loss is weighted by its share of the mini-batch's tokens, so
                 # the step minimises the token-mean over the whole mini-batch whatever micro_batch_size is.
                 mini_tokens = rollout.response_mask[order[start : start + mini]].sum().clamp(min=1)
+                finite = True
                 for micro_start in range(start, start + mini, micro):
-                    mb = rollout.minibatch(order[micro_start : micro_start + micro])
+                    rows = order[micro_start : micro_start + micro]
+                    mb = rollout.minibatch(rows)
                     loss, metrics = self._micro_loss(mb, rollout.prompt_ids.shape[1])
+                    terms = {k: metrics[f"ppo/{k}"] for k in ("policy_loss", "value_loss", "entropy")}
+                    finite = self.finite_or_skip({**terms, "loss": loss}, {"index": rows})
+                    if not finite:
+                        break  # nonfinite="skip": this mini-batch makes no optimizer step
                     self.manual_backward(loss * (mb["response_mask"].sum() / mini_tokens))
                     approx_kls.append(metrics["ppo/approx_kl"])
                     for key, value in metrics.items():
                         totals.setdefault(key, []).append(value)
+                if not finite:
+                    optimizer.zero_grad()
+                    continue
                 if hp.max_grad_norm is not None:
                     self.clip_gradients(
                         optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm"
@@ -394,7 +406,7 @@ class PPOModule(HFModelModule):
                         break
             if stopped:
                 break
-        out = {key: torch.stack(values).mean() for key, values in totals.items()}
+        out = {key: torch.stack(values).mean() for key, values in totals.items() if values}
         out["ppo/early_stopped"] = torch.tensor(stopped)
         return out
 

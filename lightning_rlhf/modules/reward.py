@@ -10,7 +10,7 @@ from transformers import PreTrainedModel
 
 from lightning_rlhf.losses import BradleyTerryLoss
 from lightning_rlhf.models import load_reward_model, sequence_scores
-from lightning_rlhf.modules.base import HFModelModule
+from lightning_rlhf.modules.base import HFModelModule, NonFinitePolicy
 
 
 class RewardModule(HFModelModule):
@@ -28,6 +28,7 @@ class RewardModule(HFModelModule):
         learning_rate: float = 1e-5,
         weight_decay: float = 0.0,
         trust_remote_code: bool = False,
+        nonfinite: NonFinitePolicy = "raise",
     ) -> None:
         """
         Args:
@@ -36,8 +37,10 @@ class RewardModule(HFModelModule):
             learning_rate: AdamW learning rate (used when no optimizer is given in the config).
             weight_decay: AdamW weight decay (biases and norms excluded).
             trust_remote_code: Allow model code shipped with the checkpoint to run (off for safety).
+            nonfinite: A NaN/inf loss term or gradient: 'raise' (naming step, rows, term) or 'skip' the step
+                and count it (train/nonfinite_skipped).
         """
-        super().__init__(learning_rate, weight_decay)
+        super().__init__(learning_rate, weight_decay, nonfinite)
         self.save_hyperparameters(ignore=["loss"])
         self.loss = self._use_loss(loss, BradleyTerryLoss())
         self.reward_model: PreTrainedModel | None = None
@@ -59,9 +62,12 @@ class RewardModule(HFModelModule):
         scores = sequence_scores(self.reward_model, batch["input_ids"], batch["attention_mask"])
         return scores.chunk(2)
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         chosen, rejected = self.score_pairs(batch)
         out = self.loss(chosen, rejected, margin=batch.get("margin"))
+        terms = {"rewards/chosen": chosen, "rewards/rejected": rejected, "loss": out.loss}
+        if not self.finite_or_skip(terms, batch):
+            return None  # Lightning then skips backward and the optimizer step
         size = chosen.shape[0]
         self.log("train/loss", out.loss, prog_bar=True, batch_size=size)
         self.log("train/accuracy", out.accuracy, prog_bar=True, batch_size=size)
