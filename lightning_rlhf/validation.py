@@ -34,9 +34,13 @@ def check(
     """
     if value is None and optional:
         return
-    bounds = [f"{op} {b}" for op, b in ((">", gt), (">=", ge), ("<", lt), ("<=", le)) if b is not None]
-    wanted = " and ".join(bounds) or "a finite number"
-    wanted += " (an integer)" if integer else ""
+    low, high = (gt, "(") if gt is not None else (ge, "["), (lt, ")") if lt is not None else (le, "]")
+    if low[0] is not None and high[0] is not None:
+        bounds = f"in {low[1]}{low[0]}, {high[0]}{high[1]}"  # interval notation: (0, 1] excludes 0
+    else:
+        ops = ((">", gt), (">=", ge), ("<", lt), ("<=", le))
+        bounds = " and ".join(f"{op} {b}" for op, b in ops if b is not None) or "a finite number"
+    wanted = ("an integer " if integer else "") + bounds
     wanted += " or null (off)" if optional else ""
     is_number = isinstance(value, int | float) and not isinstance(value, bool)
     ok = is_number and (isinstance(value, int) or not integer) and math.isfinite(value)

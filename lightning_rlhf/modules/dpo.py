@@ -14,6 +14,7 @@ from lightning_rlhf.losses import DPOLoss, DPOLossOutput, SigmoidDPOLoss
 from lightning_rlhf.models import disable_dropout, freeze, load_causal_lm, response_logps
 from lightning_rlhf.modules.base import HFModelModule, NonFinitePolicy
 from lightning_rlhf.modules.reference_cache import ReferenceLogps, precompute_reference_logps
+from lightning_rlhf.validation import check
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,7 @@ class DPOModule(HFModelModule):
                 and count it (train/nonfinite_skipped).
         """
         super().__init__(learning_rate, weight_decay, nonfinite)
-        if diagnostic_batches < 0:
-            raise ValueError(f"DPOModule: diagnostic_batches must be >= 0 (got {diagnostic_batches})")
+        check("DPOModule", "diagnostic_batches", diagnostic_batches, ge=0, integer=True)
         self.save_hyperparameters(ignore=["loss"])
         self.loss = self._use_loss(loss, SigmoidDPOLoss())
         if self.loss.reference_free and (reference_model is not None or precompute_reference):

@@ -31,6 +31,7 @@ from lightning_rlhf.modules.dpo import DPO_METRIC_NAMES, dpo_metrics
 from lightning_rlhf.rollout.collect import call_reward_function
 from lightning_rlhf.rollout.generation import SamplingConfig, decode_responses, generate_responses
 from lightning_rlhf.rollout.pairs import Samples, build_pair_batch, select_pairs, take_pairs
+from lightning_rlhf.validation import check, check_divides
 
 RewardFn = Callable[[list[str], list[str]], Any]
 
@@ -118,27 +119,17 @@ class IterativeDPOModule(HFModelModule):
         super().__init__(learning_rate, weight_decay)
         self.automatic_optimization = False
         owner = "IterativeDPOModule"
-        if num_samples < 2:
-            raise ValueError(f"{owner}: num_samples must be >= 2 to form a pair (got {num_samples})")
-        if not temperature > 0:
-            raise ValueError(f"{owner}: temperature must be > 0 (got {temperature}); greedy samples all tie")
-        counts = {
-            "dpo_epochs": dpo_epochs,
-            "mini_batch_size": mini_batch_size,
-            "micro_batch_size": micro_batch_size,
-        }
-        for name, value in counts.items():
-            if value < 1:
-                raise ValueError(f"{owner}: {name} must be >= 1 (got {value})")
-        if mini_batch_size % micro_batch_size:
-            raise ValueError(
-                f"{owner}: micro_batch_size ({micro_batch_size}) must divide "
-                f"mini_batch_size ({mini_batch_size})"
-            )
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"{owner}: max_grad_norm must be > 0 or null (got {max_grad_norm})")
-        if missing_eos_penalty is not None and not missing_eos_penalty >= 0:
-            raise ValueError(f"{owner}: missing_eos_penalty must be >= 0 or null (got {missing_eos_penalty})")
+        check(owner, "num_samples", num_samples, ge=2, integer=True)  # a pair needs two samples
+        check(owner, "temperature", temperature, gt=0)  # greedy samples would all tie
+        for name, value in (
+            ("dpo_epochs", dpo_epochs),
+            ("mini_batch_size", mini_batch_size),
+            ("micro_batch_size", micro_batch_size),
+        ):
+            check(owner, name, value, ge=1, integer=True)
+        check_divides(owner, ("micro_batch_size", micro_batch_size), ("mini_batch_size", mini_batch_size))
+        check(owner, "max_grad_norm", max_grad_norm, gt=0, optional=True)
+        check(owner, "missing_eos_penalty", missing_eos_penalty, ge=0, optional=True)
         try:
             self.sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p)
         except ValueError as err:

@@ -37,6 +37,7 @@ from lightning_rlhf.rollout.shaping import (
     sequence_kl,
 )
 from lightning_rlhf.rollout.types import Rollout
+from lightning_rlhf.validation import ConfigError, check, check_choice, check_divides
 
 RewardFn = Callable[[list[str], list[str]], Any]
 
@@ -146,69 +147,50 @@ class PPOModule(HFModelModule):
         """
         super().__init__(learning_rate, weight_decay, nonfinite)  # checks both, names them
         self.automatic_optimization = False
-        positive = {
-            "max_new_tokens": max_new_tokens,
-            "ppo_epochs": ppo_epochs,
-            "mini_batch_size": mini_batch_size,
-            "micro_batch_size": micro_batch_size,
-            "generation_batch_size": generation_batch_size,
-            "clip_range": clip_range,
-            "critic_learning_rate": critic_learning_rate,
-            "first_step_tolerance": first_step_tolerance,
-            "kl_horizon": kl_horizon,
-        }
-        for name, value in positive.items():
-            if not value > 0:
-                raise ValueError(f"PPOModule: {name} must be > 0 (got {value})")
-        non_negative = {
-            "kl_coef": kl_coef,
-            "entropy_coef": entropy_coef,
-            "value_loss_coef": value_loss_coef,
-        }
-        for name, value in non_negative.items():
-            if not value >= 0:
-                raise ValueError(f"PPOModule: {name} must be >= 0 (got {value})")
-        optional_positive = {
-            "clip_range_value": clip_range_value,
-            "score_clip": score_clip,
-            "early_stop_kl": early_stop_kl,
-            "target_kl": target_kl,
-            "max_grad_norm": max_grad_norm,
-        }
-        for name, value in optional_positive.items():
-            if value is not None and not value > 0:
-                raise ValueError(f"PPOModule: {name} must be > 0 or null (got {value})")
-        if not 0 < temperature < float("inf"):
-            raise ValueError(
-                f"PPOModule: temperature must be > 0 (got {temperature}): PPO learns from samples"
-            )
-        if target_kl is not None and kl_coef == 0:
-            raise ValueError(
-                "PPOModule: kl_coef must be > 0 with target_kl (the controller only rescales it)"
-            )
-        if missing_eos_penalty is not None and not missing_eos_penalty >= 0:
-            raise ValueError(
-                f"PPOModule: missing_eos_penalty must be >= 0 or null (got {missing_eos_penalty!r})"
-            )
-        if kl_estimator not in ("k1", "k2", "k3"):
-            raise ValueError(f"PPOModule: kl_estimator must be k1, k2 or k3 (got {kl_estimator!r})")
+        owner = "PPOModule"
         for name, value in (
             ("max_new_tokens", max_new_tokens),
             ("ppo_epochs", ppo_epochs),
             ("mini_batch_size", mini_batch_size),
             ("micro_batch_size", micro_batch_size),
+            ("generation_batch_size", generation_batch_size),
+            ("kl_horizon", kl_horizon),
         ):
-            if not isinstance(value, int):
-                raise ValueError(f"PPOModule: {name} must be an integer (got {value!r})")
-        if dual_clip is not None and not dual_clip > 1:
-            raise ValueError(f"PPOModule: dual_clip must be > 1 or null (got {dual_clip})")
-        if mini_batch_size % micro_batch_size:
-            raise ValueError(
-                f"PPOModule: micro_batch_size ({micro_batch_size}) must divide "
-                f"mini_batch_size ({mini_batch_size})"
+            check(owner, name, value, ge=1, integer=True)
+        check(owner, "top_k", top_k, ge=0, integer=True)
+        check(owner, "top_p", top_p, gt=0, le=1)
+        # PPO learns from samples: greedy decoding (temperature 0) would make every ratio degenerate.
+        check(owner, "temperature", temperature, gt=0)
+        for name, value in (
+            ("clip_range", clip_range),
+            ("critic_learning_rate", critic_learning_rate),
+            ("first_step_tolerance", first_step_tolerance),
+        ):
+            check(owner, name, value, gt=0)
+        for name, value in (
+            ("kl_coef", kl_coef),
+            ("entropy_coef", entropy_coef),
+            ("value_loss_coef", value_loss_coef),
+        ):
+            check(owner, name, value, ge=0)
+        for name, value in (
+            ("clip_range_value", clip_range_value),
+            ("score_clip", score_clip),
+            ("early_stop_kl", early_stop_kl),
+            ("target_kl", target_kl),
+            ("max_grad_norm", max_grad_norm),
+        ):
+            check(owner, name, value, gt=0, optional=True)
+        check(owner, "missing_eos_penalty", missing_eos_penalty, ge=0, optional=True)
+        check(owner, "dual_clip", dual_clip, gt=1, optional=True)
+        check(owner, "gamma", gamma, ge=0, le=1)
+        check(owner, "lam", lam, ge=0, le=1)
+        check_choice(owner, "kl_estimator", kl_estimator, ("k1", "k2", "k3"))
+        check_divides(owner, ("micro_batch_size", micro_batch_size), ("mini_batch_size", mini_batch_size))
+        if target_kl is not None and kl_coef == 0:
+            raise ConfigError(
+                f"{owner}: kl_coef must be > 0 with target_kl (the controller only rescales it)"
             )
-        if not (0 <= gamma <= 1 and 0 <= lam <= 1):
-            raise ValueError(f"PPOModule: gamma and lam must be in [0, 1] (got {gamma}, {lam})")
         self.save_hyperparameters(ignore=["reward_function", "gold_function"])
         self.reward_function = reward_function
         self.gold_function = gold_function
@@ -298,12 +280,19 @@ class PPOModule(HFModelModule):
                 "PPOModule does not support DeepSpeed ZeRO-3 yet: generation would need gathered weights and "
                 "EMA updates gathered parameters. Use ZeRO-2 (with offload_optimizer for large models)."
             )
-        datamodule = getattr(self.trainer, "datamodule", None)
+        self.check_datamodule(getattr(self.trainer, "datamodule", None))
+
+    def check_datamodule(self, datamodule: object) -> None:
+        """The rollout batch (the prompt loader's ``batch_size``) must split into mini-batches.
+
+        Called at fit start, and by the CLI right after parsing so a bad pair of flags fails before loading.
+        """
         batch_size = getattr(getattr(datamodule, "hparams", {}), "get", lambda *_: None)("batch_size")
         if batch_size is not None and batch_size % self.hparams.mini_batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"the rollout batch (data batch_size={batch_size}) is not divisible by "
-                f"model mini_batch_size={self.hparams.mini_batch_size}"
+                f"model mini_batch_size={self.hparams.mini_batch_size}; make data.batch_size a multiple of "
+                "model.mini_batch_size"
             )
 
     # ------------------------------------------------------------------ the step
