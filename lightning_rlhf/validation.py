@@ -55,6 +55,18 @@ def check(
         raise ConfigError(f"{owner}: {name} must be {wanted} (got {value!r})")
 
 
+def check_callable(owner: str, name: str, value: object, optional: bool = True) -> None:
+    """A user function such as a reward function: a callable object, never a string to evaluate or import."""
+    if value is None and optional:
+        return
+    if not callable(value):
+        raise ConfigError(
+            f"{owner}: {name} must be a callable f(prompts, responses) -> scores (got {type(value).__name__} "
+            f"{value!r:.60}); in YAML give its import path (my_package.rewards.score) or a class_path with "
+            "init_args"
+        )
+
+
 def check_choice(owner: str, name: str, value: object, allowed: Iterable[object]) -> None:
     allowed = tuple(allowed)
     if value not in allowed:

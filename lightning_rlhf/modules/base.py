@@ -43,12 +43,29 @@ def object_spec(obj: object) -> dict:
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
 
 
-def build_object(value: object) -> object:
-    """Inverse of :func:`object_spec`; objects pass through unchanged."""
-    if isinstance(value, dict) and "class_path" in value:
-        module_name, _, class_name = value["class_path"].rpartition(".")
+def resolve_class(class_path: str, base: type, what: str) -> type:
+    """The class at ``class_path``, which must be a subclass of ``base``.
+
+    Class paths read from checkpoints are data: without the check, a crafted checkpoint could name any
+    importable callable (``subprocess.Popen`` with init_args) and have it called on load.
+    """
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
         cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"{what}: cannot import {class_path!r} ({err})") from None
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise TypeError(f"{what}: {class_path!r} is not a {base.__name__} subclass; refusing to build it")
+    return cls
+
+
+def build_object(value: object, base: type = object) -> object:
+    """Inverse of :func:`object_spec` (the class must subclass ``base``); objects pass through unchanged."""
+    if isinstance(value, dict) and "class_path" in value:
+        cls = resolve_class(value["class_path"], base, "recorded object")
         return cls(**value.get("init_args", {}))
+    if not isinstance(value, base):
+        raise TypeError(f"expected a {base.__name__}, got {type(value).__name__} {value!r:.60}")
     return value
 
 
@@ -117,12 +134,13 @@ class HFModelModule(LightningModule):
         """The model this stage trains and exports (the policy, or the reward model)."""
         raise NotImplementedError
 
-    def _use_loss(self, loss: object | None, default: object) -> object:
+    def _use_loss(self, loss: object | None, default: object, base: type) -> object:
         """The loss object to use (built from a recorded spec when loading), recorded in the hparams.
 
         Call after ``save_hyperparameters(ignore=["loss", ...])``: a checkpoint must rebuild this exact loss.
+        A recorded spec may only name a ``base`` subclass (see :func:`resolve_class`).
         """
-        built = build_object(loss) if loss is not None else default
+        built = build_object(loss, base) if loss is not None else default
         self.hparams["loss"] = object_spec(built)
         return built
 

@@ -99,7 +99,7 @@ class DPOModule(HFModelModule):
         super().__init__(learning_rate, weight_decay, nonfinite)
         check("DPOModule", "diagnostic_batches", diagnostic_batches, ge=0, integer=True)
         self.save_hyperparameters(ignore=["loss"])
-        self.loss = self._use_loss(loss, SigmoidDPOLoss())
+        self.loss = self._use_loss(loss, SigmoidDPOLoss(), DPOLoss)
         if self.loss.reference_free and (reference_model is not None or precompute_reference):
             raise ValueError(
                 "DPOModule: the loss is reference_free; leave reference_model and precompute_reference unset"

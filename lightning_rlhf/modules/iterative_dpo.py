@@ -31,7 +31,7 @@ from lightning_rlhf.modules.dpo import DPO_METRIC_NAMES, dpo_metrics
 from lightning_rlhf.rollout.collect import call_reward_function
 from lightning_rlhf.rollout.generation import SamplingConfig, decode_responses, generate_responses
 from lightning_rlhf.rollout.pairs import Samples, build_pair_batch, select_pairs, take_pairs
-from lightning_rlhf.validation import check, check_divides
+from lightning_rlhf.validation import check, check_callable, check_divides
 
 RewardFn = Callable[[list[str], list[str]], Any]
 
@@ -134,8 +134,10 @@ class IterativeDPOModule(HFModelModule):
             self.sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p)
         except ValueError as err:
             raise ValueError(f"{owner}: {err}") from err
+        check_callable(owner, "reward_function", reward_function)
+        check_callable(owner, "gold_function", gold_function)
         self.save_hyperparameters(ignore=["loss", "reward_function", "gold_function"])
-        self.loss = self._use_loss(loss, SigmoidDPOLoss())
+        self.loss = self._use_loss(loss, SigmoidDPOLoss(), DPOLoss)
         if reference_model is not None and (refresh_reference or self.loss.reference_free):
             raise ValueError(
                 f"{owner}: reference_model is only used with refresh_reference=false and a loss that is not "

@@ -37,7 +37,7 @@ from lightning_rlhf.rollout.shaping import (
     sequence_kl,
 )
 from lightning_rlhf.rollout.types import Rollout
-from lightning_rlhf.validation import ConfigError, check, check_choice, check_divides
+from lightning_rlhf.validation import ConfigError, check, check_callable, check_choice, check_divides
 
 RewardFn = Callable[[list[str], list[str]], Any]
 
@@ -186,6 +186,8 @@ class PPOModule(HFModelModule):
         check(owner, "gamma", gamma, ge=0, le=1)
         check(owner, "lam", lam, ge=0, le=1)
         check_choice(owner, "kl_estimator", kl_estimator, ("k1", "k2", "k3"))
+        check_callable(owner, "reward_function", reward_function)
+        check_callable(owner, "gold_function", gold_function)
         check_divides(owner, ("micro_batch_size", micro_batch_size), ("mini_batch_size", mini_batch_size))
         if target_kl is not None and kl_coef == 0:
             raise ConfigError(

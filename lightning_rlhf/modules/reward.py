@@ -42,7 +42,7 @@ class RewardModule(HFModelModule):
         """
         super().__init__(learning_rate, weight_decay, nonfinite)
         self.save_hyperparameters(ignore=["loss"])
-        self.loss = self._use_loss(loss, BradleyTerryLoss())
+        self.loss = self._use_loss(loss, BradleyTerryLoss(), BradleyTerryLoss)
         self.reward_model: PreTrainedModel | None = None
         self.val_accuracy, self.val_margin, self.val_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_rewards = CatMetric()
