@@ -37,3 +37,12 @@ def test_a_saved_position_of_another_epoch_is_ignored():
     loader.load_state_dict({"epoch": 2, "position": 6})
     loader.sampler.set_epoch(3)  # Lightning moved on to the next epoch (the checkpoint ended epoch 2)
     assert sorted(i for b in loader for i in b.tolist()) == list(range(10))
+
+
+def test_a_sampler_that_cannot_resume_warns_instead_of_repeating_silently():
+    plain = ResumableDataLoader(list(range(10)), batch_size=3)  # SequentialSampler: no position to restore
+    iterator = iter(plain)
+    next(iterator)
+    assert plain.state_dict() == {"unrestorable_batches": 1}
+    with pytest.warns(UserWarning, match="the epoch restarts from its first batch"):
+        ResumableDataLoader(list(range(10)), batch_size=3).load_state_dict(plain.state_dict())

@@ -11,6 +11,7 @@ checkpoint needs. :class:`ResumableDataLoader` counts the batches it handed out 
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Iterator, Sequence
 
 from torch.utils.data import DataLoader, Sampler
@@ -136,9 +137,9 @@ class ResumableDataLoader(DataLoader):
 
     It counts the batches it has yielded, which with the loop's fetcher equals the batches trained on when
     ModelCheckpoint saves (Lightning asks for this state while saving). The position is kept in indices of
-    the sampler's order, so it needs a :class:`ResumableSampler` and ``batch_size``-sized batches. Under a
-    distributed sampler (DDP) Lightning replaces the sampler; the position is then not restored (a warning
-    in the loop says so) rather than restored wrongly.
+    the sampler's order, so it needs a :class:`ResumableSampler`. Under DDP Lightning wraps the sampler in a
+    distributed one, whose position cannot be restored: a mid-epoch resume then restarts the epoch, and
+    says so with a warning rather than repeating batches silently.
     """
 
     _batches_yielded = 0
@@ -151,9 +152,19 @@ class ResumableDataLoader(DataLoader):
 
     def state_dict(self) -> dict:
         if not isinstance(self.sampler, ResumableSampler) or self.batch_size is None:
-            return {}
+            return {"unrestorable_batches": self._batches_yielded}
         return self.sampler.position(self._batches_yielded * self.batch_size)
 
     def load_state_dict(self, state: dict) -> None:
-        if state and isinstance(self.sampler, ResumableSampler):
+        if isinstance(self.sampler, ResumableSampler) and "position" in state:
             self.sampler.load_state_dict(state)
+            return
+        seen = state.get("unrestorable_batches", 0)
+        if 0 < seen < len(self):  # at an epoch's end there is nothing to restore
+            warnings.warn(
+                f"the checkpoint was saved mid-epoch, but this loader's sampler "
+                f"({type(self.sampler).__name__}) cannot resume there: the epoch restarts from its first "
+                "batch and the batches already trained on are seen again. Exact mid-epoch resume needs a "
+                "single process, or checkpoints at epoch ends.",
+                stacklevel=2,
+            )
