@@ -136,3 +136,26 @@ def test_ppo_names_the_value_loss_or_skips_the_mini_batch(policy_dir):
             fit(module, steps=1, loader=loader)
             assert module.nonfinite_skipped == 1
             assert all(torch.isfinite(p).all() for p in module.policy.parameters())
+
+
+def test_sft_names_the_nll_or_skips(policy_dir):
+    from lightning_rlhf import SFTModule
+
+    batch = {
+        "input_ids": torch.tensor([[10, 11, 20, 1]]),
+        "attention_mask": torch.ones(1, 4).long(),
+        "response_mask": torch.tensor([[0, 0, 1, 1]]),
+        "index": torch.tensor([7]),
+    }
+    loader = torch.utils.data.DataLoader([batch] * 2, batch_size=None)
+    for policy in ("raise", "skip"):
+        module = SFTModule(policy_dir, learning_rate=1e-3, nonfinite=policy)
+        module.configure_model()
+        original = module._loss
+        module._loss = lambda b, original=original: original(b) * NAN
+        if policy == "raise":
+            with pytest.raises(NonFiniteError, match=r"non-finite nll .*global step 0, batch rows \[7\]"):
+                fit(module, steps=2, loader=loader)
+        else:
+            fit(module, steps=2, loader=loader)
+            assert module.nonfinite_skipped == 2

@@ -157,6 +157,12 @@ class HFModelModule(LightningModule):
         Under ``nonfinite="skip"`` the caller must then leave this batch out of the optimizer step.
         """
         bad = [name for name, value in terms.items() if not bool(torch.isfinite(value.detach()).all())]
+        trainer = self._trainer
+        if self.nonfinite_policy == "skip" and trainer is not None and trainer.world_size > 1:
+            # Every rank must skip the same step, or the others would wait forever in DDP's gradient sync.
+            flag = torch.tensor(float(bool(bad)), device=self.device)
+            if float(trainer.strategy.reduce(flag, reduce_op="sum")) > 0 and not bad:
+                bad = ["a loss term on another rank"]
         if not bad:
             return True
         rows = batch.get("index") if isinstance(batch, Mapping) else None

@@ -26,7 +26,7 @@ from lightning_rlhf.models import (
     response_logps,
     sequence_scores,
 )
-from lightning_rlhf.modules.base import HFModelModule
+from lightning_rlhf.modules.base import HFModelModule, NonFinitePolicy
 from lightning_rlhf.modules.dpo import DPO_METRIC_NAMES, dpo_metrics
 from lightning_rlhf.rollout.collect import call_reward_function
 from lightning_rlhf.rollout.generation import SamplingConfig, decode_responses, generate_responses
@@ -90,6 +90,7 @@ class IterativeDPOModule(HFModelModule):
         max_grad_norm: float | None = 1.0,
         disable_dropout: bool = True,
         trust_remote_code: bool = False,
+        nonfinite: NonFinitePolicy = "raise",
     ) -> None:
         """
         Args:
@@ -115,8 +116,10 @@ class IterativeDPOModule(HFModelModule):
             max_grad_norm: Clip gradients to this global norm (None = off).
             disable_dropout: Turn dropout off in the policy so policy and reference log-probs are comparable.
             trust_remote_code: Allow model code shipped with checkpoints to run (off for safety).
+            nonfinite: A NaN/inf loss or gradient: 'raise' (naming step and pairs) or 'skip' that mini-batch's
+                optimizer step and count it (train/nonfinite_skipped).
         """
-        super().__init__(learning_rate, weight_decay)
+        super().__init__(learning_rate, weight_decay, nonfinite)
         self.automatic_optimization = False
         owner = "IterativeDPOModule"
         check(owner, "num_samples", num_samples, ge=2, integer=True)  # a pair needs two samples
@@ -294,9 +297,13 @@ class IterativeDPOModule(HFModelModule):
             for mini in order.split(hp.mini_batch_size):
                 mini_pairs = max(int(valid[mini].sum()), 1)
                 optimizer.zero_grad()
+                finite = True
                 for micro in mini.split(hp.micro_batch_size):
                     refs = (None, None) if ref_chosen is None else (ref_chosen[micro], ref_rejected[micro])
                     loss, metrics = self.compute_loss(take_pairs(pair_batch, micro), *refs, valid[micro])
+                    finite = self.finite_or_skip({"loss": loss}, {"index": micro})
+                    if not finite:
+                        break  # nonfinite="skip": this mini-batch makes no optimizer step
                     count = int(valid[micro].sum())
                     # A micro loss is a mean over its pairs: weight it so the step sees the mini-batch mean.
                     self.manual_backward(loss * (count / mini_pairs))
@@ -304,6 +311,9 @@ class IterativeDPOModule(HFModelModule):
                         sums += torch.stack(
                             [*(metrics[k] * count for k in _DPO_METRICS), sums.new_tensor(count)]
                         )
+                if not finite:
+                    optimizer.zero_grad()
+                    continue
                 if hp.max_grad_norm is not None:
                     self.clip_gradients(
                         optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm"
