@@ -31,16 +31,25 @@ CALLBACKS = textwrap.dedent(
     resume = None if resume == "-" else resume
     torch.set_num_threads(1)
 
+    def append(name, line):
+        with open(os.path.join(root, name), "a") as f:
+            f.write(json.dumps(line) + "\\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def metrics(trainer, val):
+        return {k: float(v) for k, v in sorted(trainer.callback_metrics.items())
+                if k.startswith("val/") == val and not k.startswith("time/")}
+
     class Record(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             index = batch.get("index") if isinstance(batch, dict) else None
-            line = {"step": trainer.global_step, "index": None if index is None else index.tolist(),
-                    "metrics": {k: float(v) for k, v in sorted(trainer.callback_metrics.items())
-                                if not k.startswith("time/")}}
-            with open(os.path.join(root, "steps.jsonl"), "a") as f:
-                f.write(json.dumps(line) + "\\n")
-                f.flush()
-                os.fsync(f.fileno())
+            append("steps.jsonl", {"step": trainer.global_step, "metrics": metrics(trainer, val=False),
+                                   "index": None if index is None else index.tolist()})
+
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                append("val.jsonl", {"step": trainer.global_step, "metrics": metrics(trainer, val=True)})
 
     class KillAt(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -91,8 +100,9 @@ def crash_and_resume(job: str, tmp_path: Path, *extra: str, kill_at: int) -> tup
     return full, crashed, resumed, last_step
 
 
-def steps(root: Path) -> list[dict]:
-    return [json.loads(line) for line in (root / "steps.jsonl").read_text().splitlines()]
+def steps(root: Path, name: str = "steps.jsonl") -> list[dict]:
+    path = root / name
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
 def assert_same_history(full: Path, crashed: Path, resumed: Path, resumed_from: int) -> None:
@@ -102,7 +112,19 @@ def assert_same_history(full: Path, crashed: Path, resumed: Path, resumed_from: 
     expected = steps(full)
     assert [s["step"] for s in stitched] == [s["step"] for s in expected]
     assert [s["index"] for s in stitched] == [s["index"] for s in expected]
-    for got, want in zip(stitched, expected, strict=True):
+    assert_same_metrics(stitched, expected)
+    # Validation runs: a resumed run may repeat the one at its checkpoint step; it must give the same values.
+    full_val = steps(full, "val.jsonl")
+    validations = [s for s in steps(crashed, "val.jsonl") if s["step"] <= resumed_from]
+    validations += [s for s in steps(resumed, "val.jsonl") if s["step"] > resumed_from]
+    assert_same_metrics(validations, full_val)
+    for again in (s for s in steps(resumed, "val.jsonl") if s["step"] == resumed_from):
+        assert_same_metrics([again], [s for s in full_val if s["step"] == resumed_from])
+
+
+def assert_same_metrics(got_lines: list[dict], want_lines: list[dict]) -> None:
+    assert [s["step"] for s in got_lines] == [s["step"] for s in want_lines]
+    for got, want in zip(got_lines, want_lines, strict=True):
         assert got["metrics"].keys() == want["metrics"].keys(), got["step"]
         for name, value in want["metrics"].items():
             assert got["metrics"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), (got["step"], name)

@@ -7,7 +7,7 @@ Real subprocesses on CPU, seeded and deterministic; about 10 s per run, three ru
 
 import pytest
 import torch
-from resume_helpers import assert_same_history, assert_same_tensors, crash_and_resume
+from resume_helpers import assert_same_history, assert_same_tensors, crash_and_resume, steps
 
 from lightning_rlhf.testbed.files import SplitSizes, write_testbed
 from lightning_rlhf.testbed.task import TaskConfig
@@ -34,9 +34,13 @@ else:
     module = PPOModule(policy, reward_function=GoldReward(testbed), max_new_tokens=5, mini_batch_size=4,
                        micro_batch_size=2, ppo_epochs=2, target_kl=0.05, normalize_scores=True,
                        learning_rate=1e-3, critic_learning_rate=1e-3)
-    data = PromptDataModule(policy, os.path.join(testbed, "prompts_train.jsonl"), batch_size=4)
+    # Validation samples too; it must not shift the training RNG (it reruns after a resume).
+    data = PromptDataModule(policy, os.path.join(testbed, "prompts_train.jsonl"),
+                            os.path.join(testbed, "prompts_eval.jsonl"), batch_size=4)
     callbacks = [EMAReferenceUpdate(decay=0.5, every_n_steps=4)]
-trainer = trainer_for(int(sys.argv[6]))
+# PPO validates after every 3rd rollout, i.e. right after the step-6 checkpoint the resume starts from.
+validate = {"val_check_interval": 3, "limit_val_batches": 1} if stage == "ppo" else {}
+trainer = trainer_for(int(sys.argv[6]), **validate)
 trainer.callbacks[:0] = callbacks
 trainer.fit(module, datamodule=data, ckpt_path=resume)
 final = {"module": module.state_dict(), "optimizer": trainer.optimizers[0].state_dict(),
@@ -73,3 +77,4 @@ def test_killed_run_resumes_exactly(testbed, tmp_path, stage, max_steps, kill_at
     assert_same_tensors(want, got, stage)
     if stage == "ppo":
         assert want["ppo"]["kl"]["value"] != 0.1 and want["ppo"]["moments"]["count"] > 0
+        assert [s["step"] for s in steps(full, "val.jsonl")] == [6, 12]

@@ -129,6 +129,7 @@ class HFModelModule(LightningModule):
         self.nonfinite_policy = nonfinite
         self.nonfinite_skipped = 0  # optimizer steps skipped for a non-finite loss or gradient
         self._rng_to_restore: dict | None = None
+        self._rng_before_validation: dict | None = None
 
     def trained_model(self) -> PreTrainedModel:
         """The model this stage trains and exports (the policy, or the reward model)."""
@@ -199,6 +200,17 @@ class HFModelModule(LightningModule):
         )
         for p in params:
             p.grad = None
+
+    def on_validation_start(self) -> None:
+        # Validation (PPO samples responses) must not advance the training RNG streams: a run's training
+        # randomness is then independent of how often it validates, and a resumed run that repeats the
+        # validation of its checkpoint step draws what the uninterrupted run drew.
+        self._rng_before_validation = collect_rng_states()
+
+    def on_validation_end(self) -> None:
+        if self._rng_before_validation is not None:
+            set_rng_states(self._rng_before_validation)
+            self._rng_before_validation = None
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if self._rng_to_restore is not None:

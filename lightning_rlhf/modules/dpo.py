@@ -141,6 +141,7 @@ class DPOModule(HFModelModule):
         self._ensure_cached(["train", "val"])
 
     def on_validation_start(self) -> None:
+        super().on_validation_start()
         # `validate` alone (no fit before it) must find the validation split's reference log-probs too.
         self._ensure_cached(["val"])
 
