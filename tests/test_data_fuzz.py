@@ -3,8 +3,8 @@ ends in a kept-and-counted dataset, or a DataError that names the file (and for 
 field), or a counted skip under on_bad_row="skip". Never another exception from deep inside, never a NaN
 margin, never a row lost without a count.
 
-Fixed example budget, derandomized (the same cases on every run): 60 + 60 + 40 + 40 + 40 = 240 cases,
-about 30 s on one CPU core.
+Fixed example budget, derandomized (the same cases on every run): 100 + 80 + 60 + 60 + 60 = 360 generated
+cases plus the hand-written parquet / mixed-format cases, about 20 s on one CPU core.
 """
 
 import csv
@@ -106,7 +106,7 @@ def preference(tokenizer, path, skip, **kwargs):
     return dm
 
 
-@settings(FUZZ, max_examples=60)
+@settings(FUZZ, max_examples=100)
 @given(
     rows=st.lists(
         st.one_of(row_of(["prompt", "chosen", "rejected", "margin"]), identical_pair()), max_size=5
@@ -121,7 +121,7 @@ def test_preference_rows(tmp_path, tokenizer, rows, kind, skip, margin):
     check_outcome(preference(tokenizer, path, skip, max_length=64, **kwargs), path, skip)
 
 
-@settings(FUZZ, max_examples=60)
+@settings(FUZZ, max_examples=80)
 @given(
     rows=st.lists(row_of(["chosen", "rejected"]), min_size=1, max_size=4),
     fmt=st.sampled_from(["auto", "implicit", "conversational"]),
@@ -132,7 +132,7 @@ def test_implicit_and_conversational_rows(tmp_path, tokenizer, rows, fmt, skip):
     check_outcome(preference(tokenizer, path, skip, format=fmt, max_length=64), path, skip)
 
 
-@settings(FUZZ, max_examples=40)
+@settings(FUZZ, max_examples=60)
 @given(
     rows=st.lists(st.fixed_dictionaries({"prompt": text, "chosen": text, "rejected": text}), max_size=4),
     kind=st.sampled_from(["jsonl", "json", "csv"]),
@@ -157,7 +157,7 @@ def test_truncated_and_invalid_utf8_files(tmp_path, tokenizer, rows, kind, cut, 
         check_outcome(dm, path, False)
 
 
-@settings(FUZZ, max_examples=40)
+@settings(FUZZ, max_examples=60)
 @given(
     rows=st.lists(row_of(["prompt", "completion", "messages"]), max_size=4),
     kind=st.sampled_from(["jsonl", "json"]),
@@ -170,7 +170,7 @@ def test_sft_rows(tmp_path, tokenizer, rows, kind, skip):
     check_outcome(dm, path, skip)
 
 
-@settings(FUZZ, max_examples=40)
+@settings(FUZZ, max_examples=60)
 @given(
     rows=st.lists(row_of(["prompt"]), max_size=4),
     kind=st.sampled_from(["jsonl", "json", "csv"]),
@@ -206,3 +206,30 @@ def test_parquet_with_mixed_types_and_an_empty_table(tmp_path, tokenizer):
         (tmp_path / name).write_text(content)
         with pytest.raises(DataError, match=f"{name}: the file (is empty|holds no rows)"):
             preference(tokenizer, str(tmp_path / name), False).setup("fit")
+
+
+def test_truncated_parquet_and_mixed_formats_in_one_file(tmp_path, tokenizer):
+    import datasets
+
+    path = tmp_path / "cut.parquet"
+    datasets.Dataset.from_dict(
+        {"prompt": ["P:"] * 50, "chosen": [" a"] * 50, "rejected": [" b"] * 50}
+    ).to_parquet(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(DataError, match="cut.parquet.*corrupted"):
+        preference(tokenizer, str(path), True).setup("fit")
+
+    standard = {"prompt": "P:", "chosen": " a", "rejected": " b"}
+    chat = {
+        "prompt": [{"role": "user", "content": "hi"}],
+        "chosen": [{"role": "assistant", "content": "x"}],
+        "rejected": [{"role": "assistant", "content": "y"}],
+    }
+    mixed = write(tmp_path, [standard, chat], "jsonl")
+    with pytest.raises(
+        DataError, match=r"row 1 \(0-based\), field 'prompt'.*looks conversational.*mixed formats"
+    ):
+        preference(tokenizer, mixed, False).setup("fit")
+    dm = preference(tokenizer, mixed, True)
+    dm.setup("fit")
+    assert dm.stats["train"]["kept"] == 1 and dm.stats["train"]["skipped_bad"] == 1
