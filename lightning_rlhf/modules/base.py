@@ -187,6 +187,8 @@ class HFModelModule(LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """A non-finite gradient (with finite losses) raises, or empties every gradient: AdamW then skips
         each parameter entirely (no moment or weight-decay update), which is a skipped step."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return  # fp16 loss scaling: inf gradients are expected now and then; the scaler skips those steps
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not params:
             return
