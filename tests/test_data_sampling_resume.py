@@ -25,6 +25,7 @@ def test_saved_position_resumes_the_epoch_exactly(which, taken):
 
     resumed = ResumableDataLoader(list(range(10)), batch_size=3, sampler=samplers()[which])
     resumed.load_state_dict(state)
+    assert resumed.state_dict() == state  # saved again before it iterates: the position is kept
     rest = [b.tolist() for b in resumed]
     assert seen + rest == epoch0
     # A checkpoint taken after the resume counts from the epoch's start, not from the resume point.

@@ -47,6 +47,8 @@ class ResumableSampler(Sampler[int]):
 
     def position(self, consumed: int) -> dict[str, int]:
         """State after ``consumed`` more indices of the current iteration were used: ``{epoch, position}``."""
+        if self._resume is not None:  # restored but not iterated yet: keep the restored position
+            return {"epoch": self._resume[0], "position": self._resume[1]}
         if self._iter_epoch is None:
             return {"epoch": self.epoch, "position": 0}
         return {"epoch": self._iter_epoch, "position": min(self._start + consumed, len(self))}
