@@ -402,7 +402,7 @@ def test_fingerprint_is_stable_and_follows_the_data(tmp_path, tokenizer_dir):
             "val_fraction=0.1 .* cannot be combined with val_file or val_split",
         ),
         ({"on_bad_row": "ignore"}, "on_bad_row must be one of 'raise', 'skip'"),
-        ({"format": "chatml"}, "format must be auto, standard, conversational or implicit"),
+        ({"format": "chatml"}, "format must be one of 'auto', 'standard', 'conversational', 'implicit'"),
         ({"chosen_field": "x", "rejected_field": "x"}, "chosen_field and rejected_field are both 'x'"),
     ],
 )
