@@ -38,8 +38,8 @@ else:
     data = PromptDataModule(policy, os.path.join(testbed, "prompts_train.jsonl"),
                             os.path.join(testbed, "prompts_eval.jsonl"), batch_size=4)
     callbacks = [EMAReferenceUpdate(decay=0.5, every_n_steps=4)]
-# PPO validates after every 3rd rollout, i.e. right after the step-6 checkpoint the resume starts from.
-validate = {"val_check_interval": 3, "limit_val_batches": 1} if stage == "ppo" else {}
+# PPO validates after the 2nd rollout of each epoch, i.e. right after the step-4 checkpoint it resumes from.
+validate = {"val_check_interval": 2, "limit_val_batches": 1} if stage == "ppo" else {}
 trainer = trainer_for(int(sys.argv[6]), **validate)
 trainer.callbacks[:0] = callbacks
 trainer.fit(module, datamodule=data, ckpt_path=resume)
@@ -61,15 +61,15 @@ def testbed(tmp_path_factory):
     return out
 
 
-# 12 rows in batches of 4 is 3 batches an epoch: the kill lands mid-epoch 0 and the run ends in epoch 1.
-# PPO makes 2 optimizer steps per rollout of 4 prompts (1 mini-batch x 2 PPO epochs), so its steps count in
-# twos: the kill at step 8 comes after rollout 4 and the resume starts from step 6 (mid-epoch 1).
-@pytest.mark.parametrize(("stage", "max_steps", "kill_at"), [("rm", 5, 3), ("dpo", 5, 3), ("ppo", 16, 8)])
+# 12 rows in batches of 4 is 3 batches an epoch: every run resumes after batch 2 of epoch 0 (mid-epoch) and
+# goes on into the next epoch(s). PPO makes 2 optimizer steps per rollout of 4 prompts (1 mini-batch x 2 PPO
+# epochs), so its steps count in twos: the kill at step 6 comes after rollout 3, the resume is from step 4.
+@pytest.mark.parametrize(("stage", "max_steps", "kill_at"), [("rm", 5, 3), ("dpo", 5, 3), ("ppo", 16, 6)])
 def test_killed_run_resumes_exactly(testbed, tmp_path, stage, max_steps, kill_at):
     full, crashed, resumed, resumed_from = crash_and_resume(
         JOB, tmp_path, str(testbed), stage, str(max_steps), kill_at=kill_at
     )
-    assert resumed_from % (2 if stage == "ppo" else 1) == 0 and resumed_from < max_steps
+    assert resumed_from == (4 if stage == "ppo" else 2)
     assert_same_history(full, crashed, resumed, resumed_from)
     want = torch.load(full / "final.pt", weights_only=True)
     got = torch.load(resumed / "final.pt", weights_only=True)
@@ -77,4 +77,4 @@ def test_killed_run_resumes_exactly(testbed, tmp_path, stage, max_steps, kill_at
     assert_same_tensors(want, got, stage)
     if stage == "ppo":
         assert want["ppo"]["kl"]["value"] != 0.1 and want["ppo"]["moments"]["count"] > 0
-        assert [s["step"] for s in steps(full, "val.jsonl")] == [6, 12]
+        assert [s["step"] for s in steps(full, "val.jsonl")] == [4, 10, 16]
