@@ -32,6 +32,14 @@ class RLHFCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.model", "data.init_args.tokenizer", apply_on="parse")
 
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        # Checks that need both the model and the data (e.g. PPO's rollout batch vs mini_batch_size): each
+        # object checked its own flags in __init__; fail here too, before any model or data is loaded.
+        check = getattr(self.model, "check_datamodule", None)
+        if check is not None and self.datamodule is not None:
+            check(self.datamodule)
+
 
 def testbed_main(argv: list[str]) -> None:
     from lightning_rlhf.testbed.files import SplitSizes, write_testbed

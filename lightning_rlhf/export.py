@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import tempfile
 from pathlib import Path
 
@@ -34,13 +33,14 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, tokenizer: str
     class_path = meta.get(MODULE_CLASS_KEY)
     if class_path is None:
         raise ValueError(f"{checkpoint} was not written by a lightning_rlhf module (no {MODULE_CLASS_KEY!r})")
-    module_name, _, class_name = class_path.rpartition(".")
-    module_class = getattr(importlib.import_module(module_name), class_name)
+    from lightning_rlhf.models import load_tokenizer
+    from lightning_rlhf.modules.base import HFModelModule, resolve_class
+
+    # The recorded class is data from the file: only a lightning_rlhf module class is accepted.
+    module_class = resolve_class(class_path, HFModelModule, f"{checkpoint} ({MODULE_CLASS_KEY})")
     module = module_class.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
     if tokenizer is not None:
-        from transformers import AutoTokenizer
-
-        module.tokenizer_for_export = lambda: AutoTokenizer.from_pretrained(tokenizer)
+        module.tokenizer_for_export = lambda: load_tokenizer(tokenizer)
     return module.save_pretrained(out)
 
 

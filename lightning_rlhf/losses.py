@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_rlhf.ops import masked_mean
+from lightning_rlhf.validation import check
 
 # exp(20) ~ 4.9e8 is finite in float32 and far outside any clip range, so clamping the log-ratio to this
 # range changes no clipped loss value; it only stops one stale token from turning the batch into inf/NaN.
@@ -44,9 +45,8 @@ def _upcast(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _check_label_smoothing(label_smoothing: float) -> None:
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+def _check_label_smoothing(label_smoothing: float, owner: str = "loss") -> None:
+    check(owner, "label_smoothing", label_smoothing, ge=0, lt=0.5)
 
 
 # --------------------------------------------------------------------------------------------------- DPO
@@ -74,10 +74,9 @@ class DPOLoss(abc.ABC):
     """
 
     def __init__(self, beta: float = 0.1, nll_weight: float = 0.0, reference_free: bool = False) -> None:
-        if not beta > 0:
-            raise ValueError(f"beta must be > 0, got {beta}")
-        if not nll_weight >= 0:
-            raise ValueError(f"nll_weight must be >= 0, got {nll_weight}")
+        owner = type(self).__name__
+        check(owner, "beta", beta, gt=0)
+        check(owner, "nll_weight", nll_weight, ge=0)
         self.beta = beta
         self.nll_weight = nll_weight
         self.reference_free = reference_free
@@ -154,7 +153,7 @@ class SigmoidDPOLoss(DPOLoss):
         reference_free: bool = False,
     ) -> None:
         super().__init__(beta=beta, nll_weight=nll_weight, reference_free=reference_free)
-        _check_label_smoothing(label_smoothing)
+        _check_label_smoothing(label_smoothing, type(self).__name__)
         self.label_smoothing = label_smoothing
 
     def pair_loss(self, h: Tensor) -> Tensor:
@@ -182,7 +181,7 @@ class RobustDPOLoss(DPOLoss):
         reference_free: bool = False,
     ) -> None:
         super().__init__(beta=beta, nll_weight=nll_weight, reference_free=reference_free)
-        _check_label_smoothing(label_smoothing)
+        _check_label_smoothing(label_smoothing, type(self).__name__)
         self.label_smoothing = label_smoothing
 
     def pair_loss(self, h: Tensor) -> Tensor:
@@ -273,8 +272,7 @@ class BradleyTerryLoss:
     """
 
     def __init__(self, center_coef: float = 0.0) -> None:
-        if not center_coef >= 0:
-            raise ValueError(f"center_coef must be >= 0, got {center_coef}")
+        check("BradleyTerryLoss", "center_coef", center_coef, ge=0)
         self.center_coef = center_coef
 
     def __call__(

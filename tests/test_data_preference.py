@@ -393,16 +393,16 @@ def test_fingerprint_is_stable_and_follows_the_data(tmp_path, tokenizer_dir):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"batch_size": 0}, "batch_size must be >= 1"),
-        ({"max_length": 1}, "max_length must be >= 2"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1"),
+        ({"max_length": 1}, "max_length must be an integer >= 2"),
         ({"max_length": 8, "max_prompt_length": 8}, r"max_prompt_length must be in \[1, max_length\)"),
         ({"val_fraction": 1.0}, r"val_fraction must be in \[0, 1\)"),
         (
             {"val_fraction": 0.1, "val_split": "test"},
             "val_fraction=0.1 .* cannot be combined with val_file or val_split",
         ),
-        ({"on_bad_row": "ignore"}, "on_bad_row must be 'raise' or 'skip'"),
-        ({"format": "chatml"}, "format must be auto, standard, conversational or implicit"),
+        ({"on_bad_row": "ignore"}, "on_bad_row must be one of 'raise', 'skip'"),
+        ({"format": "chatml"}, "format must be one of 'auto', 'standard', 'conversational', 'implicit'"),
         ({"chosen_field": "x", "rejected_field": "x"}, "chosen_field and rejected_field are both 'x'"),
     ],
 )

@@ -113,9 +113,9 @@ def test_val_fraction_and_seeded_shuffle(tmp_path, tokenizer_dir):
 
 
 def test_bad_arguments_name_the_argument():
-    with pytest.raises(ValueError, match="PromptDataModule: max_prompt_length must be >= 1"):
+    with pytest.raises(ValueError, match="PromptDataModule: max_prompt_length must be an integer >= 1"):
         PromptDataModule("tok", "x.jsonl", max_prompt_length=0)
-    with pytest.raises(ValueError, match="PromptDataModule: format must be auto, standard, conversational"):
+    with pytest.raises(ValueError, match="PromptDataModule: format must be one of .auto., .standard."):
         PromptDataModule("tok", "x.jsonl", format="transcript")
     with pytest.raises(ValueError, match="implicit_prompt_delimiter"):
         PromptDataModule("tok", "x.jsonl", format="implicit", implicit_prompt_delimiter="")

@@ -131,7 +131,7 @@ def test_missing_and_unparsable_files_are_named(tmp_path, tokenizer_dir):
 
 
 def test_bad_arguments_name_the_flag(tokenizer_dir):
-    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
         SFTDataModule(tokenizer_dir, "x.jsonl", batch_size=0)
 
 

@@ -246,7 +246,7 @@ def test_dpo_init_validation_names_argument():
     with pytest.raises(ValueError, match="nll_weight"):
         HingeDPOLoss(nll_weight=-0.1)
     for cls in (SigmoidDPOLoss, RobustDPOLoss):
-        with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 0.5\)"):
+        with pytest.raises(ValueError, match=rf"{cls.__name__}: label_smoothing must be in \[0, 0.5\)"):
             cls(label_smoothing=0.5)
         with pytest.raises(ValueError, match="label_smoothing"):
             cls(label_smoothing=-0.1)

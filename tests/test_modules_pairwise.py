@@ -163,7 +163,7 @@ def test_reward_module_scores_last_real_token_and_loss(model_dirs, tmp_path, tok
 def test_modules_validate_their_arguments():
     with pytest.raises(ValueError, match="learning_rate must be > 0"):
         RewardModule("x", learning_rate=-1.0)
-    with pytest.raises(ValueError, match="diagnostic_batches must be >= 0"):
+    with pytest.raises(ValueError, match="diagnostic_batches must be an integer >= 0"):
         DPOModule("x", diagnostic_batches=-1)
     with pytest.raises(FileNotFoundError, match="model folder not found: ./does-not-exist"):
         DPOModule("./does-not-exist").configure_model()

@@ -6,6 +6,7 @@ from lightning import Callback, LightningModule, Trainer
 
 from lightning_rlhf.ops import masked_whiten
 from lightning_rlhf.rollout.types import Rollout
+from lightning_rlhf.validation import check
 
 
 class AdvantageNormalization(Callback):
@@ -34,8 +35,7 @@ class AdvantageNormalization(Callback):
         """
         if not isinstance(shift_mean, bool):
             raise TypeError(f"AdvantageNormalization: shift_mean must be a bool (got {shift_mean!r})")
-        if not eps > 0:
-            raise ValueError(f"AdvantageNormalization: eps must be > 0 (got {eps})")
+        check("AdvantageNormalization", "eps", eps, gt=0)
         self.shift_mean = shift_mean
         self.eps = eps
 

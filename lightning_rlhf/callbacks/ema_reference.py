@@ -10,6 +10,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_rlhf.validation import check
 from lightning_rlhf.zero import gathered_tensors
 
 
@@ -48,14 +49,9 @@ class EMAReferenceUpdate(Callback):
             every_n_steps: Optimizer steps between updates, at least (PPO: at most one update per rollout).
             start_step: No update before this many optimizer steps.
         """
-        if not 0 < decay <= 1:
-            raise ValueError(f"EMAReferenceUpdate: decay must be in (0, 1] (got {decay})")
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(
-                f"EMAReferenceUpdate: every_n_steps must be an integer >= 1 (got {every_n_steps})"
-            )
-        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
-            raise ValueError(f"EMAReferenceUpdate: start_step must be an integer >= 0 (got {start_step})")
+        check("EMAReferenceUpdate", "decay", decay, gt=0, le=1)
+        check("EMAReferenceUpdate", "every_n_steps", every_n_steps, ge=1, integer=True)
+        check("EMAReferenceUpdate", "start_step", start_step, ge=0, integer=True)
         if 0.5 < decay < 1:
             rank_zero_warn(
                 f"EMAReferenceUpdate: decay={decay} is η, the weight of the *policy*: the reference becomes "

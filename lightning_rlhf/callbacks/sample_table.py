@@ -10,6 +10,7 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_rlhf.rollout.types import Rollout
+from lightning_rlhf.validation import check
 
 TABLE_KEY = "samples"
 
@@ -37,10 +38,8 @@ class SampleTable(Callback):
             every_n_steps: Keep samples of every n-th training step (rollout), starting with the first.
             num_samples: Rows kept from each such rollout (its first rows).
         """
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"SampleTable: every_n_steps must be an integer >= 1 (got {every_n_steps})")
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"SampleTable: num_samples must be an integer >= 1 (got {num_samples})")
+        check("SampleTable", "every_n_steps", every_n_steps, ge=1, integer=True)
+        check("SampleTable", "num_samples", num_samples, ge=1, integer=True)
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
 

@@ -20,7 +20,9 @@ from transformers import PreTrainedTokenizerBase
 
 from lightning_rlhf.data.formats import RowError
 from lightning_rlhf.data.loading import DataError, load_table
+from lightning_rlhf.data.sampling import ResumableDataLoader, SeededRandomSampler
 from lightning_rlhf.models import load_tokenizer
+from lightning_rlhf.validation import ConfigError, check, check_choice
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +41,10 @@ def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
 
 def check_length_args(owner: str, max_length: int, max_prompt_length: int | None) -> None:
     """``max_length`` >= 2 and, if set, ``1 <= max_prompt_length < max_length`` (responses need room)."""
-    if max_length < 2:
-        raise ValueError(f"{owner}: max_length must be >= 2 (got {max_length})")
-    if max_prompt_length is not None and not 0 < max_prompt_length < max_length:
-        raise ValueError(
+    check(owner, "max_length", max_length, ge=2, integer=True)
+    check(owner, "max_prompt_length", max_prompt_length, ge=1, integer=True, optional=True)
+    if max_prompt_length is not None and not max_prompt_length < max_length:
+        raise ConfigError(
             f"{owner}: max_prompt_length must be in [1, max_length) (got {max_prompt_length} with "
             f"max_length {max_length}); responses need room"
         )
@@ -67,16 +69,13 @@ class TableDataModule(LightningDataModule):
 
     def _check_common_args(self, owner: str) -> None:
         hp = self.hparams
-        if hp.batch_size < 1:
-            raise ValueError(f"{owner}: batch_size must be >= 1 (got {hp.batch_size})")
-        if hp.num_workers < 0:
-            raise ValueError(f"{owner}: num_workers must be >= 0 (got {hp.num_workers})")
-        if hp.on_bad_row not in ("raise", "skip"):
-            raise ValueError(f"{owner}: on_bad_row must be 'raise' or 'skip' (got {hp.on_bad_row!r})")
-        if not 0.0 <= hp.val_fraction < 1.0:
-            raise ValueError(f"{owner}: val_fraction must be in [0, 1) (got {hp.val_fraction})")
+        check(owner, "batch_size", hp.batch_size, ge=1, integer=True)
+        check(owner, "num_workers", hp.num_workers, ge=0, integer=True)
+        check(owner, "seed", hp.seed, integer=True)
+        check_choice(owner, "on_bad_row", hp.on_bad_row, ("raise", "skip"))
+        check(owner, "val_fraction", hp.val_fraction, ge=0, lt=1)
         if hp.val_fraction > 0 and (hp.val_file or hp.val_split):
-            raise ValueError(
+            raise ConfigError(
                 f"{owner}: val_fraction={hp.val_fraction} carves validation rows out of train_file, so it "
                 "cannot be combined with val_file or val_split; set only one of them"
             )
@@ -197,13 +196,16 @@ class TableDataModule(LightningDataModule):
                 f"no {split!r} split (have {sorted(self.datasets)}); call setup() first, and for 'val' set "
                 "val_file, val_split or val_fraction"
             )
-        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
-        return DataLoader(
+        if shuffle and sampler is None:
+            # Seeded by (seed, epoch) alone, so a mid-epoch checkpoint can resume at the exact position.
+            sampler = SeededRandomSampler(len(self.datasets[split]), seed=self.hparams.seed)
+        return ResumableDataLoader(
             self.datasets[split],
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
             sampler=sampler,
-            generator=generator,
+            # Only to seed worker processes: without it DataLoader draws that seed from the global torch RNG,
+            # shifting every random number the model draws afterwards (a resumed run must not differ).
+            generator=torch.Generator().manual_seed(self.hparams.seed),
             num_workers=self.hparams.num_workers,
             collate_fn=self._collator(),
             drop_last=drop_last,

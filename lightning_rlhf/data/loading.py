@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +30,8 @@ def load_table(source: str, *, split: str = "train") -> datasets.Dataset:
             raise FileNotFoundError(f"data file not found: {source}")
         builder, kwargs = _BUILDERS[path.suffix.lower()], {"data_files": str(path)}
         split = "train"  # a single file is always loaded as the "train" split of its own dataset
+        if builder != "parquet":
+            _check_text_file(path, source)
     elif path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
         return _load_saved(path, split)
     else:
@@ -43,11 +46,39 @@ def load_table(source: str, *, split: str = "train") -> datasets.Dataset:
         while inner is not None and len(causes) < 5:
             causes.append(f"{type(inner).__name__}: {inner}")
             inner = inner.__cause__ or inner.__context__
+        if any(c.startswith("StopIteration") or "corresponds to no data" in c for c in causes):
+            # datasets' words for a file that parsed but holds no row ("[]", a CSV header alone).
+            raise DataError(f"{source}: the file holds no rows; add data or point *_file elsewhere") from err
         raise DataError(
             f"could not load {source!r} (split {split!r}): {' <- '.join(causes)}. Check that the file "
             "is valid JSON lines / CSV / parquet, that the split exists, or that the dataset name is right "
             "and available offline."
         ) from err
+
+
+def _check_text_file(path: Path, source: str) -> None:
+    """Empty files and bytes that are not UTF-8, named by line and byte (datasets reports neither well)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, blank = 0, True
+    with path.open("rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            try:
+                text = decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as err:
+                bad = offset + err.start
+                f.seek(0)
+                line = f.read(bad).count(b"\n") + 1
+                raise DataError(
+                    f"{source}: line {line} (byte {bad}) is not valid UTF-8 ({err.reason}); re-save the file "
+                    "as UTF-8 (or fix that line)"
+                ) from None
+            if not chunk:
+                break
+            offset += len(chunk)
+            blank = blank and not text.strip()
+    if blank:
+        raise DataError(f"{source}: the file is empty; add data or point *_file elsewhere")
 
 
 def _load_saved(path: Path, split: str) -> datasets.Dataset:

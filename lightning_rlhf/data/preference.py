@@ -15,6 +15,7 @@ from lightning_rlhf.data.formats import PairFormat, PairReader, RowError, decide
 from lightning_rlhf.data.loading import DataError, check_columns
 from lightning_rlhf.data.sampling import LengthGroupedSampler
 from lightning_rlhf.data.tokenize import encode_pair
+from lightning_rlhf.validation import check_choice
 
 
 class PreferenceDataModule(TableDataModule):
@@ -86,10 +87,7 @@ class PreferenceDataModule(TableDataModule):
         super().__init__()
         owner = "PreferenceDataModule"
         check_length_args(owner, max_length, max_prompt_length)
-        if format not in ("auto", "standard", "conversational", "implicit"):
-            raise ValueError(
-                f"{owner}: format must be auto, standard, conversational or implicit (got {format!r})"
-            )
+        check_choice(owner, "format", format, ("auto", "standard", "conversational", "implicit"))
         for name, value in (
             ("prompt_field", prompt_field),
             ("chosen_field", chosen_field),

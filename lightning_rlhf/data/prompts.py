@@ -10,6 +10,7 @@ from lightning_rlhf.data.collate import PromptCollator
 from lightning_rlhf.data.formats import PromptFormat, check_chat_template, decide_format, read_prompt
 from lightning_rlhf.data.loading import check_columns
 from lightning_rlhf.data.tokenize import encode_prompt
+from lightning_rlhf.validation import check, check_choice
 
 
 class PromptDataModule(TableDataModule):
@@ -71,12 +72,8 @@ class PromptDataModule(TableDataModule):
         """
         super().__init__()
         owner = "PromptDataModule"
-        if max_prompt_length < 1:
-            raise ValueError(f"{owner}: max_prompt_length must be >= 1 (got {max_prompt_length})")
-        if format not in ("auto", "standard", "conversational", "implicit"):
-            raise ValueError(
-                f"{owner}: format must be auto, standard, conversational or implicit (got {format!r})"
-            )
+        check(owner, "max_prompt_length", max_prompt_length, ge=1, integer=True)
+        check_choice(owner, "format", format, ("auto", "standard", "conversational", "implicit"))
         if format == "implicit" and not implicit_prompt_delimiter:
             raise ValueError(f"{owner}: format 'implicit' needs a non-empty implicit_prompt_delimiter")
         if not prompt_field:

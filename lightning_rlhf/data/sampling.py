@@ -1,14 +1,80 @@
-"""A seeded sampler that puts examples of similar length into the same batch, to cut padding."""
+"""Seeded samplers that can resume mid-epoch, and the DataLoader that saves their position in checkpoints.
+
+A training run killed after k batches and resumed from its last checkpoint must see exactly the batches the
+uninterrupted run would have seen next: no sample twice, none skipped. Both samplers here derive an epoch's
+order from ``(seed, epoch)`` alone (no generator state to carry), so the position in the epoch is all a
+checkpoint needs. :class:`ResumableDataLoader` counts the batches it handed out and implements
+``state_dict`` / ``load_state_dict``; Lightning (2.3+) stores that state in ``loops.fit_loop.state_dict
+["combined_loader"]`` of every checkpoint and loads it back before the resumed epoch starts iterating.
+"""
 
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Iterator, Sequence
 
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 
-class LengthGroupedSampler(Sampler[int]):
+class ResumableSampler(Sampler[int]):
+    """Base of a sampler whose epoch order is a pure function of ``(seed, epoch)``; see :meth:`order`.
+
+    Lightning calls :meth:`set_epoch` before every epoch; without that call each new iteration moves on to
+    the next epoch by itself. After :meth:`load_state_dict` the next iteration of the saved epoch starts at
+    the saved position.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.epoch = 0
+        self._iter_epoch: int | None = None  # the epoch being (or last) iterated
+        self._start = 0  # position this iteration started at (non-zero right after a resume)
+        self._resume: tuple[int, int] | None = None
+
+    def order(self, epoch: int) -> list[int]:
+        """Every index once, in the order of ``epoch``."""
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        start = self._resume[1] if self._resume is not None and self._resume[0] == epoch else 0
+        self._resume, self._iter_epoch, self._start = None, epoch, start
+        yield from self.order(epoch)[start:]
+
+    def position(self, consumed: int) -> dict[str, int]:
+        """State after ``consumed`` more indices of the current iteration were used: ``{epoch, position}``."""
+        if self._resume is not None:  # restored but not iterated yet: keep the restored position
+            return {"epoch": self._resume[0], "position": self._resume[1]}
+        if self._iter_epoch is None:
+            return {"epoch": self.epoch, "position": 0}
+        return {"epoch": self._iter_epoch, "position": min(self._start + consumed, len(self))}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self._resume = (self.epoch, int(state["position"]))
+
+
+class SeededRandomSampler(ResumableSampler):
+    """A uniform shuffle of ``range(num_samples)``, a new one each epoch, fixed by ``seed`` and the epoch."""
+
+    def __init__(self, num_samples: int, *, seed: int = 0) -> None:
+        super().__init__(seed)
+        self.num_samples = num_samples
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def order(self, epoch: int) -> list[int]:
+        order = list(range(self.num_samples))
+        random.Random(f"shuffle-{self.seed}-{epoch}").shuffle(order)
+        return order
+
+
+class LengthGroupedSampler(ResumableSampler):
     """Yield indices so that each run of ``batch_size`` consecutive indices has similar lengths.
 
     Per epoch: shuffle all indices, cut them into mega-batches of ``mega_batch_factor * batch_size``, sort
@@ -20,8 +86,7 @@ class LengthGroupedSampler(Sampler[int]):
     Lightning's wrapper hands rank r the indices at positions r, r + W, r + 2W, ... (W = world size), so a
     rank's batch is drawn from W * batch_size consecutive positions: with ``num_replicas`` = W the sampler
     groups lengths in *global* batches of that size, and every rank's batch stays of similar length.
-    The order depends on ``seed`` and the epoch: Lightning calls :meth:`set_epoch` before every epoch;
-    without that call each new iteration moves to the next epoch by itself.
+    The order depends on ``seed`` and the epoch (see :class:`ResumableSampler`).
     """
 
     def __init__(
@@ -38,17 +103,13 @@ class LengthGroupedSampler(Sampler[int]):
                 "batch_size, mega_batch_factor and num_replicas must be >= 1 "
                 f"(got {batch_size}, {mega_batch_factor}, {num_replicas})"
             )
+        super().__init__(seed)
         self.lengths = list(lengths)
         self.local_batch_size = batch_size
         self.num_replicas = num_replicas
         # The unit that must be length-homogeneous: one batch on every rank (see the class docstring).
         self.batch_size = batch_size * num_replicas
-        self.seed = seed
         self.mega_batch_factor = mega_batch_factor
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -69,7 +130,43 @@ class LengthGroupedSampler(Sampler[int]):
         rng.shuffle(full)
         return full + short
 
-    def __iter__(self) -> Iterator[int]:
-        epoch, self.epoch = self.epoch, self.epoch + 1
-        for batch in self.batches(epoch):
-            yield from batch
+    def order(self, epoch: int) -> list[int]:
+        return [i for batch in self.batches(epoch) for i in batch]
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position in the epoch is saved in Lightning checkpoints and restored on resume.
+
+    It counts the batches it has yielded, which with the loop's fetcher equals the batches trained on when
+    ModelCheckpoint saves (Lightning asks for this state while saving). The position is kept in indices of
+    the sampler's order, so it needs a :class:`ResumableSampler`. Under DDP Lightning wraps the sampler in a
+    distributed one, whose position cannot be restored: a mid-epoch resume then restarts the epoch, and
+    says so with a warning rather than repeating batches silently.
+    """
+
+    _batches_yielded = 0
+
+    def __iter__(self):
+        self._batches_yielded = 0
+        for batch in super().__iter__():
+            self._batches_yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        if not isinstance(self.sampler, ResumableSampler) or self.batch_size is None:
+            return {"unrestorable_batches": self._batches_yielded}
+        return self.sampler.position(self._batches_yielded * self.batch_size)
+
+    def load_state_dict(self, state: dict) -> None:
+        if isinstance(self.sampler, ResumableSampler) and "position" in state:
+            self.sampler.load_state_dict(state)
+            return
+        seen = state.get("unrestorable_batches", 0)
+        if 0 < seen < len(self):  # at an epoch's end there is nothing to restore
+            warnings.warn(
+                f"the checkpoint was saved mid-epoch, but this loader's sampler "
+                f"({type(self.sampler).__name__}) cannot resume there: the epoch restarts from its first "
+                "batch and the batches already trained on are seen again. Exact mid-epoch resume needs a "
+                "single process, or checkpoints at epoch ends.",
+                stacklevel=2,
+            )

@@ -11,6 +11,7 @@ from lightning_rlhf.data.collate import SFTCollator
 from lightning_rlhf.data.formats import check_chat_template, read_sft_messages, text_field
 from lightning_rlhf.data.loading import check_columns
 from lightning_rlhf.data.tokenize import encode_prompt_response
+from lightning_rlhf.validation import check_choice
 
 SFTFormat = Literal["auto", "prompt_completion", "messages"]
 
@@ -76,8 +77,7 @@ class SFTDataModule(TableDataModule):
         super().__init__()
         owner = "SFTDataModule"
         check_length_args(owner, max_length, max_prompt_length)
-        if format not in ("auto", "prompt_completion", "messages"):
-            raise ValueError(f"{owner}: format must be auto, prompt_completion or messages (got {format!r})")
+        check_choice(owner, "format", format, ("auto", "prompt_completion", "messages"))
         self.save_hyperparameters()
         self._check_common_args(owner)
         self._init_state(tokenizer)

@@ -4,16 +4,30 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 import torch
 from lightning import LightningModule
+from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_rlhf.export import MODULE_CLASS_KEY, module_class_path
 from lightning_rlhf.lora import LoraSettings, merged_copy
 from lightning_rlhf.models import load_tokenizer
+from lightning_rlhf.modules.rng import collect_rng_states, set_rng_states
+from lightning_rlhf.validation import check, check_choice
 from lightning_rlhf.zero import gathered, hf_zero3_loading
+
+log = logging.getLogger(__name__)
+
+NonFinitePolicy = Literal["raise", "skip"]
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss term or gradient became NaN or infinite (the message says which, where, and what to do)."""
 
 
 def object_spec(obj: object) -> dict:
@@ -31,12 +45,29 @@ def object_spec(obj: object) -> dict:
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
 
 
-def build_object(value: object) -> object:
-    """Inverse of :func:`object_spec`; objects pass through unchanged."""
-    if isinstance(value, dict) and "class_path" in value:
-        module_name, _, class_name = value["class_path"].rpartition(".")
+def resolve_class(class_path: str, base: type, what: str) -> type:
+    """The class at ``class_path``, which must be a subclass of ``base``.
+
+    Class paths read from checkpoints are data: without the check, a crafted checkpoint could name any
+    importable callable (``subprocess.Popen`` with init_args) and have it called on load.
+    """
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
         cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"{what}: cannot import {class_path!r} ({err})") from None
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise TypeError(f"{what}: {class_path!r} is not a {base.__name__} subclass; refusing to build it")
+    return cls
+
+
+def build_object(value: object, base: type = object) -> object:
+    """Inverse of :func:`object_spec` (the class must subclass ``base``); objects pass through unchanged."""
+    if isinstance(value, dict) and "class_path" in value:
+        cls = resolve_class(value["class_path"], base, "recorded object")
         return cls(**value.get("init_args", {}))
+    if not isinstance(value, base):
+        raise TypeError(f"expected a {base.__name__}, got {type(value).__name__} {value!r:.60}")
     return value
 
 
@@ -110,12 +141,18 @@ class HFModelModule(LightningModule):
     ``optimizer:`` / ``lr_scheduler:`` in YAML replaces it.
     """
 
-    def __init__(self, learning_rate: float, weight_decay: float) -> None:
+    def __init__(
+        self, learning_rate: float, weight_decay: float, nonfinite: NonFinitePolicy = "raise"
+    ) -> None:
         super().__init__()
-        if not learning_rate > 0:
-            raise ValueError(f"{type(self).__name__}: learning_rate must be > 0 (got {learning_rate})")
-        if not weight_decay >= 0:
-            raise ValueError(f"{type(self).__name__}: weight_decay must be >= 0 (got {weight_decay})")
+        owner = type(self).__name__
+        check(owner, "learning_rate", learning_rate, gt=0)
+        check(owner, "weight_decay", weight_decay, ge=0)
+        check_choice(owner, "nonfinite", nonfinite, ("raise", "skip"))
+        self.nonfinite_policy = nonfinite
+        self.nonfinite_skipped = 0  # optimizer steps skipped for a non-finite loss or gradient
+        self._rng_to_restore: dict | None = None
+        self._rng_before_validation: dict | None = None
 
     def setup(self, stage: str) -> None:
         # Runs before configure_model, which Lightning wraps in deepspeed.zero.Init under ZeRO-3; transformers
@@ -131,12 +168,13 @@ class HFModelModule(LightningModule):
         """The model this stage trains and exports (the policy, or the reward model)."""
         raise NotImplementedError
 
-    def _use_loss(self, loss: object | None, default: object) -> object:
+    def _use_loss(self, loss: object | None, default: object, base: type) -> object:
         """The loss object to use (built from a recorded spec when loading), recorded in the hparams.
 
         Call after ``save_hyperparameters(ignore=["loss", ...])``: a checkpoint must rebuild this exact loss.
+        A recorded spec may only name a ``base`` subclass (see :func:`resolve_class`).
         """
-        built = build_object(loss) if loss is not None else default
+        built = build_object(loss, base) if loss is not None else default
         self.hparams["loss"] = object_spec(built)
         return built
 
@@ -153,15 +191,97 @@ class HFModelModule(LightningModule):
         groups = adamw_param_groups(self.trained_model(), self.hparams.weight_decay)
         return torch.optim.AdamW(groups, lr=self.hparams.learning_rate)
 
+    # ------------------------------------------------------------------ non-finite guard
+    def finite_or_skip(self, terms: Mapping[str, Tensor], batch: Mapping | None = None) -> bool:
+        """True when every loss term is finite; else raise :class:`NonFiniteError` or count a skip.
+
+        ``terms`` maps names users recognise (``policy_loss``, ``value_loss``, ``logps/chosen``) to tensors,
+        checked in order; the error names the first bad one, the global step and the batch's row indices.
+        Under ``nonfinite="skip"`` the caller must then leave this batch out of the optimizer step.
+        """
+        bad = [name for name, value in terms.items() if not bool(torch.isfinite(value.detach()).all())]
+        trainer = self._trainer
+        if self.nonfinite_policy == "skip" and trainer is not None and trainer.world_size > 1:
+            # Every rank must skip the same step, or the others would wait forever in DDP's gradient sync.
+            flag = torch.tensor(float(bool(bad)), device=self.device)
+            if float(trainer.strategy.reduce(flag, reduce_op="sum")) > 0 and not bad:
+                bad = ["a loss term on another rank"]
+        if not bad:
+            return True
+        rows = batch.get("index") if isinstance(batch, Mapping) else None
+        rows = rows.tolist() if isinstance(rows, Tensor) else rows
+        where = f"at global step {self.global_step}" + (f", batch rows {rows}" if rows is not None else "")
+        self._nonfinite(f"non-finite {bad[0]} (terms not finite: {bad}) {where}")
+        return False
+
+    def _nonfinite(self, what: str) -> None:
+        if self.nonfinite_policy == "raise":
+            raise NonFiniteError(
+                f"{type(self).__name__}: {what}. Set nonfinite='skip' to skip such optimizer steps and count "
+                "them (train/nonfinite_skipped); persistent NaNs usually mean a too-high learning rate, "
+                "fp16 overflow, or a bad row (the batch rows are the datamodule's 'index')."
+            )
+        self.nonfinite_skipped += 1
+        log.warning(
+            "%s: %s; optimizer step skipped (%d so far)", type(self).__name__, what, self.nonfinite_skipped
+        )
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """A non-finite gradient (with finite losses) raises, or empties every gradient: AdamW then skips
+        each parameter entirely (no moment or weight-decay update), which is a skipped step."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return  # fp16 loss scaling: inf gradients are expected now and then; the scaler skips those steps
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        norms = torch._foreach_norm([p.grad.detach() for p in params])
+        if bool(torch.isfinite(torch.stack(norms)).all()):
+            return
+        names = {id(p): name for name, p in self.named_parameters()}
+        first = next(p for p, n in zip(params, norms, strict=True) if not torch.isfinite(n))
+        self._nonfinite(
+            f"non-finite gradient (first in {names.get(id(first), '?')}) at global step {self.global_step}"
+        )
+        for p in params:
+            p.grad = None
+
+    def on_validation_start(self) -> None:
+        # Validation (PPO samples responses) must not advance the training RNG streams: a run's training
+        # randomness is then independent of how often it validates, and a resumed run that repeats the
+        # validation of its checkpoint step draws what the uninterrupted run drew.
+        self._rng_before_validation = collect_rng_states()
+
+    def on_validation_end(self) -> None:
+        if self._rng_before_validation is not None:
+            set_rng_states(self._rng_before_validation)
+            self._rng_before_validation = None
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self._rng_to_restore is not None:
+            set_rng_states(self._rng_to_restore)  # see lightning_rlhf.modules.rng for why only now
+            self._rng_to_restore = None
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.nonfinite_policy == "skip":
+            self.log("train/nonfinite_skipped", float(self.nonfinite_skipped))
+
+    # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Lets `lightning-rlhf export --checkpoint X.ckpt` rebuild the right module from the file alone.
         checkpoint[MODULE_CLASS_KEY] = module_class_path(self)
         drop_frozen_reference(self, checkpoint)
         drop_frozen_weights(self, checkpoint)
+        checkpoint["lightning_rlhf_state"] = {
+            "rng": collect_rng_states(),
+            "nonfinite_skipped": self.nonfinite_skipped,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         restore_frozen_reference(self, checkpoint)
         restore_frozen_weights(self, checkpoint)
+        state = checkpoint.get("lightning_rlhf_state", {})
+        self._rng_to_restore = state.get("rng")
+        self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
 
     def tokenizer_for_export(self) -> PreTrainedTokenizerBase:
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None

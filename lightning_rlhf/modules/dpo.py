@@ -13,8 +13,9 @@ from transformers import PreTrainedModel
 from lightning_rlhf.lora import AdaptersDisabled, LoraSettings, apply_lora, check_dropout
 from lightning_rlhf.losses import DPOLoss, DPOLossOutput, SigmoidDPOLoss
 from lightning_rlhf.models import disable_dropout, freeze, load_causal_lm, response_logps
-from lightning_rlhf.modules.base import HFModelModule
+from lightning_rlhf.modules.base import HFModelModule, NonFinitePolicy
 from lightning_rlhf.modules.reference_cache import ReferenceLogps, precompute_reference_logps
+from lightning_rlhf.validation import check
 from lightning_rlhf.zero import unpartitioned_loading
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ class DPOModule(HFModelModule):
         diagnostic_batches: int = 4,
         lora: LoraSettings | None = None,
         trust_remote_code: bool = False,
+        nonfinite: NonFinitePolicy = "raise",
     ) -> None:
         """
         Args:
@@ -99,12 +101,13 @@ class DPOModule(HFModelModule):
             lora: Train LoRA adapters instead of all weights; the reference is then the base model with
                 adapters off (unless reference_model is given). Needs the ``peft`` extra.
             trust_remote_code: Allow model code shipped with the checkpoint to run (off for safety).
+            nonfinite: A NaN/inf loss term or gradient: 'raise' (naming step, rows, term) or 'skip' the step
+                and count it (train/nonfinite_skipped).
         """
-        super().__init__(learning_rate, weight_decay)
-        if diagnostic_batches < 0:
-            raise ValueError(f"DPOModule: diagnostic_batches must be >= 0 (got {diagnostic_batches})")
+        super().__init__(learning_rate, weight_decay, nonfinite)
+        check("DPOModule", "diagnostic_batches", diagnostic_batches, ge=0, integer=True)
         self.save_hyperparameters(ignore=["loss", "lora"])
-        self.loss = self._use_loss(loss, SigmoidDPOLoss())
+        self.loss = self._use_loss(loss, SigmoidDPOLoss(), DPOLoss)
         self.lora = self._use_lora(lora)
         check_dropout("DPOModule", self.lora, disable_dropout)
         if self.loss.reference_free and (reference_model is not None or precompute_reference):
@@ -115,6 +118,7 @@ class DPOModule(HFModelModule):
         self.reference: PreTrainedModel | None = None
         self.cached: dict[str, ReferenceLogps] = {}
         self._eval_reference: list[PreTrainedModel] = []
+        self._start_diagnostic: dict[str, float] | None = None  # kept in checkpoints, re-logged on resume
         self.val_metrics = torch.nn.ModuleDict({name.replace("/", "_"): MeanMetric() for name in _METRICS})
 
     @property
@@ -162,6 +166,7 @@ class DPOModule(HFModelModule):
         self._ensure_cached(["train", "val"])
 
     def on_validation_start(self) -> None:
+        super().on_validation_start()
         # `validate` alone (no fit before it) must find the validation split's reference log-probs too.
         self._ensure_cached(["val"])
 
@@ -217,6 +222,10 @@ class DPOModule(HFModelModule):
 
     def on_train_start(self) -> None:
         """Log the distribution-shift diagnostic before any update."""
+        if self._start_diagnostic is not None:
+            # Resumed: the policy has been trained, so re-log the values measured before the first update.
+            self.log_dict({k: torch.tensor(v) for k, v in self._start_diagnostic.items()}, sync_dist=True)
+            return
         n = self.hparams.diagnostic_batches
         datamodule = self.trainer.datamodule
         if n == 0 or not hasattr(datamodule, "reference_dataloader"):
@@ -236,13 +245,25 @@ class DPOModule(HFModelModule):
             "diagnostics/start/logps_per_token/rejected": torch.cat(rejected).mean(),
         }
         self.log_dict(start, sync_dist=True)
+        self._start_diagnostic = {k: float(v) for k, v in start.items()}
         log.info(
             "policy mean per-token log-prob before training: %s",
             {k: round(float(v), 4) for k, v in start.items()},
         )
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["dpo_start_diagnostic"] = self._start_diagnostic
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._start_diagnostic = checkpoint.get("dpo_start_diagnostic")
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         out, metrics = self.compute_loss(batch, "train")
+        terms = {"logps/chosen": metrics["logps/chosen"], "logps/rejected": metrics["logps/rejected"]}
+        if not self.finite_or_skip({**terms, "loss": out.loss}, batch):
+            return None  # Lightning then skips backward and the optimizer step
         size = batch["index"].shape[0]
         self.log("train/loss", metrics.pop("loss"), prog_bar=True, batch_size=size)
         self.log_dict(metrics, batch_size=size)

@@ -35,11 +35,12 @@ from lightning_rlhf.models import (
     response_logps,
     sequence_scores,
 )
-from lightning_rlhf.modules.base import HFModelModule
+from lightning_rlhf.modules.base import HFModelModule, NonFinitePolicy
 from lightning_rlhf.modules.dpo import DPO_METRIC_NAMES, dpo_metrics
 from lightning_rlhf.rollout.collect import call_reward_function
 from lightning_rlhf.rollout.generation import SamplingConfig, decode_responses, generate_responses
 from lightning_rlhf.rollout.pairs import Samples, build_pair_batch, select_pairs, take_pairs
+from lightning_rlhf.validation import check, check_callable, check_divides
 from lightning_rlhf.zero import (
     configure_for_manual_accumulation,
     gathered_tensors,
@@ -111,6 +112,7 @@ class IterativeDPOModule(HFModelModule):
         disable_dropout: bool = True,
         lora: LoraSettings | None = None,
         trust_remote_code: bool = False,
+        nonfinite: NonFinitePolicy = "raise",
     ) -> None:
         """
         Args:
@@ -138,37 +140,31 @@ class IterativeDPOModule(HFModelModule):
             lora: Train LoRA adapters only; the reference is the policy with adapters off, or with a refreshed
                 copy of its adapter (refresh_reference). Needs the ``peft`` extra.
             trust_remote_code: Allow model code shipped with checkpoints to run (off for safety).
+            nonfinite: A NaN/inf loss or gradient: 'raise' (naming step and pairs) or 'skip' that mini-batch's
+                optimizer step and count it (train/nonfinite_skipped).
         """
-        super().__init__(learning_rate, weight_decay)
+        super().__init__(learning_rate, weight_decay, nonfinite)
         self.automatic_optimization = False
         owner = "IterativeDPOModule"
-        if num_samples < 2:
-            raise ValueError(f"{owner}: num_samples must be >= 2 to form a pair (got {num_samples})")
-        if not temperature > 0:
-            raise ValueError(f"{owner}: temperature must be > 0 (got {temperature}); greedy samples all tie")
-        counts = {
-            "dpo_epochs": dpo_epochs,
-            "mini_batch_size": mini_batch_size,
-            "micro_batch_size": micro_batch_size,
-        }
-        for name, value in counts.items():
-            if value < 1:
-                raise ValueError(f"{owner}: {name} must be >= 1 (got {value})")
-        if mini_batch_size % micro_batch_size:
-            raise ValueError(
-                f"{owner}: micro_batch_size ({micro_batch_size}) must divide "
-                f"mini_batch_size ({mini_batch_size})"
-            )
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"{owner}: max_grad_norm must be > 0 or null (got {max_grad_norm})")
-        if missing_eos_penalty is not None and not missing_eos_penalty >= 0:
-            raise ValueError(f"{owner}: missing_eos_penalty must be >= 0 or null (got {missing_eos_penalty})")
+        check(owner, "num_samples", num_samples, ge=2, integer=True)  # a pair needs two samples
+        check(owner, "temperature", temperature, gt=0)  # greedy samples would all tie
+        for name, value in (
+            ("dpo_epochs", dpo_epochs),
+            ("mini_batch_size", mini_batch_size),
+            ("micro_batch_size", micro_batch_size),
+        ):
+            check(owner, name, value, ge=1, integer=True)
+        check_divides(owner, ("micro_batch_size", micro_batch_size), ("mini_batch_size", mini_batch_size))
+        check(owner, "max_grad_norm", max_grad_norm, gt=0, optional=True)
+        check(owner, "missing_eos_penalty", missing_eos_penalty, ge=0, optional=True)
         try:
             self.sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p)
         except ValueError as err:
             raise ValueError(f"{owner}: {err}") from err
+        check_callable(owner, "reward_function", reward_function)
+        check_callable(owner, "gold_function", gold_function)
         self.save_hyperparameters(ignore=["loss", "reward_function", "gold_function", "lora"])
-        self.loss = self._use_loss(loss, SigmoidDPOLoss())
+        self.loss = self._use_loss(loss, SigmoidDPOLoss(), DPOLoss)
         self.lora = self._use_lora(lora)
         check_dropout(owner, self.lora, disable_dropout)
         if reference_model is not None and (refresh_reference or self.loss.reference_free):
@@ -339,11 +335,15 @@ class IterativeDPOModule(HFModelModule):
             for mini in order.split(hp.mini_batch_size):
                 mini_pairs = max(int(valid[mini].sum()), 1)
                 optimizer.zero_grad()
+                finite = True
                 micros = mini.split(hp.micro_batch_size)
                 for i, micro in enumerate(micros):
                     start_micro_batch(self.trainer, is_last=i == len(micros) - 1)
                     refs = (None, None) if ref_chosen is None else (ref_chosen[micro], ref_rejected[micro])
                     loss, metrics = self.compute_loss(take_pairs(pair_batch, micro), *refs, valid[micro])
+                    finite = self.finite_or_skip({"loss": loss}, {"index": micro})
+                    if not finite:
+                        break  # nonfinite="skip": this mini-batch makes no optimizer step
                     count = int(valid[micro].sum())
                     # A micro loss is a mean over its pairs: weight it so the step sees the mini-batch mean.
                     self.manual_backward(loss * (count / mini_pairs))
@@ -351,6 +351,9 @@ class IterativeDPOModule(HFModelModule):
                         sums += torch.stack(
                             [*(metrics[k] * count for k in _DPO_METRICS), sums.new_tensor(count)]
                         )
+                if not finite:
+                    optimizer.zero_grad()
+                    continue
                 if hp.max_grad_norm is not None:
                     self.clip_gradients(
                         optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm"

@@ -21,7 +21,7 @@ from lightning_rlhf.models import (
     response_token_logprobs,
     response_values,
 )
-from lightning_rlhf.modules.base import HFModelModule, adamw_param_groups
+from lightning_rlhf.modules.base import HFModelModule, NonFinitePolicy, adamw_param_groups
 from lightning_rlhf.ops import masked_mean, masked_var
 from lightning_rlhf.rollout.collect import (
     ShapingConfig,
@@ -38,6 +38,7 @@ from lightning_rlhf.rollout.shaping import (
     sequence_kl,
 )
 from lightning_rlhf.rollout.types import Rollout
+from lightning_rlhf.validation import ConfigError, check, check_callable, check_choice, check_divides
 from lightning_rlhf.zero import (
     configure_for_manual_accumulation,
     is_partitioned,
@@ -114,6 +115,7 @@ class PPOModule(HFModelModule):
         first_step_tolerance: float = 1e-3,
         lora: LoraSettings | None = None,
         trust_remote_code: bool = False,
+        nonfinite: NonFinitePolicy = "raise",
     ) -> None:
         """
         Args:
@@ -158,76 +160,58 @@ class PPOModule(HFModelModule):
             lora: LoRA adapters on the policy and (separately) the critic instead of training all weights;
                 the reference is then the policy with adapters off (unless reference_model is given).
             trust_remote_code: Allow model code shipped with checkpoints to run (off for safety).
+            nonfinite: A NaN/inf loss term or gradient: 'raise' (naming step, rows, term) or 'skip' the step
+                and count it (train/nonfinite_skipped).
         """
-        super().__init__(learning_rate, weight_decay)  # checks both, names them
+        super().__init__(learning_rate, weight_decay, nonfinite)  # checks both, names them
         self.automatic_optimization = False
-        positive = {
-            "max_new_tokens": max_new_tokens,
-            "ppo_epochs": ppo_epochs,
-            "mini_batch_size": mini_batch_size,
-            "micro_batch_size": micro_batch_size,
-            "generation_batch_size": generation_batch_size,
-            "clip_range": clip_range,
-            "critic_learning_rate": critic_learning_rate,
-            "first_step_tolerance": first_step_tolerance,
-            "kl_horizon": kl_horizon,
-        }
-        for name, value in positive.items():
-            if not value > 0:
-                raise ValueError(f"PPOModule: {name} must be > 0 (got {value})")
-        non_negative = {
-            "kl_coef": kl_coef,
-            "entropy_coef": entropy_coef,
-            "value_loss_coef": value_loss_coef,
-        }
-        for name, value in non_negative.items():
-            if not value >= 0:
-                raise ValueError(f"PPOModule: {name} must be >= 0 (got {value})")
-        optional_positive = {
-            "clip_range_value": clip_range_value,
-            "score_clip": score_clip,
-            "early_stop_kl": early_stop_kl,
-            "target_kl": target_kl,
-            "max_grad_norm": max_grad_norm,
-        }
-        for name, value in optional_positive.items():
-            if value is not None and not value > 0:
-                raise ValueError(f"PPOModule: {name} must be > 0 or null (got {value})")
-        if not 0 < temperature < float("inf"):
-            raise ValueError(
-                f"PPOModule: temperature must be > 0 (got {temperature}): PPO learns from samples"
-            )
-        if target_kl is not None and kl_coef == 0:
-            raise ValueError(
-                "PPOModule: kl_coef must be > 0 with target_kl (the controller only rescales it)"
-            )
-        if missing_eos_penalty is not None and not missing_eos_penalty >= 0:
-            raise ValueError(
-                f"PPOModule: missing_eos_penalty must be >= 0 or null (got {missing_eos_penalty!r})"
-            )
-        if zero3_generation not in ("gather", "synced"):
-            raise ValueError(
-                f"PPOModule: zero3_generation must be 'gather' or 'synced' (got {zero3_generation!r})"
-            )
-        if kl_estimator not in ("k1", "k2", "k3"):
-            raise ValueError(f"PPOModule: kl_estimator must be k1, k2 or k3 (got {kl_estimator!r})")
+        owner = "PPOModule"
+        check_choice(owner, "zero3_generation", zero3_generation, ("gather", "synced"))
         for name, value in (
             ("max_new_tokens", max_new_tokens),
             ("ppo_epochs", ppo_epochs),
             ("mini_batch_size", mini_batch_size),
             ("micro_batch_size", micro_batch_size),
+            ("generation_batch_size", generation_batch_size),
+            ("kl_horizon", kl_horizon),
         ):
-            if not isinstance(value, int):
-                raise ValueError(f"PPOModule: {name} must be an integer (got {value!r})")
-        if dual_clip is not None and not dual_clip > 1:
-            raise ValueError(f"PPOModule: dual_clip must be > 1 or null (got {dual_clip})")
-        if mini_batch_size % micro_batch_size:
-            raise ValueError(
-                f"PPOModule: micro_batch_size ({micro_batch_size}) must divide "
-                f"mini_batch_size ({mini_batch_size})"
+            check(owner, name, value, ge=1, integer=True)
+        check(owner, "top_k", top_k, ge=0, integer=True)
+        check(owner, "top_p", top_p, gt=0, le=1)
+        # PPO learns from samples: greedy decoding (temperature 0) would make every ratio degenerate.
+        check(owner, "temperature", temperature, gt=0)
+        for name, value in (
+            ("clip_range", clip_range),
+            ("critic_learning_rate", critic_learning_rate),
+            ("first_step_tolerance", first_step_tolerance),
+        ):
+            check(owner, name, value, gt=0)
+        for name, value in (
+            ("kl_coef", kl_coef),
+            ("entropy_coef", entropy_coef),
+            ("value_loss_coef", value_loss_coef),
+        ):
+            check(owner, name, value, ge=0)
+        for name, value in (
+            ("clip_range_value", clip_range_value),
+            ("score_clip", score_clip),
+            ("early_stop_kl", early_stop_kl),
+            ("target_kl", target_kl),
+            ("max_grad_norm", max_grad_norm),
+        ):
+            check(owner, name, value, gt=0, optional=True)
+        check(owner, "missing_eos_penalty", missing_eos_penalty, ge=0, optional=True)
+        check(owner, "dual_clip", dual_clip, gt=1, optional=True)
+        check(owner, "gamma", gamma, ge=0, le=1)
+        check(owner, "lam", lam, ge=0, le=1)
+        check_choice(owner, "kl_estimator", kl_estimator, ("k1", "k2", "k3"))
+        check_callable(owner, "reward_function", reward_function)
+        check_callable(owner, "gold_function", gold_function)
+        check_divides(owner, ("micro_batch_size", micro_batch_size), ("mini_batch_size", mini_batch_size))
+        if target_kl is not None and kl_coef == 0:
+            raise ConfigError(
+                f"{owner}: kl_coef must be > 0 with target_kl (the controller only rescales it)"
             )
-        if not (0 <= gamma <= 1 and 0 <= lam <= 1):
-            raise ValueError(f"PPOModule: gamma and lam must be in [0, 1] (got {gamma}, {lam})")
         self.save_hyperparameters(ignore=["reward_function", "gold_function", "lora"])
         self.lora = self._use_lora(lora)
         check_dropout("PPOModule", self.lora, disable_dropout)
@@ -323,12 +307,19 @@ class PPOModule(HFModelModule):
             )
 
     def on_fit_start(self) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
+        self.check_datamodule(getattr(self.trainer, "datamodule", None))
+
+    def check_datamodule(self, datamodule: object) -> None:
+        """The rollout batch (the prompt loader's ``batch_size``) must split into mini-batches.
+
+        Called at fit start, and by the CLI right after parsing so a bad pair of flags fails before loading.
+        """
         batch_size = getattr(getattr(datamodule, "hparams", {}), "get", lambda *_: None)("batch_size")
         if batch_size is not None and batch_size % self.hparams.mini_batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"the rollout batch (data batch_size={batch_size}) is not divisible by "
-                f"model mini_batch_size={self.hparams.mini_batch_size}"
+                f"model mini_batch_size={self.hparams.mini_batch_size}; make data.batch_size a multiple of "
+                "model.mini_batch_size"
             )
 
     # ------------------------------------------------------------------ the step
@@ -411,14 +402,23 @@ class PPOModule(HFModelModule):
                 # Each micro-batch's token-mean loss is weighted by its share of the mini-batch's tokens, so
                 # the step minimises the token-mean over the whole mini-batch whatever micro_batch_size is.
                 mini_tokens = rollout.response_mask[order[start : start + mini]].sum().clamp(min=1)
+                finite = True
                 for micro_start in range(start, start + mini, micro):
                     start_micro_batch(self.trainer, is_last=micro_start + micro >= start + mini)
-                    mb = rollout.minibatch(order[micro_start : micro_start + micro])
+                    rows = order[micro_start : micro_start + micro]
+                    mb = rollout.minibatch(rows)
                     loss, metrics = self._micro_loss(mb, rollout.prompt_ids.shape[1])
+                    terms = {k: metrics[f"ppo/{k}"] for k in ("policy_loss", "value_loss", "entropy")}
+                    finite = self.finite_or_skip({**terms, "loss": loss}, {"index": rows})
+                    if not finite:
+                        break  # nonfinite="skip": this mini-batch makes no optimizer step
                     self.manual_backward(loss * (mb["response_mask"].sum() / mini_tokens))
                     approx_kls.append(metrics["ppo/approx_kl"])
                     for key, value in metrics.items():
                         totals.setdefault(key, []).append(value)
+                if not finite:
+                    optimizer.zero_grad()
+                    continue
                 if hp.max_grad_norm is not None:
                     self.clip_gradients(
                         optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm"
@@ -432,7 +432,7 @@ class PPOModule(HFModelModule):
                         break
             if stopped:
                 break
-        out = {key: torch.stack(values).mean() for key, values in totals.items()}
+        out = {key: torch.stack(values).mean() for key, values in totals.items() if values}
         out["ppo/early_stopped"] = torch.tensor(stopped)
         return out
 

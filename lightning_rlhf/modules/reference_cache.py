@@ -61,6 +61,31 @@ def _compute_split(
     return trainer.strategy.reduce(table, reduce_op="sum").cpu()
 
 
+def _load_cache(path: Path, n: int) -> dict[str, Tensor] | None:
+    """The cached tables, or None (recompute) when the file is unreadable, not plain tensors, or the wrong
+    shape. ``weights_only=True``: a cache file is data and may never run code when read."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated file, or pickled objects that weights_only refuses to build
+        log.warning(
+            "ignoring the reference log-prob cache %s (%s: %.200s); recomputing",
+            path,
+            type(err).__name__,
+            err,
+        )
+        return None
+    ok = isinstance(data, dict) and all(
+        isinstance(data.get(k), Tensor) and data[k].shape == (n,) and bool(torch.isfinite(data[k]).all())
+        for k in ("chosen", "rejected")
+    )
+    if not ok:
+        log.warning(
+            "ignoring the reference log-prob cache %s: not two finite [%d] tables; recomputing", path, n
+        )
+        return None
+    return data
+
+
 def precompute_reference_logps(
     module, datamodule: LightningDataModule, splits: list[str], cache_dir: Path, *, average: bool
 ) -> dict[str, ReferenceLogps]:
@@ -81,8 +106,8 @@ def precompute_reference_logps(
             f"{datamodule.fingerprint(split)}|{weights}|average={average}".encode()
         ).hexdigest()
         path = cache_dir / f"{split}-{key[:32]}.pt"
-        if path.is_file():
-            data = torch.load(path, weights_only=True)
+        data = _load_cache(path, len(datamodule.datasets[split])) if path.is_file() else None
+        if data is not None:
             log.info("reusing reference log-probs from %s", path)
         else:
             table = _compute_split(module, reference, datamodule, split, average=average)

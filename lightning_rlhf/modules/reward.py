@@ -11,7 +11,7 @@ from transformers import PreTrainedModel
 from lightning_rlhf.lora import LoraSettings, apply_lora
 from lightning_rlhf.losses import BradleyTerryLoss
 from lightning_rlhf.models import load_reward_model, sequence_scores
-from lightning_rlhf.modules.base import HFModelModule
+from lightning_rlhf.modules.base import HFModelModule, NonFinitePolicy
 
 
 class RewardModule(HFModelModule):
@@ -32,6 +32,7 @@ class RewardModule(HFModelModule):
         weight_decay: float = 0.0,
         lora: LoraSettings | None = None,
         trust_remote_code: bool = False,
+        nonfinite: NonFinitePolicy = "raise",
     ) -> None:
         """
         Args:
@@ -41,10 +42,12 @@ class RewardModule(HFModelModule):
             weight_decay: AdamW weight decay (biases and norms excluded).
             lora: Train LoRA adapters on the backbone (and the score head fully). Needs the ``peft`` extra.
             trust_remote_code: Allow model code shipped with the checkpoint to run (off for safety).
+            nonfinite: A NaN/inf loss term or gradient: 'raise' (naming step, rows, term) or 'skip' the step
+                and count it (train/nonfinite_skipped).
         """
-        super().__init__(learning_rate, weight_decay)
+        super().__init__(learning_rate, weight_decay, nonfinite)
         self.save_hyperparameters(ignore=["loss", "lora"])
-        self.loss = self._use_loss(loss, BradleyTerryLoss())
+        self.loss = self._use_loss(loss, BradleyTerryLoss(), BradleyTerryLoss)
         self.lora = self._use_lora(lora)
         self.reward_model: PreTrainedModel | None = None
         self.val_accuracy, self.val_margin, self.val_loss = MeanMetric(), MeanMetric(), MeanMetric()
@@ -67,9 +70,12 @@ class RewardModule(HFModelModule):
         scores = sequence_scores(self.reward_model, batch["input_ids"], batch["attention_mask"])
         return scores.chunk(2)
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         chosen, rejected = self.score_pairs(batch)
         out = self.loss(chosen, rejected, margin=batch.get("margin"))
+        terms = {"rewards/chosen": chosen, "rewards/rejected": rejected, "loss": out.loss}
+        if not self.finite_or_skip(terms, batch):
+            return None  # Lightning then skips backward and the optimizer step
         size = chosen.shape[0]
         self.log("train/loss", out.loss, prog_bar=True, batch_size=size)
         self.log("train/accuracy", out.accuracy, prog_bar=True, batch_size=size)

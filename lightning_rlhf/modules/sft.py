@@ -7,7 +7,7 @@ from transformers import PreTrainedModel
 
 from lightning_rlhf.lora import LoraSettings, apply_lora
 from lightning_rlhf.models import load_causal_lm, next_token_logprobs
-from lightning_rlhf.modules.base import HFModelModule
+from lightning_rlhf.modules.base import HFModelModule, NonFinitePolicy
 from lightning_rlhf.ops import masked_mean
 
 
@@ -21,6 +21,7 @@ class SFTModule(HFModelModule):
         weight_decay: float = 0.0,
         lora: LoraSettings | None = None,
         trust_remote_code: bool = False,
+        nonfinite: NonFinitePolicy = "raise",
     ) -> None:
         """
         Args:
@@ -29,8 +30,10 @@ class SFTModule(HFModelModule):
             weight_decay: AdamW weight decay (biases and norms excluded).
             lora: Train LoRA adapters instead of all weights (merged on export). Needs the ``peft`` extra.
             trust_remote_code: Allow model code shipped with the checkpoint to run (off for safety).
+            nonfinite: A NaN/inf loss or gradient: 'raise' (naming step and rows) or 'skip' the step and count
+                it (train/nonfinite_skipped).
         """
-        super().__init__(learning_rate, weight_decay)
+        super().__init__(learning_rate, weight_decay, nonfinite)
         self.save_hyperparameters(ignore=["lora"])
         self.lora = self._use_lora(lora)
         self.policy: PreTrainedModel | None = None
@@ -53,8 +56,10 @@ class SFTModule(HFModelModule):
         # Token-level mean over the batch: long responses weigh in proportion to their length.
         return -masked_mean(logps, batch["response_mask"][:, 1:])
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         loss = self._loss(batch)
+        if not self.finite_or_skip({"nll": loss}, batch):
+            return None  # Lightning then skips backward and the optimizer step
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 

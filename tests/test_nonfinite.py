@@ -1,0 +1,161 @@
+"""The non-finite guard: a NaN loss term or gradient raises with context (step, rows, term) under
+nonfinite="raise" (the default), or skips that optimizer step and counts it under nonfinite="skip"."""
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_rlhf import DPOModule, PPOModule, RewardModule
+from lightning_rlhf.modules.base import NonFiniteError
+from lightning_rlhf.testbed.models import build_causal_lm
+
+NAN = float("nan")
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("policy")
+    build_causal_lm("nano", tokenizer, seed=0).save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return str(root)
+
+
+def pair_batch(index=(0, 1)) -> dict[str, torch.Tensor]:
+    chosen, rejected = [[10, 11, 20, 21, 1], [12, 13, 22, 1, 0]], [[10, 11, 30, 1, 0], [12, 13, 31, 32, 1]]
+    attention = torch.tensor([[1] * n + [0] * (5 - n) for n in (5, 4, 4, 5)])
+    response = attention.clone()
+    response[:, :2] = 0
+    return {
+        "input_ids": torch.tensor(chosen + rejected),
+        "attention_mask": attention,
+        "response_mask": response,
+        "margin": torch.zeros(2),
+        "index": torch.tensor(index),
+    }
+
+
+def fit(module, steps=3, loader=None):
+    loader = loader or torch.utils.data.DataLoader(
+        [pair_batch((2 * i, 2 * i + 1)) for i in range(steps)], None
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    return trainer
+
+
+class nan_on_call:  # noqa: N801 (used like a function)
+    """Wrap a loss object so that its ``call``-th call (0-based) returns a NaN ``field``."""
+
+    def __init__(self, loss, call: int, field: str) -> None:
+        self.loss, self.call, self.field, self.calls = loss, call, field, 0
+
+    def __getattr__(self, name):
+        return getattr(self.loss, name)  # reference_free and friends
+
+    def __call__(self, *args, **kwargs):
+        out = self.loss(*args, **kwargs)
+        self.calls += 1
+        if self.calls - 1 == self.call:
+            return out._replace(**{self.field: getattr(out, self.field) * NAN})
+        return out
+
+
+@pytest.mark.parametrize("cls", [RewardModule, DPOModule])
+def test_nan_loss_raises_with_step_rows_and_term(policy_dir, cls):
+    extra = {"diagnostic_batches": 0} if cls is DPOModule else {}
+    module = cls(policy_dir, learning_rate=1e-3, **extra)
+    module.configure_model()
+    module.loss = nan_on_call(module.loss, 1, "loss")
+    with pytest.raises(NonFiniteError, match=r"non-finite loss .*at global step 1, batch rows \[2, 3\]"):
+        fit(module)
+
+
+@pytest.mark.parametrize("cls", [RewardModule, DPOModule])
+def test_nan_loss_is_skipped_and_counted(policy_dir, cls):
+    extra = {"diagnostic_batches": 0} if cls is DPOModule else {}
+    module = cls(policy_dir, learning_rate=1e-3, nonfinite="skip", **extra)
+    module.configure_model()
+    module.loss = nan_on_call(module.loss, 1, "loss")
+    trainer = fit(module)
+    assert module.nonfinite_skipped == 1
+    assert trainer.callback_metrics["train/nonfinite_skipped"] == 1.0
+    assert all(torch.isfinite(p).all() for p in module.trained_model().parameters())
+
+
+def test_nan_gradient_raises_or_is_skipped(policy_dir):
+    for policy in ("raise", "skip"):
+        module = DPOModule(policy_dir, learning_rate=1e-3, diagnostic_batches=0, nonfinite=policy)
+        module.configure_model()
+        weight = module.policy.lm_head.weight
+        weight.register_hook(lambda g: g * NAN)  # finite loss, NaN gradient on every step
+        before = weight.detach().clone()
+        if policy == "raise":
+            with pytest.raises(NonFiniteError, match="non-finite gradient \\(first in policy.*global step 0"):
+                fit(module)
+        else:
+            fit(module, steps=2)
+            assert module.nonfinite_skipped == 2
+            torch.testing.assert_close(weight.detach(), before)  # no step: not even weight decay
+
+
+def test_ppo_names_the_value_loss_or_skips_the_mini_batch(policy_dir):
+    prompts = {"input_ids": torch.tensor([[10, 11], [12, 13]]), "attention_mask": torch.ones(2, 2).long()}
+    loader = torch.utils.data.DataLoader([{**prompts, "prompt": ["a b", "c d"]}] * 2, batch_size=None)
+    for policy in ("raise", "skip"):
+        module = PPOModule(
+            policy_dir,
+            reward_function=lambda p, r: [1.0] * len(r),
+            max_new_tokens=3,
+            mini_batch_size=2,
+            micro_batch_size=1,
+            nonfinite=policy,
+        )
+        module.configure_model()
+        original = module._micro_loss
+        calls = [0]
+
+        def nan_value_loss(mb, prompt_len, original=original, calls=calls):
+            loss, metrics = original(mb, prompt_len)
+            calls[0] += 1
+            if calls[0] == 2:  # the second micro-batch of the first mini-batch
+                return loss * NAN, {**metrics, "ppo/value_loss": metrics["ppo/value_loss"] * NAN}
+            return loss, metrics
+
+        module._micro_loss = nan_value_loss
+        if policy == "raise":
+            with pytest.raises(NonFiniteError, match="non-finite value_loss .*global step 0, batch rows"):
+                fit(module, steps=2, loader=loader)
+        else:
+            fit(module, steps=1, loader=loader)
+            assert module.nonfinite_skipped == 1
+            assert all(torch.isfinite(p).all() for p in module.policy.parameters())
+
+
+def test_sft_names_the_nll_or_skips(policy_dir):
+    from lightning_rlhf import SFTModule
+
+    batch = {
+        "input_ids": torch.tensor([[10, 11, 20, 1]]),
+        "attention_mask": torch.ones(1, 4).long(),
+        "response_mask": torch.tensor([[0, 0, 1, 1]]),
+        "index": torch.tensor([7]),
+    }
+    loader = torch.utils.data.DataLoader([batch] * 2, batch_size=None)
+    for policy in ("raise", "skip"):
+        module = SFTModule(policy_dir, learning_rate=1e-3, nonfinite=policy)
+        module.configure_model()
+        original = module._loss
+        module._loss = lambda b, original=original: original(b) * NAN
+        if policy == "raise":
+            with pytest.raises(NonFiniteError, match=r"non-finite nll .*global step 0, batch rows \[7\]"):
+                fit(module, steps=2, loader=loader)
+        else:
+            fit(module, steps=2, loader=loader)
+            assert module.nonfinite_skipped == 2
