@@ -54,7 +54,6 @@ def test_reward_model_zero2_and_zero3_on_two_ranks_match_ddp(testbed, tmp_path):
     for tag in ("zero2", "zero3"):
         assert_same_steps(out[tag], out["ddp"], REWARD_KEYS)
     assert_same_steps(out["zero3_lora"], out["ddp_lora"], REWARD_KEYS)
-    assert out["ddp"]["steps"][0]["train/loss"] == pytest.approx(0.6931, abs=0.02)  # fresh head: ~log 2
 
 
 def test_dpo_on_one_rank_zero3_ema_and_zero2_cached_reference_match_ddp(testbed, tmp_path):
