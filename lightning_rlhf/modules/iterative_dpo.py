@@ -261,7 +261,7 @@ class IterativeDPOModule(HFModelModule):
         # Generation keeps no activations for backward, so it can take bigger chunks than a training forward.
         chunks = _slices(len(prompts), 8 * hp.micro_batch_size)
         tokens = {"eos_token_id": eos, "pad_token_id": pad}
-        with whole_model_for_generation(self.trainer, self.policy):
+        with whole_model_for_generation(self._trainer, self.policy):
             pieces = [
                 generate_responses(self.policy, prompt_ids[c], prompt_mask[c], self.sampling, **tokens)
                 for c in chunks
@@ -338,7 +338,7 @@ class IterativeDPOModule(HFModelModule):
                 finite = True
                 micros = mini.split(hp.micro_batch_size)
                 for i, micro in enumerate(micros):
-                    start_micro_batch(self.trainer, is_last=i == len(micros) - 1)
+                    start_micro_batch(self._trainer, is_last=i == len(micros) - 1)
                     refs = (None, None) if ref_chosen is None else (ref_chosen[micro], ref_rejected[micro])
                     loss, metrics = self.compute_loss(take_pairs(pair_batch, micro), *refs, valid[micro])
                     finite = self.finite_or_skip({"loss": loss}, {"index": micro})

@@ -404,7 +404,7 @@ class PPOModule(HFModelModule):
                 mini_tokens = rollout.response_mask[order[start : start + mini]].sum().clamp(min=1)
                 finite = True
                 for micro_start in range(start, start + mini, micro):
-                    start_micro_batch(self.trainer, is_last=micro_start + micro >= start + mini)
+                    start_micro_batch(self._trainer, is_last=micro_start + micro >= start + mini)
                     rows = order[micro_start : micro_start + micro]
                     mb = rollout.minibatch(rows)
                     loss, metrics = self._micro_loss(mb, rollout.prompt_ids.shape[1])
