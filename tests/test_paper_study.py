@@ -82,7 +82,7 @@ def test_fast_study_writes_table_plots_and_json(fast_study):
 def test_fast_study_json_schema_and_sane_numbers(fast_study):
     _, report = fast_study
     assert set(report) >= {"settings", "methods", "runs", "shift_runs", "summary", "shift_summary", "theorem"}
-    seeds = report["settings"]["seeds"]
+    seeds = list(report["settings"]["seeds"])
     assert [run["seed"] for run in report["runs"]] == seeds
     for name in METHODS:
         for metric in ("gold_reward", "win_rate_vs_sft", "rm_score"):
