@@ -103,21 +103,25 @@ def run_study(out: Path, settings: StudySettings, *, jobs: int = 1) -> dict:
     reused = [
         {**run, "policies": {m: run["policies"][m] for m in SHIFT_METHODS}}
         for run in runs
-        if default_shift in settings.shifts and run["seed"] in settings.shift_seeds
+        if default_shift in settings.shifts
+        and run["seed"] in settings.shift_seeds
+        and set(SHIFT_METHODS) <= set(run["policies"])
     ]
+    methods = ("sft", *(m for m in settings.methods if m != "sft"))
     report = {
         "settings": settings_dict(settings),
-        "methods": METHODS,
+        "methods": {m: METHODS[m] for m in methods},
         "runs": runs,
         "shift_runs": reused + sweep_runs,
-        "summary": summarise(runs, tuple(METHODS)),
+        "summary": summarise(runs, methods),
         "shift_summary": summarise_shift(reused + sweep_runs),
         "theorem": theorem,
         "job_seconds": sum(r["seconds"] for r in results),
     }
     check_finite(report)
     plot_curves(report, out / "curves.png")
-    plot_shift(report, out / "shift.png")
+    if report["shift_summary"]:
+        plot_shift(report, out / "shift.png")
     report["seconds"] = time.perf_counter() - start
     (out / "paper_study.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "paper_study.md").write_text(markdown_report(report) + "\n")
@@ -136,6 +140,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--jobs", type=int, default=1, help="jobs (seeds, shift points) run in parallel")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds of the main runs")
     parser.add_argument("--model-size", default=None, help="testbed model size (nano, tiny, small)")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        default=None,
+        help="methods of the main runs (default: all)",
+    )
+    parser.add_argument(
+        "--ppo-epochs", type=int, default=None, help="epochs over the prompts of every PPO run"
+    )
+    parser.add_argument(
+        "--shifts", type=float, nargs="*", default=None, help="behaviour shifts of the sweep (none: no sweep)"
+    )
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1 (got {args.jobs})")
@@ -144,6 +161,12 @@ def main(argv: list[str] | None = None) -> dict:
         settings = replace(settings, seeds=tuple(args.seeds))
     if args.model_size:
         settings = replace(settings, model_size=args.model_size)
+    if args.methods:
+        settings = replace(settings, methods=tuple(args.methods))
+    if args.ppo_epochs:
+        settings = replace(settings, stages=replace(settings.stages, ppo_epochs=args.ppo_epochs))
+    if args.shifts is not None:
+        settings = replace(settings, shifts=tuple(args.shifts))
     return run_study(Path(args.out), settings, jobs=args.jobs)
 
 

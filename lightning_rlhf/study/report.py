@@ -71,18 +71,19 @@ def markdown_report(report: dict) -> str:
         lines.append(f"| {name} | {cells} | {METHODS[name]} |")
     accuracy = mean_std([run["reward_model_accuracy"] for run in report["runs"]])
     lines += ["", f"Reward model pairwise accuracy on held-out pairs: {_pm(accuracy)}.", ""]
-    shift_seeds = ", ".join(map(str, report["settings"]["shift_seeds"]))
+    if report["shift_summary"]:
+        shift_seeds = ", ".join(map(str, report["settings"]["shift_seeds"]))
+        lines += [
+            f"## Distribution shift (gold reward; seeds {shift_seeds})",
+            "",
+            "| behaviour shift | SFT | DPO | PPO (paper recipe) | reward-model accuracy |",
+            "|---|---|---|---|---|",
+        ]
+        for shift, row in report["shift_summary"].items():
+            cells = " | ".join(_pm(row[m]) for m in SHIFT_METHODS)
+            lines.append(f"| {shift} | {cells} | {_pm(row['reward_model_accuracy'])} |")
+        lines.append("")
     lines += [
-        f"## Distribution shift (gold reward; seeds {shift_seeds})",
-        "",
-        "| behaviour shift | SFT | DPO | PPO (paper recipe) | reward-model accuracy |",
-        "|---|---|---|---|---|",
-    ]
-    for shift, row in report["shift_summary"].items():
-        cells = " | ".join(_pm(row[m]) for m in SHIFT_METHODS)
-        lines.append(f"| {shift} | {cells} | {_pm(row['reward_model_accuracy'])} |")
-    lines += [
-        "",
         "## Theorem 4.1 illustration (exact, deterministic)",
         "",
         format_theorem_table(report["theorem"]),
@@ -118,6 +119,7 @@ def plot_curves(report: dict, path: Path) -> None:
     )
     sft = report["summary"]["sft"]["gold_reward"]["mean"]
     for ax, (title, names) in zip(axes, groups, strict=True):
+        names = [name for name in names if name in report["runs"][0]["curves"]]
         for name in names:
             xs, means, stds = _curve_stats(report["runs"], name)
             ax.plot(xs, means, marker="o", markersize=3, label=name)

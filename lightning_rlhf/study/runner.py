@@ -59,6 +59,8 @@ class StudySettings:
     """Everything one study run depends on (stored in the JSON next to the numbers)."""
 
     stages: StageSettings = field(default_factory=StageSettings)
+    methods: tuple[str, ...] = tuple(METHODS)
+    """Methods of the main runs ("sft" is always evaluated: the win rates are against it)."""
     sizes: SplitSizes = field(default_factory=SplitSizes)
     seeds: tuple[int, ...] = (0, 1, 2)
     shifts: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0)
@@ -187,7 +189,7 @@ def run_job(out: Path, s: StudySettings, seed: int, shift: float | None = None) 
     if result_file.is_file():
         return json.loads(result_file.read_text())
     start = time.perf_counter()
-    methods = tuple(METHODS) if shift is None else SHIFT_METHODS
+    methods = ("sft", *(m for m in s.methods if m != "sft")) if shift is None else SHIFT_METHODS
     accuracy = _prepare(out, s, seed, TaskConfig.behaviour_shift if shift is None else shift)
     curves = {}
     for name in methods:
