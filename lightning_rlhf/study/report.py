@@ -70,7 +70,13 @@ def markdown_report(report: dict) -> str:
         cells = " | ".join(_pm(row[m]) for m in METRICS)
         lines.append(f"| {name} | {cells} | {METHODS[name]} |")
     accuracy = mean_std([run["reward_model_accuracy"] for run in report["runs"]])
-    lines += ["", f"Reward model pairwise accuracy on held-out pairs: {_pm(accuracy)}.", ""]
+    paper = ", ".join(f"{name} {value}" for name, value in PAPER_HH_RLHF.items())
+    lines += [
+        "",
+        f"Reward model pairwise accuracy on held-out pairs: {_pm(accuracy)}.",
+        f"The paper (HH-RLHF, OpenAssistant reward; another scale): {paper}.",
+        "",
+    ]
     if report["shift_summary"]:
         shift_seeds = ", ".join(map(str, report["settings"]["shift_seeds"]))
         lines += [

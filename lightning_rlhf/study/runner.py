@@ -100,7 +100,10 @@ def _rows(path: Path) -> int:
 def write_chosen_sft_file(out: Path) -> str:
     """The preferred responses of the training pairs as prompt/completion rows (SFT before DPO)."""
     name = "sft_chosen_train.jsonl"
-    with (out / "pairs_train.jsonl").open(encoding="utf-8") as src, (out / name).open("w") as dst:
+    with (
+        (out / "pairs_train.jsonl").open(encoding="utf-8") as src,
+        (out / name).open("w", encoding="utf-8") as dst,
+    ):
         for line in src:
             row = json.loads(line)
             dst.write(json.dumps({"prompt": row["prompt"], "completion": row["chosen"]}) + "\n")
