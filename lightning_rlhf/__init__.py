@@ -1,6 +1,12 @@
 """lightning_rlhf: reward models, DPO and PPO as PyTorch Lightning modules."""
 
-from lightning_rlhf.callbacks import AdvantageNormalization, EMAReferenceUpdate, HFExport, SampleTable
+from lightning_rlhf.callbacks import (
+    AdvantageNormalization,
+    EMAReferenceUpdate,
+    HFExport,
+    RewardCurve,
+    SampleTable,
+)
 from lightning_rlhf.data.loading import DataError
 from lightning_rlhf.data.preference import PreferenceDataModule
 from lightning_rlhf.data.prompts import PromptDataModule
@@ -37,6 +43,7 @@ __all__ = [
     "PPOModule",
     "PreferenceDataModule",
     "PromptDataModule",
+    "RewardCurve",
     "RewardModule",
     "RobustDPOLoss",
     "SampleTable",

@@ -3,6 +3,7 @@
 lightning-rlhf fit --config configs/sft/testbed.yaml      # any stage, module and data by class_path
 lightning-rlhf testbed --out runs/testbed                  # write the embedded testbed's files
 lightning-rlhf quickstart                                  # the whole testbed pipeline
+lightning-rlhf study                                       # the paper study: ablations, seeds, plots
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ _EXTRA_COMMANDS = """\
 lightning-rlhf also has these commands:
   testbed      write the embedded testbed (data, tokenizer, initial model) to a folder
   quickstart   run the testbed pipeline and print the gold reward of each stage
+  study        reproduce the paper's findings on the testbed: table, plots and JSON (--fast: a smoke run)
   export       write a checkpoint's trained model as a save_pretrained folder
 """
 
@@ -98,6 +100,10 @@ def cli_main(args: list[str] | None = None) -> None:
         from lightning_rlhf.quickstart import main
 
         main(argv[1:])
+    elif argv and argv[0] == "study":
+        from lightning_rlhf.study.main import main as study_main
+
+        study_main(argv[1:])
     else:
         if not argv or argv[0] in ("-h", "--help"):
             print(_EXTRA_COMMANDS)

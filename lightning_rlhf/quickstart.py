@@ -12,61 +12,28 @@ import json
 import logging
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
-import lightning as L
 import torch
 import transformers
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from lightning_rlhf.callbacks import AdvantageNormalization, EMAReferenceUpdate
-from lightning_rlhf.data.preference import PreferenceDataModule
-from lightning_rlhf.data.prompts import PromptDataModule
-from lightning_rlhf.data.sft import SFTDataModule
-from lightning_rlhf.losses import SigmoidDPOLoss
 from lightning_rlhf.models import load_causal_lm
-from lightning_rlhf.modules.dpo import DPOModule
-from lightning_rlhf.modules.iterative_dpo import IterativeDPOModule
-from lightning_rlhf.modules.ppo import PPOModule
-from lightning_rlhf.modules.reward import RewardModule
-from lightning_rlhf.modules.sft import SFTModule
+from lightning_rlhf.pipeline import (  # noqa: F401  (StageSettings and read_prompts: re-exported)
+    StageSettings,
+    read_prompts,
+    train_dpo,
+    train_iterative_dpo,
+    train_ppo,
+    train_reward_model,
+    train_sft,
+)
 from lightning_rlhf.testbed.evaluate import evaluate_policy
 from lightning_rlhf.testbed.files import SplitSizes, write_testbed
-from lightning_rlhf.testbed.reward import GoldReward
 from lightning_rlhf.testbed.task import TaskConfig, WordTask
 
-
-@dataclass(frozen=True)
-class StageSettings:
-    """Epochs and learning rates of each stage (tiny models like high learning rates)."""
-
-    sft_epochs: int = 3
-    sft_lr: float = 3e-3
-    reward_epochs: int = 3
-    reward_lr: float = 1e-3
-    dpo_epochs: int = 2
-    dpo_lr: float = 1e-3
-    dpo_beta: float = 0.1  # the paper's DPO beta
-    batch_size: int = 32
-    max_new_tokens: int = 12
-    iterative_dpo_epochs: int = 1  # 32 iterations of 32 prompts x 4 samples
-    iterative_dpo_lr: float = 1e-3
-    ppo_epochs: int = 12  # 24 rollouts of 512 prompts (the paper's rollout batch)
-    ppo_rollout_batch: int = 512
-    ppo_lr: float = 1e-4
-    ppo_critic_lr: float = 1e-3
-    ppo_kl_coef: float = 0.1
-    ppo_ema_decay: float = 0.05
-
-
 EVAL_SAMPLES = 4  # samples per held-out prompt: the mean gold reward's standard error drops to ~0.02
-
-
-def read_prompts(path: Path) -> list[str]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line)["prompt"] for line in f]
 
 
 def gold_pairwise_accuracy(task: WordTask, path: Path) -> float:
@@ -83,102 +50,29 @@ def gold_pairwise_accuracy(task: WordTask, path: Path) -> float:
     return agree / len(rows)
 
 
-def _fit(
-    module: L.LightningModule,
-    data: L.LightningDataModule,
-    epochs: int,
-    seed: int,
-    callbacks: list | None = None,
-) -> L.Trainer:
-    print(f"training {type(module).__name__} for {epochs} epoch(s) ...", flush=True)
-    L.seed_everything(seed, verbose=False)
-    trainer = L.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        deterministic=True,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks or [],
-    )
-    trainer.fit(module, data)
-    return trainer
-
-
 def run_pipeline(out: Path, settings: StageSettings, *, seed: int) -> dict[str, float]:
-    """Train SFT, reward model and DPO on the testbed in ``out``; save each as a save_pretrained folder."""
-    s, tok = settings, str(out / "tokenizer")
-    sft = SFTModule(str(out / "init_policy"), learning_rate=s.sft_lr)
-    sft_data = SFTDataModule(
-        tok, str(out / "sft_train.jsonl"), str(out / "sft_eval.jsonl"), batch_size=s.batch_size
-    )
-    _fit(sft, sft_data, s.sft_epochs, seed)
-    sft.save_pretrained(out / "sft_policy")
-
-    pairs = dict(
-        tokenizer=tok,
-        train_file=str(out / "pairs_train.jsonl"),
-        val_file=str(out / "pairs_eval.jsonl"),
-        max_length=128,
-        batch_size=s.batch_size,
-        seed=seed,
-    )
-    reward = RewardModule(str(out / "sft_policy"), learning_rate=s.reward_lr)
-    trainer = _fit(reward, PreferenceDataModule(**pairs), s.reward_epochs, seed)
-    reward.save_pretrained(out / "reward_model")
-    reward_accuracy = float(trainer.callback_metrics["val/accuracy"])
-
-    dpo = DPOModule(
-        str(out / "sft_policy"),
-        loss=SigmoidDPOLoss(beta=s.dpo_beta),
-        learning_rate=s.dpo_lr,
-        precompute_reference=True,
-        reference_cache_dir=str(out / "reference_logps"),
-    )
-    _fit(dpo, PreferenceDataModule(**pairs), s.dpo_epochs, seed)
-    dpo.save_pretrained(out / "dpo_policy")
-
-    sft_dir, reward_dir = str(out / "sft_policy"), str(out / "reward_model")
-    gold = GoldReward(str(out))  # logged during training, never trained on
-    iterative = IterativeDPOModule(
-        sft_dir,
-        reward_model=reward_dir,
-        gold_function=gold,
-        loss=SigmoidDPOLoss(beta=s.dpo_beta),
-        num_samples=4,
-        max_new_tokens=s.max_new_tokens,
-        mini_batch_size=s.batch_size,
-        micro_batch_size=s.batch_size,
-        learning_rate=s.iterative_dpo_lr,
-    )
-    prompts = PromptDataModule(sft_dir, str(out / "prompts_train.jsonl"), batch_size=s.batch_size, seed=seed)
-    _fit(iterative, prompts, s.iterative_dpo_epochs, seed)
-    iterative.save_pretrained(out / "dpo_iter_policy")
-
-    # The paper's PPO recipe: a 512-prompt rollout batch, advantage normalization, an EMA reference.
-    ppo = PPOModule(
-        sft_dir,
-        reward_model=reward_dir,
-        gold_function=gold,
-        max_new_tokens=s.max_new_tokens,
-        mini_batch_size=s.ppo_rollout_batch // 4,
-        micro_batch_size=s.ppo_rollout_batch // 8,
-        kl_coef=s.ppo_kl_coef,
-        gamma=1.0,
-        lam=1.0,
-        score_clip=20.0,
-        learning_rate=s.ppo_lr,
-        critic_learning_rate=s.ppo_critic_lr,
-    )
-    prompts = PromptDataModule(
-        sft_dir, str(out / "prompts_train.jsonl"), batch_size=s.ppo_rollout_batch, seed=seed
-    )
-    callbacks = [AdvantageNormalization(), EMAReferenceUpdate(decay=s.ppo_ema_decay)]
-    _fit(ppo, prompts, s.ppo_epochs, seed, callbacks=callbacks)
-    ppo.save_pretrained(out / "ppo_policy")
+    """Train SFT, reward model, DPO, DPO-Iter and PPO (paper recipe) on the testbed in ``out``."""
+    train_sft(out, settings, seed)
+    reward_accuracy = train_reward_model(out, settings, seed)
+    train_dpo(out, settings, seed)
+    train_iterative_dpo(out, settings, seed)
+    train_ppo(out, settings, seed)
     return {"reward_model_accuracy": reward_accuracy}
+
+
+def quiet_training_output() -> None:
+    """Silence progress bars, load reports and Trainer banners: each stage announces itself instead."""
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    # Frozen reference and reward models are in eval mode on purpose.
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=".*val_dataloader.*validation_step.*")
+    warnings.filterwarnings("ignore", message=".*Total length of .* across ranks is zero.*")
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -191,19 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model-size", default="tiny", help="testbed model size (nano, tiny, small)")
     parser.add_argument("--fast", action="store_true", help="one epoch per stage on less data (a smoke run)")
     args = parser.parse_args(argv)
-    # Progress bars, load reports and Trainer banners from every stage would drown the table this command
-    # exists to print; each stage announces itself instead.
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    # Frozen reference and reward models are in eval mode on purpose.
-    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
-    warnings.filterwarnings("ignore", message=".*val_dataloader.*validation_step.*")
-    warnings.filterwarnings("ignore", message=".*Total length of .* across ranks is zero.*")
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    quiet_training_output()
 
     out = Path(args.out)
     start = time.perf_counter()

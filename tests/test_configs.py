@@ -148,7 +148,7 @@ def test_console_script_help_lists_every_command():
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ})
     assert result.returncode == 0, result.stderr
     words = set(result.stdout.replace(",", " ").replace("{", " ").replace("}", " ").split())
-    for word in ("testbed", "quickstart", "export", "fit", "validate", "test"):
+    for word in ("testbed", "quickstart", "study", "export", "fit", "validate", "test"):
         assert word in words, word
 
 

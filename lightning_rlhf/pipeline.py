@@ -1,0 +1,207 @@
+"""The testbed's training stages as functions: SFT, reward model, DPO, DPO-Iter and PPO on a testbed folder.
+
+``lightning-rlhf quickstart`` chains them once; ``lightning-rlhf study`` (the paper study) runs them with
+ablations, several seeds and a gold-reward curve. Each stage is an ordinary Lightning fit of a package
+module on the testbed's jsonl files and saves its model as a ``save_pretrained`` folder inside the testbed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+
+from lightning_rlhf.callbacks import AdvantageNormalization, EMAReferenceUpdate
+from lightning_rlhf.data.preference import PreferenceDataModule
+from lightning_rlhf.data.prompts import PromptDataModule
+from lightning_rlhf.data.sft import SFTDataModule
+from lightning_rlhf.losses import SigmoidDPOLoss
+from lightning_rlhf.modules.dpo import DPOModule
+from lightning_rlhf.modules.iterative_dpo import IterativeDPOModule
+from lightning_rlhf.modules.ppo import PPOModule
+from lightning_rlhf.modules.reward import RewardModule
+from lightning_rlhf.modules.sft import SFTModule
+from lightning_rlhf.testbed.reward import GoldReward
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    """Epochs and learning rates of each stage (tiny models like high learning rates)."""
+
+    sft_epochs: int = 3
+    sft_lr: float = 3e-3
+    reward_epochs: int = 3
+    reward_lr: float = 1e-3
+    dpo_epochs: int = 2
+    dpo_lr: float = 1e-3
+    dpo_beta: float = 0.1  # the paper's DPO beta
+    batch_size: int = 32
+    max_new_tokens: int = 12
+    iterative_dpo_epochs: int = 1  # 32 iterations of 32 prompts x 4 samples
+    iterative_dpo_lr: float = 1e-3
+    ppo_epochs: int = 12  # 24 rollouts of 512 prompts (the paper's rollout batch)
+    ppo_rollout_batch: int = 512
+    ppo_lr: float = 1e-4
+    ppo_critic_lr: float = 1e-3
+    ppo_kl_coef: float = 0.1
+    ppo_ema_decay: float = 0.05
+
+
+def read_prompts(path: Path) -> list[str]:
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line)["prompt"] for line in f]
+
+
+def fit(
+    module: L.LightningModule,
+    data: L.LightningDataModule,
+    epochs: int,
+    seed: int,
+    callbacks: list | None = None,
+    *,
+    validate: bool = True,
+) -> L.Trainer:
+    """One quiet, deterministic CPU fit; ``validate=False`` skips the validation loop (the study scores
+    policies with the gold reward instead, and validation is a large share of a tiny model's time)."""
+    print(f"training {type(module).__name__} for {epochs} epoch(s) ...", flush=True)
+    L.seed_everything(seed, verbose=False)
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        deterministic=True,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks or [],
+        limit_val_batches=None if validate else 0,
+    )
+    trainer.fit(module, data)
+    return trainer
+
+
+def preference_data(out: Path, settings: StageSettings, seed: int) -> PreferenceDataModule:
+    return PreferenceDataModule(
+        tokenizer=str(out / "tokenizer"),
+        train_file=str(out / "pairs_train.jsonl"),
+        val_file=str(out / "pairs_eval.jsonl"),
+        max_length=128,
+        batch_size=settings.batch_size,
+        seed=seed,
+    )
+
+
+def train_sft(
+    out: Path,
+    settings: StageSettings,
+    seed: int,
+    *,
+    init: str = "init_policy",
+    train_file: str = "sft_train.jsonl",
+    save_as: str = "sft_policy",
+    callbacks: list | None = None,
+    validate: bool = True,
+) -> None:
+    """SFT of the folder ``init`` on ``train_file`` (prompt/completion rows), saved as ``save_as``."""
+    s = settings
+    module = SFTModule(str(out / init), learning_rate=s.sft_lr)
+    data = SFTDataModule(
+        str(out / "tokenizer"), str(out / train_file), str(out / "sft_eval.jsonl"), batch_size=s.batch_size
+    )
+    fit(module, data, s.sft_epochs, seed, callbacks, validate=validate)
+    module.save_pretrained(out / save_as)
+
+
+def train_reward_model(out: Path, settings: StageSettings, seed: int) -> float:
+    """The reward model, from the SFT policy, on the pairs; returns its held-out pairwise accuracy."""
+    reward = RewardModule(str(out / "sft_policy"), learning_rate=settings.reward_lr)
+    trainer = fit(reward, preference_data(out, settings, seed), settings.reward_epochs, seed)
+    reward.save_pretrained(out / "reward_model")
+    return float(trainer.callback_metrics["val/accuracy"])
+
+
+def train_dpo(
+    out: Path,
+    settings: StageSettings,
+    seed: int,
+    *,
+    init: str = "sft_policy",
+    save_as: str = "dpo_policy",
+    callbacks: list | None = None,
+    validate: bool = True,
+) -> None:
+    """Offline DPO on the pairs from (and with the reference) ``init``, reference log-probs cached."""
+    s = settings
+    module = DPOModule(
+        str(out / init),
+        loss=SigmoidDPOLoss(beta=s.dpo_beta),
+        learning_rate=s.dpo_lr,
+        precompute_reference=True,
+        # One cache per reference model; the quickstart's SFT reference keeps its historical folder name.
+        reference_cache_dir=str(out / ("reference_logps" if init == "sft_policy" else f"reference_{init}")),
+    )
+    fit(module, preference_data(out, s, seed), s.dpo_epochs, seed, callbacks, validate=validate)
+    module.save_pretrained(out / save_as)
+
+
+def train_iterative_dpo(
+    out: Path, settings: StageSettings, seed: int, *, callbacks: list | None = None
+) -> None:
+    """DPO-Iter: fresh samples of the policy, paired by the reward model, from the SFT policy."""
+    s = settings
+    sft_dir = str(out / "sft_policy")
+    module = IterativeDPOModule(
+        sft_dir,
+        reward_model=str(out / "reward_model"),
+        gold_function=GoldReward(str(out)),  # logged during training, never trained on
+        loss=SigmoidDPOLoss(beta=s.dpo_beta),
+        num_samples=4,
+        max_new_tokens=s.max_new_tokens,
+        mini_batch_size=s.batch_size,
+        micro_batch_size=s.batch_size,
+        learning_rate=s.iterative_dpo_lr,
+    )
+    prompts = PromptDataModule(sft_dir, str(out / "prompts_train.jsonl"), batch_size=s.batch_size, seed=seed)
+    fit(module, prompts, s.iterative_dpo_epochs, seed, callbacks)
+    module.save_pretrained(out / "dpo_iter_policy")
+
+
+def train_ppo(
+    out: Path,
+    settings: StageSettings,
+    seed: int,
+    *,
+    rollout_batch: int | None = None,
+    normalize_advantages: bool = True,
+    ema_reference: bool = True,
+    save_as: str = "ppo_policy",
+    callbacks: list | None = None,
+) -> None:
+    """PPO against the reward model from the SFT policy; the defaults are the paper's recipe (a 512-prompt
+    rollout batch, advantage normalization, an EMA reference). Every rollout is split into 4 mini-batches
+    whatever its size, so a smaller rollout batch also means smaller, noisier and more frequent updates."""
+    s = settings
+    rollout_batch = rollout_batch or s.ppo_rollout_batch
+    sft_dir = str(out / "sft_policy")
+    module = PPOModule(
+        sft_dir,
+        reward_model=str(out / "reward_model"),
+        gold_function=GoldReward(str(out)),
+        max_new_tokens=s.max_new_tokens,
+        mini_batch_size=rollout_batch // 4,
+        micro_batch_size=max(1, rollout_batch // 8),
+        kl_coef=s.ppo_kl_coef,
+        gamma=1.0,
+        lam=1.0,
+        score_clip=20.0,
+        learning_rate=s.ppo_lr,
+        critic_learning_rate=s.ppo_critic_lr,
+    )
+    prompts = PromptDataModule(sft_dir, str(out / "prompts_train.jsonl"), batch_size=rollout_batch, seed=seed)
+    tricks = [AdvantageNormalization()] if normalize_advantages else []
+    tricks += [EMAReferenceUpdate(decay=s.ppo_ema_decay)] if ema_reference else []
+    fit(module, prompts, s.ppo_epochs, seed, tricks + (callbacks or []))
+    module.save_pretrained(out / save_as)
