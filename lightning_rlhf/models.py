@@ -98,15 +98,60 @@ def next_token_logprobs(model: PreTrainedModel, input_ids: Tensor, attention_mas
     return token_logprobs(logits[:, :-1], input_ids[:, 1:])
 
 
+# Config attributes that change logits after the LM head (soft-capping, scaling): models that have one go
+# through their own forward, which knows how to apply it.
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
+
+
+def _head_split(model: PreTrainedModel) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(backbone, lm_head) when logits are exactly ``lm_head(backbone(...).last_hidden_state)``, else None."""
+    config = getattr(model, "config", None)
+    if config is None or any(getattr(config, key, None) not in (None, 1.0) for key in _LOGIT_POSTPROCESSING):
+        return None
+    backbone = getattr(model, "base_model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if backbone is None or backbone is model or not isinstance(head, torch.nn.Linear):
+        return None
+    return backbone, head
+
+
+def selected_token_logprobs(
+    model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, select: Tensor
+) -> Tensor:
+    """log p(token_t | tokens_<t) at the positions ``select`` [B, T-1] marks (position t-1 scores token t).
+
+    Returns [B, T-1], 0 where not selected. The LM head runs on the selected positions only: a DPO batch
+    has its prompts and padding outside the response mask, and a [B, T, V] float logits tensor (the largest
+    activation of a small-vocabulary-heavy model) is never built. Models whose logits are post-processed
+    after the head (soft-capping, scaling) take the plain full forward.
+    """
+    split = _head_split(model)
+    if split is None:
+        logps = next_token_logprobs(model, input_ids, attention_mask)
+        return logps.masked_fill(select == 0, 0.0)
+    backbone, head = split
+    hidden = backbone(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+    ).last_hidden_state[:, :-1]
+    keep = select != 0
+    logits = head(hidden[keep])  # [N, V] for the N selected positions
+    picked = token_logprobs(logits, input_ids[:, 1:][keep])
+    out = torch.zeros(select.shape, dtype=picked.dtype, device=picked.device)
+    return out.masked_scatter(keep, picked)
+
+
 def response_logps(
     model: PreTrainedModel, batch: dict[str, Tensor], *, average: bool
 ) -> tuple[Tensor, Tensor]:
     """Per-sequence response log-probs ([B], summed, or per-token mean if ``average``) and per-token means.
 
-    ``batch`` holds ``input_ids``, ``attention_mask`` and ``response_mask`` [B, T].
+    ``batch`` holds ``input_ids``, ``attention_mask`` and ``response_mask`` [B, T]. Only response positions
+    go through the LM head (see :func:`selected_token_logprobs`).
     """
-    token_logps = next_token_logprobs(model, batch["input_ids"], batch["attention_mask"])
     mask = batch["response_mask"][:, 1:]
+    token_logps = selected_token_logprobs(model, batch["input_ids"], batch["attention_mask"], mask)
     per_token = sequence_logprobs(token_logps, mask, average=True)
     return (per_token if average else sequence_logprobs(token_logps, mask)), per_token
 

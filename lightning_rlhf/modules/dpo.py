@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 
 from lightning_rlhf.losses import DPOLoss, DPOLossOutput, SigmoidDPOLoss
 from lightning_rlhf.models import disable_dropout, freeze, load_causal_lm, response_logps
-from lightning_rlhf.modules.base import HFModelModule
+from lightning_rlhf.modules.base import HFModelModule, enable_gradient_checkpointing
 from lightning_rlhf.modules.reference_cache import ReferenceLogps, precompute_reference_logps
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ class DPOModule(HFModelModule):
         weight_decay: float = 0.0,
         disable_dropout: bool = True,
         diagnostic_batches: int = 4,
+        gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
     ) -> None:
         """
@@ -90,6 +91,7 @@ class DPOModule(HFModelModule):
             weight_decay: AdamW weight decay (biases and norms excluded).
             disable_dropout: Turn dropout off in the policy so policy and reference log-probs are comparable.
             diagnostic_batches: Batches scored before the first update for the start diagnostic (0 = off).
+            gradient_checkpointing: Recompute the policy's activations in backward (less memory, ~30% slower).
             trust_remote_code: Allow model code shipped with the checkpoint to run (off for safety).
         """
         super().__init__(learning_rate, weight_decay)
@@ -117,6 +119,8 @@ class DPOModule(HFModelModule):
             self.policy = load_causal_lm(hp.model, trust_remote_code=hp.trust_remote_code)
             if hp.disable_dropout:
                 disable_dropout(self.policy)
+            if hp.gradient_checkpointing:
+                enable_gradient_checkpointing(self.policy)
             self.policy.train()
         if self.reference is None and self.needs_live_reference:
             # Loaded again from disk rather than deep-copied from the policy: under ZeRO-3 the policy's

@@ -20,7 +20,12 @@ from lightning_rlhf.models import (
     response_token_logprobs,
     response_values,
 )
-from lightning_rlhf.modules.base import HFModelModule, adamw_param_groups, zero_stage
+from lightning_rlhf.modules.base import (
+    HFModelModule,
+    adamw_param_groups,
+    enable_gradient_checkpointing,
+    zero_stage,
+)
 from lightning_rlhf.ops import masked_mean, masked_var
 from lightning_rlhf.rollout.collect import (
     ShapingConfig,
@@ -99,6 +104,7 @@ class PPOModule(HFModelModule):
         disable_dropout: bool = True,
         check_first_step: bool = True,
         first_step_tolerance: float = 1e-3,
+        gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
     ) -> None:
         """
@@ -139,6 +145,7 @@ class PPOModule(HFModelModule):
             disable_dropout: Turn dropout off in policy and critic (PPO compares log-probs across forwards).
             check_first_step: At the first update check ratio == 1 and policy-reference KL == 0.
             first_step_tolerance: Largest |log-ratio| the first-step check accepts.
+            gradient_checkpointing: Recompute policy and critic activations in backward (less memory).
             trust_remote_code: Allow model code shipped with checkpoints to run (off for safety).
         """
         super().__init__(learning_rate, weight_decay)  # checks both, names them
@@ -237,6 +244,9 @@ class PPOModule(HFModelModule):
         if hp.disable_dropout:
             disable_dropout(self.policy)
             disable_dropout(self.critic)
+        if hp.gradient_checkpointing:
+            enable_gradient_checkpointing(self.policy)
+            enable_gradient_checkpointing(self.critic)
         self.policy.train()
         self.critic.train()
         # Loaded from disk, never deep-copied: under ZeRO-3 the policy is already partitioned here.

@@ -10,7 +10,7 @@ from transformers import PreTrainedModel
 
 from lightning_rlhf.losses import BradleyTerryLoss
 from lightning_rlhf.models import load_reward_model, sequence_scores
-from lightning_rlhf.modules.base import HFModelModule
+from lightning_rlhf.modules.base import HFModelModule, enable_gradient_checkpointing
 
 
 class RewardModule(HFModelModule):
@@ -27,6 +27,7 @@ class RewardModule(HFModelModule):
         loss: BradleyTerryLoss | None = None,
         learning_rate: float = 1e-5,
         weight_decay: float = 0.0,
+        gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
     ) -> None:
         """
@@ -35,6 +36,7 @@ class RewardModule(HFModelModule):
             loss: The pairwise loss; default Bradley-Terry with no reward centering.
             learning_rate: AdamW learning rate (used when no optimizer is given in the config).
             weight_decay: AdamW weight decay (biases and norms excluded).
+            gradient_checkpointing: Recompute activations in backward (less memory, ~30% slower).
             trust_remote_code: Allow model code shipped with the checkpoint to run (off for safety).
         """
         super().__init__(learning_rate, weight_decay)
@@ -49,6 +51,8 @@ class RewardModule(HFModelModule):
             self.reward_model = load_reward_model(
                 self.hparams.model, trust_remote_code=self.hparams.trust_remote_code
             )
+            if self.hparams.gradient_checkpointing:
+                enable_gradient_checkpointing(self.reward_model)
             self.reward_model.train()
 
     def trained_model(self) -> PreTrainedModel:
