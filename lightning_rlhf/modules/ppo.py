@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Literal
 
 import torch
@@ -384,10 +385,12 @@ class PPOModule(HFModelModule):
                 # Each micro-batch's token-mean loss is weighted by its share of the mini-batch's tokens, so
                 # the step minimises the token-mean over the whole mini-batch whatever micro_batch_size is.
                 mini_tokens = rollout.response_mask[order[start : start + mini]].sum().clamp(min=1)
-                for micro_start in range(start, start + mini, micro):
+                micro_starts = range(start, start + mini, micro)
+                for micro_start in micro_starts:
                     mb = rollout.minibatch(order[micro_start : micro_start + micro])
-                    loss, metrics = self._micro_loss(mb, rollout.prompt_ids.shape[1])
-                    self.manual_backward(loss * (mb["response_mask"].sum() / mini_tokens))
+                    with self._gradient_sync(micro_start == micro_starts[-1]):
+                        loss, metrics = self._micro_loss(mb, rollout.prompt_ids.shape[1])
+                        self.manual_backward(loss * (mb["response_mask"].sum() / mini_tokens))
                     approx_kls.append(metrics["ppo/approx_kl"])
                     for key, value in metrics.items():
                         totals.setdefault(key, []).append(value)
@@ -407,6 +410,19 @@ class PPOModule(HFModelModule):
         out = {key: torch.stack(values).mean() for key, values in totals.items()}
         out["ppo/early_stopped"] = torch.tensor(stopped)
         return out
+
+    def _gradient_sync(self, last_micro_batch: bool) -> AbstractContextManager:
+        """DDP all-reduces gradients only after the last micro-batch of a mini-batch (``no_sync`` before).
+
+        Manual optimization gets no automatic ``no_sync``: without this every micro-batch's backward paid a
+        full gradient all-reduce. The gradients DDP averages at the last backward include the ones
+        accumulated locally before it, so the result is the same. Strategies without DDP (DeepSpeed, FSDP,
+        single device) are left alone.
+        """
+        block = getattr(self.trainer.strategy, "block_backward_sync", None)
+        if last_micro_batch or block is None:
+            return nullcontext()
+        return block()
 
     def _micro_loss(self, mb: dict[str, Tensor], prompt_len: int) -> tuple[Tensor, dict[str, Tensor]]:
         hp = self.hparams
