@@ -185,3 +185,32 @@ def test_dpo_trains_in_a_plain_trainer_with_a_list_dataloader(model_dirs, tmp_pa
     trainer.fit(module, train_dataloaders=loader)
     # After training on these pairs the policy prefers the chosen responses more than the reference does.
     assert trainer.callback_metrics["rewards/margins"] > 0
+
+
+@pytest.mark.parametrize("stage", ["dpo", "reward"])
+def test_gradient_checkpointing_changes_memory_not_numbers(model_dirs, stage):
+    """gradient_checkpointing=True recomputes activations in backward: same loss, same gradients."""
+    grads, losses = {}, {}
+    for checkpointing in (False, True):
+        if stage == "dpo":
+            module = DPOModule(str(model_dirs / "policy"), reference_model=str(model_dirs / "other"),
+                               gradient_checkpointing=checkpointing)
+            module.configure_model()
+            loss = module.compute_loss(pair_batch(), "train")[0].loss
+            model = module.policy
+        else:
+            module = RewardModule(str(model_dirs / "policy"), gradient_checkpointing=checkpointing)
+            torch.manual_seed(0)  # the score head on a causal-LM folder is freshly initialised
+            module.configure_model()
+            chosen, rejected = module.score_pairs(pair_batch())
+            loss = module.loss(chosen, rejected).loss
+            model = module.reward_model
+        flag = getattr(model, "is_activation_checkpointing", None)
+        assert (model.is_gradient_checkpointing if flag is None else flag) == checkpointing
+        loss.backward()
+        losses[checkpointing] = loss.detach()
+        grads[checkpointing] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(losses[True], losses[False])
+    assert grads[True].keys() == grads[False].keys() and grads[False]
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, msg=name)

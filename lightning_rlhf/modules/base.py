@@ -86,7 +86,11 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
     Non-reentrant checkpointing, so frozen inputs (embeddings of a model with frozen parts) still get
     gradients and it composes with ``torch.no_grad`` reference forwards.
     """
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns until v6
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 class HFModelModule(LightningModule):
