@@ -133,8 +133,11 @@ def write_fixtures(cfg: BenchConfig, root: Path) -> dict:
         for row in pairs:
             f.write(json.dumps(row) + "\n")
     prompts = [
-        {"prompt": _text_of_tokens(tokenizer, words, rng, rng.randint(cfg.ppo_prompt_length // 2,
-                                                                       cfg.ppo_prompt_length))}
+        {
+            "prompt": _text_of_tokens(
+                tokenizer, words, rng, rng.randint(cfg.ppo_prompt_length // 2, cfg.ppo_prompt_length)
+            )
+        }
         for _ in range(cfg.ppo_prompts * cfg.ppo_steps)
     ]
     with open(root / "prompts.jsonl", "w") as f:

@@ -28,8 +28,16 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A10G": 125.0, "L4": 121.0,
-                    "L40S": 362.0, "B200": 2250.0}
+PEAK_BF16_TFLOPS = {
+    "H100": 989.0,
+    "H200": 989.0,
+    "H800": 989.0,
+    "A100": 312.0,
+    "A10G": 125.0,
+    "L4": 121.0,
+    "L40S": 362.0,
+    "B200": 2250.0,
+}
 
 SHAPES = {
     # hidden, layers, heads, kv heads, intermediate, vocab
@@ -80,8 +88,12 @@ def preference_batch(pairs: int, length: int, vocab: int, device: torch.device) 
     attention = torch.ones_like(ids)
     response = attention.clone()
     response[:, : length // 4] = 0
-    return {"input_ids": ids, "attention_mask": attention, "response_mask": response,
-            "index": torch.arange(pairs, device=device)}
+    return {
+        "input_ids": ids,
+        "attention_mask": attention,
+        "response_mask": response,
+        "index": torch.arange(pairs, device=device),
+    }
 
 
 def dpo_mfu(args, folder: Path, matmul_params: int, device: torch.device, dtype: torch.dtype) -> dict:
@@ -128,7 +140,6 @@ def dpo_mfu(args, folder: Path, matmul_params: int, device: torch.device, dtype:
     }
     if device.type == "cuda":
         result["dpo_peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    del module, optimizer
     return result
 
 
@@ -142,16 +153,25 @@ def generation_throughput(args, folder: Path, device: torch.device, dtype: torch
     sampling = SamplingConfig(max_new_tokens=args.gen_new_tokens, temperature=1.0)
 
     def ours() -> int:
-        response, response_mask = generate_responses(policy, prompts, mask, sampling, eos_token_id=1,
-                                                     pad_token_id=0)
+        response, response_mask = generate_responses(
+            policy, prompts, mask, sampling, eos_token_id=1, pad_token_id=0
+        )
         return int(response_mask.sum())
 
     def bare() -> int:
         with torch.no_grad():
-            out = policy.generate(input_ids=prompts, attention_mask=mask, max_new_tokens=args.gen_new_tokens,
-                                  do_sample=True, temperature=1.0, top_k=None, top_p=None, eos_token_id=1,
-                                  pad_token_id=0)
-        return int((out[:, prompts.shape[1]:] != 0).sum())
+            out = policy.generate(
+                input_ids=prompts,
+                attention_mask=mask,
+                max_new_tokens=args.gen_new_tokens,
+                do_sample=True,
+                temperature=1.0,
+                top_k=None,
+                top_p=None,
+                eos_token_id=1,
+                pad_token_id=0,
+            )
+        return int((out[:, prompts.shape[1] :] != 0).sum())
 
     ours()  # warm-up
     timings = {"ours": [], "bare": []}
@@ -176,13 +196,17 @@ def generation_throughput(args, folder: Path, device: torch.device, dtype: torch
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True, help="JSON file to write the results to")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny model and batch (CPU check of the path)")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default bf16 (fp32 on CPU)")
     parser.add_argument("--pairs", type=int, default=None, help="pairs per DPO step (default 8; tiny 2)")
-    parser.add_argument("--length", type=int, default=None, help="tokens per sequence (default 1024; tiny 32)")
+    parser.add_argument(
+        "--length", type=int, default=None, help="tokens per sequence (default 1024; tiny 32)"
+    )
     parser.add_argument("--steps", type=int, default=None, help="timed DPO steps (default 10; tiny 2)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--gradient-checkpointing", action="store_true")
@@ -193,8 +217,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s of the GPU")
     args = parser.parse_args(argv)
     tiny = args.tiny
-    for name, full, small in (("pairs", 8, 2), ("length", 1024, 32), ("steps", 10, 2), ("gen_prompts", 64, 4),
-                              ("gen_prompt_length", 128, 8), ("gen_new_tokens", 256, 8)):
+    for name, full, small in (
+        ("pairs", 8, 2),
+        ("length", 1024, 32),
+        ("steps", 10, 2),
+        ("gen_prompts", 64, 4),
+        ("gen_prompt_length", 128, 8),
+        ("gen_new_tokens", 256, 8),
+    ):
         if getattr(args, name) is None:
             setattr(args, name, small if tiny else full)
     if tiny:
@@ -218,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
             "dtype": dtype_name,
             "pairs": args.pairs,
             "length": args.length,
-            "flops_formula": "8 * N * tokens (6NT policy fwd+bwd + 2NT reference fwd), N = non-embedding params",
+            "flops_formula": "8*N*tokens (6NT policy fwd+bwd + 2NT reference fwd), N = non-embedding params",
             "torch": torch.__version__,
         }
         result.update(dpo_mfu(args, folder, matmul_params, device, dtype))

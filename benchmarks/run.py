@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -62,16 +61,27 @@ def ensure_trl112(work: Path, given: str | None) -> tuple[str | None, str]:
         for step in steps:
             proc = subprocess.run(step, capture_output=True, text=True)
             if proc.returncode != 0:
-                return None, f"could not build the TRL 1.12 environment ({shlex.join(step)}): {proc.stderr[-800:]}"
+                return (
+                    None,
+                    f"could not build the TRL 1.12 environment ({shlex.join(step)}): {proc.stderr[-800:]}",
+                )
     return str(python), f"virtual environment {venv}"
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="fewer pairs and PPO steps")
     size.add_argument("--smoke", action="store_true", help="tiny shapes, for tests (numbers mean nothing)")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 3, 2, 1)")
+    parser.add_argument(
+        "--ablation-repeats",
+        type=int,
+        default=None,
+        help="repeats of the before/after runs (default: as --repeats, 1 with --quick)",
+    )
     parser.add_argument("--out", default=str(HERE / "RESULTS.md"), help="report file (Markdown)")
     parser.add_argument("--json", default=None, help="also write the raw measurements here")
     parser.add_argument("--work", default="/tmp/lightning_rlhf_bench", help="fixtures, caches, venvs")
@@ -80,8 +90,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-trl-ppo", action="store_true", help="leave out the TRL 1.12 PPO side")
     parser.add_argument("--no-trl", action="store_true", help="only our side (when trl is not installed)")
     parser.add_argument("--from-json", default=None, help="only rewrite the report from a --json file")
-    parser.add_argument("--in-process", action="store_true",
-                        help="run workers in this process (for tests: fast, but peak RSS means nothing)")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run workers in this process (for tests: fast, but peak RSS means nothing)",
+    )
     args = parser.parse_args(argv)
     if args.from_json:
         write_report(json.loads(Path(args.from_json).read_text()), Path(args.out))
@@ -107,7 +120,10 @@ def main(argv: list[str] | None = None) -> None:
             return in_process.run([task, *common, *extra])
         return run_worker(sys.executable, workers, [task, *common, *extra], timeout=timeout)
 
-    results: dict = {"config": meta["config"], "meta": {k: meta[k] for k in ("vocab_size", "policy_parameters")}}
+    results: dict = {
+        "config": meta["config"],
+        "meta": {k: meta[k] for k in ("vocab_size", "policy_parameters")},
+    }
     use_trl = not args.no_trl
 
     # 1. Same numbers at step 1 (deterministic: the first batch in file order, initial weights).
@@ -130,28 +146,40 @@ def main(argv: list[str] | None = None) -> None:
     results["train"] = runs
 
     # 3. Optimisations, before (the code as it was, or the option off) and after, interleaved likewise.
-    ablations = [("dpo_full_logits", "ours_dpo", ("--full-logits",)), ("dpo_no_grouping", "ours_dpo",
-                 ("--no-grouping",)), ("rm_no_grouping", "ours_rm", ("--no-grouping",)),
-                 ("dpo_gradient_checkpointing", "ours_dpo", ("--gradient-checkpointing",))]
+    ablations = [
+        ("dpo_full_logits", "ours_dpo", ("--full-logits",)),
+        ("dpo_no_grouping", "ours_dpo", ("--no-grouping",)),
+        ("rm_no_grouping", "ours_rm", ("--no-grouping",)),
+        ("dpo_gradient_checkpointing", "ours_dpo", ("--gradient-checkpointing",)),
+    ]
     results["ablations"] = {label: [] for label, _, _ in ablations}
-    for r in range(repeats):
+    ablation_repeats = args.ablation_repeats or (1 if name == "quick" else repeats)
+    for r in range(ablation_repeats):
         for label, task, extra in ablations if r % 2 == 0 else list(reversed(ablations)):
             results["ablations"][label].append(ours(task, *extra))
 
     # 4. PPO, ours vs TRL 1.12 (own venv).
     results["ppo"] = {"ours": [], "trl": []}
-    trl_python, how = (None, "skipped (--skip-trl-ppo)") if args.skip_trl_ppo or not use_trl else (
-        ensure_trl112(Path(args.work), args.trl112_python))
+    trl_python, how = (
+        (None, "skipped (--skip-trl-ppo)")
+        if args.skip_trl_ppo or not use_trl
+        else (ensure_trl112(Path(args.work), args.trl112_python))
+    )
     results["ppo"]["trl_env"] = how
-    for r in range(repeats):
+    for _ in range(repeats):
         results["ppo"]["ours"].append(ours("ours_ppo"))
         if trl_python:
             print("[bench] trl 1.12 ppo", flush=True)
             scratch = str(work / "scratch" / "trl_ppo")
             try:
-                results["ppo"]["trl"].append(run_worker(
-                    trl_python, HERE / "trl_ppo_worker.py",
-                    ["--meta", meta_file, "--work", scratch, "--threads", str(args.threads)], timeout=timeout))
+                results["ppo"]["trl"].append(
+                    run_worker(
+                        trl_python,
+                        HERE / "trl_ppo_worker.py",
+                        ["--meta", meta_file, "--work", scratch, "--threads", str(args.threads)],
+                        timeout=timeout,
+                    )
+                )
             except RuntimeError as err:
                 results["ppo"]["trl_error"] = str(err)[-1500:]
                 trl_python = None
@@ -190,8 +218,15 @@ def environment(trl112_python: str | None) -> dict:
         **{name: version(name) for name in ("torch", "transformers", "lightning", "trl", "accelerate")},
     }
     if trl112_python:
-        out = subprocess.run([trl112_python, "-c", "import trl, transformers; print(trl.__version__, "
-                              "transformers.__version__)"], capture_output=True, text=True)
+        out = subprocess.run(
+            [
+                trl112_python,
+                "-c",
+                "import trl, transformers; print(trl.__version__, transformers.__version__)",
+            ],
+            capture_output=True,
+            text=True,
+        )
         env["trl_ppo_env"] = out.stdout.strip() or out.stderr[-300:]
     return env
 

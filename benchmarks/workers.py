@@ -40,15 +40,16 @@ class _Profile:
     def __exit__(self, *exc):
         if self.on:
             self.prof.__exit__(*exc)
-            self.table = self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14,
-                                                        max_name_column_width=40)
+            self.table = self.prof.key_averages().table(
+                sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=40
+            )
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-# --------------------------------------------------------------------------------------------- ours (Lightning)
+# ----------------------------------------------------------------------------------------- ours (Lightning)
 
 
 class _StepClock:
@@ -85,8 +86,15 @@ class _StepClock:
         self.first_losses: list[float] = []
 
 
-def _trainer(root: Path, accumulation: int, callbacks: list, *, max_steps: int = -1, precision="32-true",
-             clip: bool = True):
+def _trainer(
+    root: Path,
+    accumulation: int,
+    callbacks: list,
+    *,
+    max_steps: int = -1,
+    precision="32-true",
+    clip: bool = True,
+):
     import lightning as L
 
     return L.Trainer(
@@ -122,14 +130,22 @@ def _full_logits_response_logps():
 
 
 def ours_pairs(meta: dict, args, *, task: str) -> dict:
+    import lightning_rlhf.modules.dpo as dpo_module
+    import lightning_rlhf.modules.reference_cache as cache_module
+
+    shipped = dpo_module.response_logps
+    if args.full_logits:
+        dpo_module.response_logps = cache_module.response_logps = _full_logits_response_logps()
+    try:
+        return _fit_pairs(meta, args, task)
+    finally:  # in-process runs (tests) must not leak the "before" code into later runs
+        dpo_module.response_logps = cache_module.response_logps = shipped
+
+
+def _fit_pairs(meta: dict, args, task: str) -> dict:
     from lightning_rlhf import DPOModule, PreferenceDataModule, RewardModule
 
     cfg = meta["config"]
-    if args.full_logits:
-        import lightning_rlhf.modules.dpo as dpo_module
-        import lightning_rlhf.modules.reference_cache as cache_module
-
-        dpo_module.response_logps = cache_module.response_logps = _full_logits_response_logps()
     data = PreferenceDataModule(
         meta["tokenizer"],
         meta["pairs"],
@@ -162,8 +178,13 @@ def ours_pairs(meta: dict, args, *, task: str) -> dict:
     if args.cached:
         # Precompute happens in on_fit_start, before on_train_start: the part of the wall not in the steps.
         precompute = total - sum(s["seconds"] for s in clock.steps)
-    return {"steps": clock.steps, "loss_step1": clock.first_loss, "fit_seconds": total,
-            "setup_seconds": precompute, "profile": prof.table}
+    return {
+        "steps": clock.steps,
+        "loss_step1": clock.first_loss,
+        "fit_seconds": total,
+        "setup_seconds": precompute,
+        "profile": prof.table,
+    }
 
 
 def ours_check(meta: dict, args, *, task: str) -> dict:
@@ -171,8 +192,9 @@ def ours_check(meta: dict, args, *, task: str) -> dict:
     from lightning_rlhf import DPOModule, PreferenceDataModule, RewardModule
 
     cfg = meta["config"]
-    data = PreferenceDataModule(meta["tokenizer"], meta["pairs"], batch_size=cfg["batch_pairs"],
-                                max_length=cfg["max_length"])
+    data = PreferenceDataModule(
+        meta["tokenizer"], meta["pairs"], batch_size=cfg["batch_pairs"], max_length=cfg["max_length"]
+    )
     data.setup("fit")
     batch = next(iter(data.reference_dataloader("train")))
     with torch.no_grad():
@@ -185,8 +207,11 @@ def ours_check(meta: dict, args, *, task: str) -> dict:
         module.configure_model()
         chosen, rejected = module.score_pairs(batch)
         out = module.loss(chosen, rejected)
-        return {"loss": float(out.loss), "reward/chosen": float(chosen.mean()),
-                "reward/rejected": float(rejected.mean())}
+        return {
+            "loss": float(out.loss),
+            "reward/chosen": float(chosen.mean()),
+            "reward/rejected": float(rejected.mean()),
+        }
 
 
 # --------------------------------------------------------------------------------------------- TRL 1.16
@@ -229,14 +254,17 @@ def _trl_trainer(meta: dict, args, *, task: str):
 
         model = AutoModelForCausalLM.from_pretrained(meta["policy"], dtype=torch.float32)
         reference = AutoModelForCausalLM.from_pretrained(meta["policy"], dtype=torch.float32)
-        config = DPOConfig(**_trl_common(meta, args), learning_rate=1e-6, beta=0.1,
-                           precompute_ref_log_probs=args.cached)
-        return DPOTrainer(model=model, ref_model=reference, args=config, train_dataset=dataset,
-                          processing_class=tokenizer)
+        config = DPOConfig(
+            **_trl_common(meta, args), learning_rate=1e-6, beta=0.1, precompute_ref_log_probs=args.cached
+        )
+        return DPOTrainer(
+            model=model, ref_model=reference, args=config, train_dataset=dataset, processing_class=tokenizer
+        )
     from trl import RewardConfig, RewardTrainer
 
-    model = AutoModelForSequenceClassification.from_pretrained(meta["reward_model"], num_labels=1,
-                                                               dtype=torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        meta["reward_model"], num_labels=1, dtype=torch.float32
+    )
     config = RewardConfig(**_trl_common(meta, args), learning_rate=1e-5)
     return RewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
 
@@ -278,8 +306,13 @@ def trl_pairs(meta: dict, args, *, task: str) -> dict:
     with _Profile(args.profile) as prof:
         trainer.train()
     total = time.perf_counter() - fit_start
-    return {"steps": steps, "loss_step1": losses[0] if losses else None, "fit_seconds": total,
-            "setup_seconds": setup + (total - sum(s["seconds"] for s in steps)), "profile": prof.table}
+    return {
+        "steps": steps,
+        "loss_step1": losses[0] if losses else None,
+        "fit_seconds": total,
+        "setup_seconds": setup + (total - sum(s["seconds"] for s in steps)),
+        "profile": prof.table,
+    }
 
 
 def trl_check(meta: dict, args, *, task: str) -> dict:
@@ -292,12 +325,19 @@ def trl_check(meta: dict, args, *, task: str) -> dict:
         loss = trainer.compute_loss(trainer.model, batch)
     metrics = trainer._metrics["eval"]
     if task == "dpo":
-        return {"loss": float(loss), "logps/chosen": metrics["logps/chosen"][-1],
-                "logps/rejected": metrics["logps/rejected"][-1]}
+        return {
+            "loss": float(loss),
+            "logps/chosen": metrics["logps/chosen"][-1],
+            "logps/rejected": metrics["logps/rejected"][-1],
+        }
     with torch.no_grad():
         rewards = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     chosen, rejected = rewards.squeeze(-1).chunk(2)
-    return {"loss": float(loss), "reward/chosen": float(chosen.mean()), "reward/rejected": float(rejected.mean())}
+    return {
+        "loss": float(loss),
+        "reward/chosen": float(chosen.mean()),
+        "reward/rejected": float(rejected.mean()),
+    }
 
 
 # --------------------------------------------------------------------------------------------- PPO (ours)
@@ -307,8 +347,13 @@ def ours_ppo(meta: dict, args) -> dict:
     from lightning_rlhf import PPOModule, PromptDataModule
 
     cfg = meta["config"]
-    data = PromptDataModule(meta["tokenizer"], meta["prompts"], batch_size=cfg["ppo_prompts"],
-                            max_prompt_length=cfg["ppo_prompt_length"], seed=cfg["seed"])
+    data = PromptDataModule(
+        meta["tokenizer"],
+        meta["prompts"],
+        batch_size=cfg["ppo_prompts"],
+        max_prompt_length=cfg["ppo_prompt_length"],
+        seed=cfg["seed"],
+    )
     module = PPOModule(
         meta["policy"],
         reward_model=meta["reward_model"],
@@ -336,8 +381,9 @@ def ours_ppo(meta: dict, args) -> dict:
             row["tokens"] = int(batch["attention_mask"].sum()) + 0
             phases.append(row)
 
-    trainer = _trainer(Path(args.work), 1, [Phases()], max_steps=cfg["ppo_steps"], precision=args.precision,
-                       clip=False)  # PPOModule clips itself (max_grad_norm=1.0, as TRL)
+    trainer = _trainer(
+        Path(args.work), 1, [Phases()], max_steps=cfg["ppo_steps"], precision=args.precision, clip=False
+    )  # PPOModule clips itself (max_grad_norm=1.0, as TRL)
     start = time.perf_counter()
     with _Profile(args.profile) as prof:
         trainer.fit(module, datamodule=data)
@@ -367,10 +413,18 @@ def generation_overhead(meta: dict, args) -> dict:
 
     def bare():
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg["ppo_new_tokens"],
-                                 do_sample=True, temperature=1.0, top_k=None, top_p=None,
-                                 eos_token_id=eos, pad_token_id=pad)
-        return out[:, ids.shape[1]:].numel()
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=cfg["ppo_new_tokens"],
+                do_sample=True,
+                temperature=1.0,
+                top_k=None,
+                top_p=None,
+                eos_token_id=eos,
+                pad_token_id=pad,
+            )
+        return out[:, ids.shape[1] :].numel()
 
     times: dict[str, list[float]] = {"ours": [], "bare": []}
     for i in range(args.repeats * 2 + 1):  # alternate; the first (warm-up) call is discarded
@@ -397,16 +451,19 @@ def scaling(meta: dict, args) -> dict:
     vocab = meta["vocab_size"]
     rows = []
     lengths = [cfg["max_length"] // 4, cfg["max_length"] // 2, cfg["max_length"]]
-    for pairs in (1, 2, 4):
-        for length in lengths:
-            if pairs > 1 and length != lengths[1] and pairs != 2:
-                continue
+    shapes = [(1, length) for length in lengths] + [(2, lengths[1]), (4, lengths[1])]
+    for pairs, length in shapes:
+        if True:
             ids = torch.randint(10, vocab, (2 * pairs, length))
             mask = torch.ones_like(ids)
             response = mask.clone()
             response[:, : length // 3] = 0
-            batch = {"input_ids": ids, "attention_mask": mask, "response_mask": response,
-                     "index": torch.arange(pairs)}
+            batch = {
+                "input_ids": ids,
+                "attention_mask": mask,
+                "response_mask": response,
+                "index": torch.arange(pairs),
+            }
             seconds = []
             for i in range(args.repeats + 1):
                 start = time.perf_counter()
@@ -422,8 +479,19 @@ def scaling(meta: dict, args) -> dict:
 
 # --------------------------------------------------------------------------------------------- main
 
-TASKS = ("ours_dpo", "trl_dpo", "ours_rm", "trl_rm", "ours_dpo_check", "trl_dpo_check", "ours_rm_check",
-         "trl_rm_check", "ours_ppo", "generation", "scaling")
+TASKS = (
+    "ours_dpo",
+    "trl_dpo",
+    "ours_rm",
+    "trl_rm",
+    "ours_dpo_check",
+    "trl_dpo_check",
+    "ours_rm_check",
+    "trl_rm_check",
+    "ours_ppo",
+    "generation",
+    "scaling",
+)
 
 
 def run(argv: list[str] | None = None) -> dict:
