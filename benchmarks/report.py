@@ -224,7 +224,15 @@ def write_report(results: dict, out: Path) -> None:
     )
     w("|---|---|---|---|---|---|")
     names = {
-        "dpo_full_logits": ("DPO: LM head on response positions only (before: [B, T, V] logits)", "ours_dpo"),
+        "dpo_full_logits": (
+            "DPO: LM head on response positions only, each prompt once (before: [B, T, V] logits over "
+            "every position, prompts twice; the code before this work)",
+            "ours_dpo",
+        ),
+        "dpo_no_shared_prompts": (
+            "DPO: each prompt runs once for its chosen and rejected responses (before: twice)",
+            "ours_dpo",
+        ),
         "dpo_no_grouping": ("DPO: length-grouped batches (before: random batches)", "ours_dpo"),
         "rm_no_grouping": ("RM: length-grouped batches (before: random batches)", "ours_rm"),
         "dpo_gradient_checkpointing": (

@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     # 3. Optimisations, before (the code as it was, or the option off) and after, interleaved likewise.
     ablations = [
         ("dpo_full_logits", "ours_dpo", ("--full-logits",)),
+        ("dpo_no_shared_prompts", "ours_dpo", ("--no-shared-prompts",)),
         ("dpo_no_grouping", "ours_dpo", ("--no-grouping",)),
         ("rm_no_grouping", "ours_rm", ("--no-grouping",)),
         ("dpo_gradient_checkpointing", "ours_dpo", ("--gradient-checkpointing",)),

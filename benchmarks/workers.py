@@ -116,11 +116,12 @@ def _trainer(
 
 
 def _full_logits_response_logps():
-    """The pre-optimisation ``response_logps``: LM head over every position ([B, T, V] logits)."""
+    """The pre-optimisation ``response_logps``: LM head over every position ([B, T, V] logits), and each
+    prompt through the model twice (with its chosen and with its rejected response)."""
     from lightning_rlhf.models import next_token_logprobs
     from lightning_rlhf.ops import sequence_logprobs
 
-    def response_logps(model, batch, *, average):
+    def response_logps(model, batch, *, average, shared_prompts=False):  # noqa: ARG001 - the "before" code
         token_logps = next_token_logprobs(model, batch["input_ids"], batch["attention_mask"])
         mask = batch["response_mask"][:, 1:]
         per_token = sequence_logprobs(token_logps, mask, average=True)
@@ -130,16 +131,20 @@ def _full_logits_response_logps():
 
 
 def ours_pairs(meta: dict, args, *, task: str) -> dict:
+    import lightning_rlhf.models as models
     import lightning_rlhf.modules.dpo as dpo_module
     import lightning_rlhf.modules.reference_cache as cache_module
 
-    shipped = dpo_module.response_logps
+    shipped, shipped_shared = dpo_module.response_logps, models.shared_prompt_response_logps
     if args.full_logits:
         dpo_module.response_logps = cache_module.response_logps = _full_logits_response_logps()
+    if args.no_shared_prompts:
+        models.shared_prompt_response_logps = lambda *a, **k: None  # every prompt runs twice, as before
     try:
         return _fit_pairs(meta, args, task)
     finally:  # in-process runs (tests) must not leak the "before" code into later runs
         dpo_module.response_logps = cache_module.response_logps = shipped
+        models.shared_prompt_response_logps = shipped_shared
 
 
 def _fit_pairs(meta: dict, args, task: str) -> dict:
@@ -503,6 +508,9 @@ def run(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cached", action="store_true", help="DPO: precomputed reference log-probs")
     parser.add_argument("--no-grouping", action="store_true", help="ours: no length-grouped batches")
     parser.add_argument("--full-logits", action="store_true", help="ours: LM head on every position (before)")
+    parser.add_argument(
+        "--no-shared-prompts", action="store_true", help="ours: each prompt runs twice (before)"
+    )
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")

@@ -173,12 +173,16 @@ class DPOModule(HFModelModule):
             return self.cached[split].lookup(batch["index"], device=self.device)
         reference = self.reference if self.reference is not None else self._eval_reference[0]
         with torch.no_grad():
-            logps, _ = response_logps(reference, batch, average=self.hparams.average_log_probs)
+            logps, _ = response_logps(
+                reference, batch, average=self.hparams.average_log_probs, shared_prompts=True
+            )
         return logps.chunk(2)
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, batch: dict[str, Tensor], split: str) -> tuple[DPOLossOutput, dict[str, Tensor]]:
-        policy, per_token = response_logps(self.policy, batch, average=self.hparams.average_log_probs)
+        policy, per_token = response_logps(
+            self.policy, batch, average=self.hparams.average_log_probs, shared_prompts=True
+        )
         chosen, rejected = policy.chunk(2)
         chosen_per_token, rejected_per_token = per_token.chunk(2)
         ref_chosen, ref_rejected = self.reference_logps(batch, split)
