@@ -213,6 +213,7 @@ def environment(trl112_python: str | None) -> dict:
             return "not installed"
 
     env = {
+        "load_average_at_end": os.getloadavg(),
         "python": platform.python_version(),
         "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs, {platform.platform()}",
         "cpu": _cpu_name(),

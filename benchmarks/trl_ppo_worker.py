@@ -119,18 +119,19 @@ def main() -> None:
 
     class Clock(TrainerCallback):
         def on_train_begin(self, *a, **k):
-            mark["last"] = time.perf_counter()
+            mark["last"], mark["cpu"] = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *a, **k):
-            now = time.perf_counter()
+            now, cpu = time.perf_counter(), time.process_time()
             steps.append(
                 {
                     "seconds": now - mark["last"],
+                    "cpu_seconds": cpu - mark["cpu"],
                     "generation": clock["generation"],
                     "inference": clock["inference"],
                 }
             )
-            mark["last"] = now
+            mark["last"], mark["cpu"] = now, cpu
             clock["generation"] = clock["inference"] = 0.0
 
     trainer.add_callback(Clock())

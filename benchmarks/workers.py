@@ -62,16 +62,22 @@ class _StepClock:
 
         class Clock(L.Callback):
             def on_train_start(self, trainer, pl_module):
-                outer.last = time.perf_counter()
+                outer.last, outer.last_cpu = time.perf_counter(), time.process_time()
 
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
                 outer.tokens += int(batch[token_key].sum())
 
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
                 if (batch_idx + 1) % accumulation == 0:
-                    now = time.perf_counter()
-                    outer.steps.append({"seconds": now - outer.last, "tokens": outer.tokens})
-                    outer.last, outer.tokens = now, 0
+                    now, cpu = time.perf_counter(), time.process_time()
+                    outer.steps.append(
+                        {
+                            "seconds": now - outer.last,
+                            "cpu_seconds": cpu - outer.last_cpu,
+                            "tokens": outer.tokens,
+                        }
+                    )
+                    outer.last, outer.last_cpu, outer.tokens = now, cpu, 0
                 if outer.first_loss is None and outputs is not None:
                     loss = outputs["loss"] if isinstance(outputs, dict) else outputs
                     outer.first_losses.append(float(loss))  # Lightning divides it by the accumulation
@@ -295,12 +301,18 @@ def trl_pairs(meta: dict, args, *, task: str) -> dict:
 
     class Clock(TrainerCallback):
         def on_train_begin(self, *a, **k):
-            clock["last"] = time.perf_counter()
+            clock["last"], clock["cpu"] = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *a, **k):
-            now = time.perf_counter()
-            steps.append({"seconds": now - clock["last"], "tokens": counter["tokens"]})
-            clock["last"], counter["tokens"] = now, 0
+            now, cpu = time.perf_counter(), time.process_time()
+            steps.append(
+                {
+                    "seconds": now - clock["last"],
+                    "cpu_seconds": cpu - clock["cpu"],
+                    "tokens": counter["tokens"],
+                }
+            )
+            clock["last"], clock["cpu"], counter["tokens"] = now, cpu, 0
 
         def on_log(self, _args, state, control, logs=None, **k):
             if logs and "loss" in logs and not losses:
@@ -378,11 +390,12 @@ def ours_ppo(meta: dict, args) -> dict:
 
     class Phases(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self.start = time.perf_counter()
+            self.start, self.cpu = time.perf_counter(), time.process_time()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             row = dict(pl_module._timings)
             row["seconds"] = time.perf_counter() - self.start
+            row["cpu_seconds"] = time.process_time() - self.cpu
             row["tokens"] = int(batch["attention_mask"].sum()) + 0
             phases.append(row)
 
@@ -432,14 +445,16 @@ def generation_overhead(meta: dict, args) -> dict:
         return out[:, ids.shape[1] :].numel()
 
     times: dict[str, list[float]] = {"ours": [], "bare": []}
+    cpu_times: dict[str, list[float]] = {"ours": [], "bare": []}
     for i in range(args.repeats * 2 + 1):  # alternate; the first (warm-up) call is discarded
         for name, fn in (("ours", ours), ("bare", bare)) if i % 2 == 0 else (("bare", bare), ("ours", ours)):
             torch.manual_seed(i)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             fn()
             if i:
                 times[name].append(time.perf_counter() - start)
-    return {"times": times}
+                cpu_times[name].append(time.process_time() - cpu)
+    return {"times": times, "cpu_times": cpu_times}
 
 
 # --------------------------------------------------------------------------------------------- scaling
