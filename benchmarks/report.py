@@ -63,7 +63,8 @@ def write_report(results: dict, out: Path) -> None:
     w(f"- machine: {env['machine']}; CPU: {env['cpu']}; Python {env['python']}")
     if "load_average_at_end" in env:
         w(
-            f"- shared machine: load average at the end of the run {env['load_average_at_end'][0]:.1f} (1 min), "
+            "- shared machine: load average at the end of the run "
+            f"{env['load_average_at_end'][0]:.1f} (1 min), "
             f"{env['load_average_at_end'][2]:.1f} (15 min) on {env['machine'].split(',')[1].strip()}"
         )
     w(

@@ -175,6 +175,22 @@ def _cache_argument(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def _repeat_cache(cache, times: int) -> None:
+    """Stack a KV cache ``times`` over in the batch (rows b, B + b, ... get row b's keys and values).
+
+    ``torch.cat`` rather than the cache's index-based ``batch_select_indices``: the backward of a
+    concatenation is a cheap sum of slices, that of advanced indexing a scatter-add.
+    """
+    layers = getattr(cache, "layers", None)
+    if layers is None:  # transformers 4.x DynamicCache
+        cache.key_cache = [torch.cat([k] * times) for k in cache.key_cache]
+        cache.value_cache = [torch.cat([v] * times) for v in cache.value_cache]
+        return
+    for layer in layers:
+        layer.keys = torch.cat([layer.keys] * times)
+        layer.values = torch.cat([layer.values] * times)
+
+
 def _shared_prompt_layout(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor] | None:
     """(prompt_len, response_len) [2B] if rows i and B+i share their prompt, laid out prompt | response | pad.
 
@@ -233,7 +249,7 @@ def shared_prompt_response_logps(
         use_cache=True,
     )
     cache = getattr(prompt, "cache", None) or prompt.past_key_values
-    cache.batch_select_indices(torch.arange(half, device=device).repeat(2))
+    _repeat_cache(cache, 2)
     steps = torch.arange(r_max, device=device)
     gather_at = (prompt_len[:, None] + steps).clamp(max=ids.shape[1] - 1)
     response_ids = ids.gather(1, gather_at)
