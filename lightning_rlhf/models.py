@@ -285,8 +285,19 @@ def response_token_logprobs(
 
     The response token at column ``prompt_len + t`` is predicted by the logits at ``prompt_len + t - 1``.
     ``temperature`` divides the logits, so the log-probs are those of the distribution sampled from.
+    The LM head runs on those positions only, not on the prompt's (see :func:`selected_token_logprobs`).
     """
-    logits = policy_logits(model, input_ids, attention_mask)[:, prompt_len - 1 : -1]
+    split = _head_split(model)
+    if split is None:
+        logits = policy_logits(model, input_ids, attention_mask)[:, prompt_len - 1 : -1]
+    else:
+        backbone, head = split
+        hidden = backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+        ).last_hidden_state
+        logits = head(hidden[:, prompt_len - 1 : -1])
     if temperature != 1.0:
         logits = logits / temperature
     logps = token_logprobs(logits, input_ids[:, prompt_len:])
