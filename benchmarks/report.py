@@ -311,6 +311,15 @@ def write_report(results: dict, out: Path) -> None:
     )
     w(NOTES)
 
+    w("## GPU\n")
+    w(
+        "Not part of this CPU run. `python benchmarks/gpu_dpo_mfu.py --out gpu.json` on a CUDA machine "
+        "measures "
+        "DPO step MFU (0.5B-shaped Llama, bf16 autocast, 8 pairs x 1024 tokens; FLOPs = 8·N·tokens: 6NT "
+        "policy forward+backward, 2NT reference forward, N = non-embedding parameters) and PPO generation "
+        "tokens/s, prints one JSON line and writes it to `--out`; `--device cpu --tiny` runs the same path "
+        "on CPU (tested).\n"
+    )
     w("## Profiles (torch.profiler, top operators by self CPU time, one run each)\n")
     for label, run in results["profiles"].items():
         if run.get("profile"):
@@ -318,7 +327,10 @@ def write_report(results: dict, out: Path) -> None:
     out.write_text("\n".join(lines) + "\n")
 
 
-NOTES = """Checked, no change needed:
+NOTES = """Not measured separately: PPO's old/reference/update log-probs now also run the LM head on
+response positions only (the prompt's logits were computed and dropped); it is in the PPO numbers above.
+
+Checked, no change needed:
 - PPO inference is batched once per rollout: `collect_rollout` runs policy, reference and critic once each
   over the rollout in micro-batches, and the reward model once in `sample_and_score`.
 - No duplicate forwards in DPO: chosen and rejected go through the policy in one concatenated forward, the
