@@ -252,8 +252,8 @@ def write_report(results: dict, out: Path) -> None:
 
     w("## Optimisations, before and after\n")
     w(
-        "Each row is ours with one optimisation undone (or an option on) against ours as shipped "
-        "(`ours_dpo` / `ours_rm` above), same repeats.\n"
+        "Each row is ours with one optimisation undone (or an option on) against ours as shipped, each "
+        "before-run paired with an after-run right next to it (order alternating between repeats).\n"
     )
     w(
         "| optimisation | before tokens/s | after tokens/s | speed-up (wall) | speed-up (CPU time) "
@@ -280,7 +280,7 @@ def write_report(results: dict, out: Path) -> None:
     tps = steady_tokens_per_second
     for label, runs in abl.items():
         title, base = names[label]
-        after = train[base]
+        after = results.get("ablation_bases", {}).get(label) or train[base]
         if label == "dpo_gradient_checkpointing":
             before, after = after, runs  # "before" is the default here: the option costs time, saves memory
         else:

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         "--ablation-repeats",
         type=int,
         default=None,
-        help="repeats of the before/after runs (default: as --repeats, 1 with --quick)",
+        help="repeats of the before/after runs (default: as --repeats)",
     )
     parser.add_argument("--out", default=str(HERE / "RESULTS.md"), help="report file (Markdown)")
     parser.add_argument("--json", default=None, help="also write the raw measurements here")
@@ -156,10 +156,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:  # the test suite: one of each kind of before/after run is enough to keep them working
         ablations = ablations[:1] + ablations[-1:]
     results["ablations"] = {label: [] for label, _, _ in ablations}
-    ablation_repeats = args.ablation_repeats or (1 if name == "quick" else repeats)
+    # Each before-run is paired with an after-run of the shipped code right next to it (order alternating),
+    # so a change in the machine's load between phases cannot pass for a speed-up.
+    results["ablation_bases"] = {label: [] for label, _, _ in ablations}
+    ablation_repeats = args.ablation_repeats or repeats
     for r in range(ablation_repeats):
-        for label, task, extra in ablations if r % 2 == 0 else list(reversed(ablations)):
-            results["ablations"][label].append(ours(task, *extra))
+        for label, task, extra in ablations:
+            pair = [("before", extra), ("after", ())] if r % 2 == 0 else [("after", ()), ("before", extra)]
+            for which, flags in pair:
+                run_ = ours(task, *flags)
+                (results["ablations"] if which == "before" else results["ablation_bases"])[label].append(run_)
 
     # 4. PPO, ours vs TRL 1.12 (own venv).
     results["ppo"] = {"ours": [], "trl": []}
