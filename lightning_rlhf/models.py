@@ -9,6 +9,7 @@ tokenizer whose pad token is its EOS token (or that has none) cannot make us poo
 from __future__ import annotations
 
 import hashlib
+import inspect
 from pathlib import Path
 
 import torch
@@ -99,17 +100,177 @@ def next_token_logprobs(model: PreTrainedModel, input_ids: Tensor, attention_mas
     return token_logprobs(logits[:, :-1], input_ids[:, 1:])
 
 
+# Config attributes that change logits after the LM head (soft-capping, scaling): models that have one go
+# through their own forward, which knows how to apply it.
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
+
+
+def _head_split(model: PreTrainedModel) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(backbone, lm_head) when logits are exactly ``lm_head(backbone(...).last_hidden_state)``, else None."""
+    config = getattr(model, "config", None)
+    if config is None or any(getattr(config, key, None) not in (None, 1.0) for key in _LOGIT_POSTPROCESSING):
+        return None
+    backbone = getattr(model, "base_model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if backbone is None or backbone is model or not isinstance(head, torch.nn.Linear):
+        return None
+    return backbone, head
+
+
+def selected_token_logprobs(
+    model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, select: Tensor
+) -> Tensor:
+    """log p(token_t | tokens_<t) at the positions ``select`` [B, T-1] marks (position t-1 scores token t).
+
+    Returns [B, T-1], 0 where not selected. The LM head runs on the selected positions only: a DPO batch
+    has its prompts and padding outside the response mask, and a [B, T, V] float logits tensor (the largest
+    activation of a small-vocabulary-heavy model) is never built. Models whose logits are post-processed
+    after the head (soft-capping, scaling) take the plain full forward.
+    """
+    split = _head_split(model)
+    if split is None:
+        logps = next_token_logprobs(model, input_ids, attention_mask)
+        return logps.masked_fill(select == 0, 0.0)
+    backbone, head = split
+    hidden = backbone(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+    ).last_hidden_state[:, :-1]
+    keep = select != 0
+    logits = head(hidden[keep])  # [N, V] for the N selected positions
+    picked = token_logprobs(logits, input_ids[:, 1:][keep])
+    out = torch.zeros(select.shape, dtype=picked.dtype, device=picked.device)
+    return out.masked_scatter(keep, picked)
+
+
 def response_logps(
-    model: PreTrainedModel, batch: dict[str, Tensor], *, average: bool
+    model: PreTrainedModel, batch: dict[str, Tensor], *, average: bool, shared_prompts: bool = False
 ) -> tuple[Tensor, Tensor]:
     """Per-sequence response log-probs ([B], summed, or per-token mean if ``average``) and per-token means.
 
-    ``batch`` holds ``input_ids``, ``attention_mask`` and ``response_mask`` [B, T].
+    ``batch`` holds ``input_ids``, ``attention_mask`` and ``response_mask`` [B, T]. Only response positions
+    go through the LM head (see :func:`selected_token_logprobs`). ``shared_prompts``: the batch is a
+    preference batch [chosen; rejected] (rows i and B+i share a prompt), so each prompt can run once (see
+    :func:`shared_prompt_response_logps`; other layouts take the plain path).
     """
-    token_logps = next_token_logprobs(model, batch["input_ids"], batch["attention_mask"])
+    if shared_prompts:
+        out = shared_prompt_response_logps(model, batch, average=average)
+        if out is not None:
+            return out
     mask = batch["response_mask"][:, 1:]
+    token_logps = selected_token_logprobs(model, batch["input_ids"], batch["attention_mask"], mask)
     per_token = sequence_logprobs(token_logps, mask, average=True)
     return (per_token if average else sequence_logprobs(token_logps, mask)), per_token
+
+
+def _activation_checkpointing(model: torch.nn.Module) -> bool:
+    """Whether activation checkpointing is on (``is_activation_checkpointing`` in transformers >= 5.x)."""
+    flag = getattr(type(model), "is_activation_checkpointing", None)
+    name = "is_activation_checkpointing" if flag is not None else "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))
+
+
+def _cache_argument(model: torch.nn.Module) -> str:
+    """The forward's KV-cache argument: ``cache`` in recent transformers, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _repeat_cache(cache, times: int) -> None:
+    """Stack a KV cache ``times`` over in the batch (rows b, B + b, ... get row b's keys and values).
+
+    ``torch.cat`` rather than the cache's index-based ``batch_select_indices``: the backward of a
+    concatenation is a cheap sum of slices, that of advanced indexing a scatter-add.
+    """
+    layers = getattr(cache, "layers", None)
+    if layers is None:  # transformers 4.x DynamicCache
+        cache.key_cache = [torch.cat([k] * times) for k in cache.key_cache]
+        cache.value_cache = [torch.cat([v] * times) for v in cache.value_cache]
+        return
+    for layer in layers:
+        layer.keys = torch.cat([layer.keys] * times)
+        layer.values = torch.cat([layer.values] * times)
+
+
+def _shared_prompt_layout(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor] | None:
+    """(prompt_len, response_len) [2B] if rows i and B+i share their prompt, laid out prompt | response | pad.
+
+    None for any other layout (odd rows, left padding, differing prompts): callers then take the plain path.
+    """
+    ids, attention, response = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    rows, width = ids.shape
+    if rows % 2 or rows == 0:
+        return None
+    positions = torch.arange(width, device=ids.device)
+    response_len = response.sum(1)
+    prompt_len = (response != 0).long().argmax(1)
+    if bool((response_len == 0).any()) or bool((prompt_len == 0).any()):
+        return None
+    end = (prompt_len + response_len)[:, None]
+    expected_response = (positions >= prompt_len[:, None]) & (positions < end)
+    if not (torch.equal(response != 0, expected_response) and torch.equal(attention != 0, positions < end)):
+        return None
+    half = rows // 2
+    if not torch.equal(prompt_len[:half], prompt_len[half:]):
+        return None
+    in_prompt = positions < prompt_len[:half, None]
+    if not torch.equal(torch.where(in_prompt, ids[:half], 0), torch.where(in_prompt, ids[half:], 0)):
+        return None
+    return prompt_len, response_len
+
+
+def shared_prompt_response_logps(
+    model: PreTrainedModel, batch: dict[str, Tensor], *, average: bool
+) -> tuple[Tensor, Tensor] | None:
+    """:func:`response_logps` for a preference batch whose chosen row i and rejected row B+i share a prompt,
+    running each prompt through the model once instead of twice.
+
+    The B prompts go through the backbone with a KV cache; the cache is duplicated for the 2B responses,
+    which attend to it (gradients flow back through the cached keys and values). Same numbers as the
+    plain path up to float rounding. Returns None (caller falls back) when the batch is not in that
+    layout, the model's logits are post-processed, or activation checkpointing is on (it disables caches).
+    """
+    split = _head_split(model)
+    layout = _shared_prompt_layout(batch)
+    checkpointing = _activation_checkpointing(model)
+    if split is None or layout is None or checkpointing:
+        return None
+    backbone, head = split
+    ids = batch["input_ids"]
+    prompt_len, response_len = layout
+    rows = ids.shape[0]
+    half = rows // 2
+    device = ids.device
+    p_max, r_max = int(prompt_len.max()), int(response_len.max())
+    prompt_mask = (torch.arange(p_max, device=device) < prompt_len[:half, None]).long()
+    prompt = backbone(
+        input_ids=ids[:half, :p_max],
+        attention_mask=prompt_mask,
+        position_ids=position_ids_from_mask(prompt_mask),
+        use_cache=True,
+    )
+    cache = getattr(prompt, "cache", None) or prompt.past_key_values
+    _repeat_cache(cache, 2)
+    steps = torch.arange(r_max, device=device)
+    gather_at = (prompt_len[:, None] + steps).clamp(max=ids.shape[1] - 1)
+    response_ids = ids.gather(1, gather_at)
+    response_mask = steps < response_len[:, None]
+    hidden = backbone(
+        input_ids=response_ids,
+        attention_mask=torch.cat([prompt_mask.repeat(2, 1), response_mask.long()], 1),
+        position_ids=prompt_len[:, None] + steps,
+        use_cache=True,
+        **{_cache_argument(backbone): cache},
+    ).last_hidden_state
+    # Response token j is predicted by the hidden state before it: the prompt's last one for j = 0.
+    last_prompt = prompt.last_hidden_state[torch.arange(half, device=device), prompt_len[:half] - 1]
+    last_prompt = last_prompt.repeat(2, 1)
+    predictors = torch.cat([last_prompt[:, None], hidden[:, :-1]], 1)
+    picked = token_logprobs(head(predictors[response_mask]), response_ids[response_mask])
+    token_logps = torch.zeros(response_mask.shape, dtype=picked.dtype, device=device)
+    token_logps = token_logps.masked_scatter(response_mask, picked)
+    per_token = sequence_logprobs(token_logps, response_mask, average=True)
+    return (per_token if average else sequence_logprobs(token_logps, response_mask)), per_token
 
 
 def response_token_logprobs(
@@ -125,8 +286,19 @@ def response_token_logprobs(
 
     The response token at column ``prompt_len + t`` is predicted by the logits at ``prompt_len + t - 1``.
     ``temperature`` divides the logits, so the log-probs are those of the distribution sampled from.
+    The LM head runs on those positions only, not on the prompt's (see :func:`selected_token_logprobs`).
     """
-    logits = policy_logits(model, input_ids, attention_mask)[:, prompt_len - 1 : -1]
+    split = _head_split(model)
+    if split is None:
+        logits = policy_logits(model, input_ids, attention_mask)[:, prompt_len - 1 : -1]
+    else:
+        backbone, head = split
+        hidden = backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+        ).last_hidden_state
+        logits = head(hidden[:, prompt_len - 1 : -1])
     if temperature != 1.0:
         logits = logits / temperature
     logps = token_logprobs(logits, input_ids[:, prompt_len:])

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from lightning_rlhf import DPOModule, IPOLoss, RewardModule, SigmoidDPOLoss
+from lightning_rlhf.data.collate import PreferenceCollator
 from lightning_rlhf.losses import BradleyTerryLoss
-from lightning_rlhf.models import last_token_index
+from lightning_rlhf.models import last_token_index, response_logps, shared_prompt_response_logps
 from lightning_rlhf.testbed.models import build_causal_lm
 
 
@@ -185,3 +186,92 @@ def test_dpo_trains_in_a_plain_trainer_with_a_list_dataloader(model_dirs, tmp_pa
     trainer.fit(module, train_dataloaders=loader)
     # After training on these pairs the policy prefers the chosen responses more than the reference does.
     assert trainer.callback_metrics["rewards/margins"] > 0
+
+
+@pytest.mark.parametrize("stage", ["dpo", "reward"])
+def test_gradient_checkpointing_changes_memory_not_numbers(model_dirs, stage):
+    """gradient_checkpointing=True recomputes activations in backward: same loss, same gradients."""
+    grads, losses = {}, {}
+    for checkpointing in (False, True):
+        if stage == "dpo":
+            module = DPOModule(
+                str(model_dirs / "policy"),
+                reference_model=str(model_dirs / "other"),
+                gradient_checkpointing=checkpointing,
+            )
+            module.configure_model()
+            loss = module.compute_loss(pair_batch(), "train")[0].loss
+            model = module.policy
+        else:
+            module = RewardModule(str(model_dirs / "policy"), gradient_checkpointing=checkpointing)
+            torch.manual_seed(0)  # the score head on a causal-LM folder is freshly initialised
+            module.configure_model()
+            chosen, rejected = module.score_pairs(pair_batch())
+            loss = module.loss(chosen, rejected).loss
+            model = module.reward_model
+        flag = getattr(model, "is_activation_checkpointing", None)
+        assert (model.is_gradient_checkpointing if flag is None else flag) == checkpointing
+        loss.backward()
+        losses[checkpointing] = loss.detach()
+        grads[checkpointing] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(losses[True], losses[False])
+    assert grads[True].keys() == grads[False].keys() and grads[False]
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, msg=name)
+
+
+def test_each_prompt_runs_once_with_the_same_logps_and_gradients(tokenizer):
+    """shared_prompts=True runs the B prompts once and the 2B responses on a duplicated KV cache: same
+    log-probs and gradients as running every [prompt; response] row whole (prompts of different lengths)."""
+    model = build_causal_lm("nano", tokenizer, seed=0).train()
+    rows = [
+        {
+            "prompt_ids": [5, 6, 7],
+            "chosen_ids": [8, 9, 1],
+            "rejected_ids": [10, 1],
+            "margin": 0.0,
+            "index": 0,
+        },
+        {
+            "prompt_ids": [11, 12, 13, 14, 15],
+            "chosen_ids": [16, 1],
+            "rejected_ids": [17, 18, 19, 20, 1],
+            "margin": 0.0,
+            "index": 1,
+        },
+        {
+            "prompt_ids": [21],
+            "chosen_ids": [22, 23, 24, 25, 26, 27, 1],
+            "rejected_ids": [28, 1],
+            "margin": 0.0,
+            "index": 2,
+        },
+    ]
+    batch = PreferenceCollator(0)(rows)
+    assert shared_prompt_response_logps(model, batch, average=False) is not None
+    results = {}
+    for shared in (False, True):
+        model.zero_grad()
+        logps, per_token = response_logps(model, batch, average=False, shared_prompts=shared)
+        logps.sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        results[shared] = (logps.detach(), per_token.detach(), grads)
+    torch.testing.assert_close(results[True][0], results[False][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results[True][1], results[False][1], atol=1e-6, rtol=1e-5)
+    for name, grad in results[False][2].items():
+        torch.testing.assert_close(results[True][2][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_shared_prompts_fall_back_for_other_layouts(tokenizer):
+    """Rows whose prompts differ, or a left-padded batch, are not a shared-prompt layout: the plain path."""
+    model = build_causal_lm("nano", tokenizer, seed=0)
+    batch = pair_batch()  # rows i and B+i share prompts [10, 11] and [12, 13]
+    assert shared_prompt_response_logps(model, batch, average=False) is not None
+    other = {**batch, "input_ids": batch["input_ids"].clone()}
+    other["input_ids"][2, 0] = 99  # the first rejected row's prompt differs from its chosen row's
+    assert shared_prompt_response_logps(model, other, average=False) is None
+    plain, _ = response_logps(model, other, average=False)
+    fallback, _ = response_logps(model, other, average=False, shared_prompts=True)
+    torch.testing.assert_close(fallback, plain)
+    left = {k: v.flip(-1) if v.ndim == 2 else v for k, v in batch.items()}
+    assert shared_prompt_response_logps(model, left, average=False) is None

@@ -1,5 +1,6 @@
 """PPOModule: argument checks, the first-step guard, checkpointed state, and PPO improving the gold reward."""
 
+import contextlib
 import json
 
 import lightning as L
@@ -306,3 +307,70 @@ def test_two_ddp_ranks_stay_in_step_with_early_stop_and_adaptive_kl(testbed, tmp
     # Both ranks hold the same adaptive KL coefficient and score statistics.
     assert states[0] == states[1]
     assert states[0]["global_step"] == 6 and states[0]["kl_coef"] != 0.1
+
+
+class _FirstGradientsToFile(L.Callback):
+    """Saves rank 0's policy gradients at the first optimizer step (ddp_spawn children write files)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_rank == 0 and trainer.global_step == 0:
+            grads = {n: p.grad.clone() for n, p in pl_module.policy.named_parameters() if p.grad is not None}
+            torch.save(grads, self.path)
+
+
+def test_ddp_skips_the_all_reduce_before_the_last_micro_batch_with_the_same_gradient(testbed, tmp_path):
+    """2 gloo ranks: with micro-batches, backward runs under DDP's no_sync until the last micro-batch of a
+    mini-batch; the synchronised gradient must equal the one of a single micro-batch (one backward)."""
+    for micro in (4, 2):
+        L.seed_everything(0, verbose=False)
+        module = PPOModule(
+            str(testbed / "init_policy"),
+            reward_function=GoldReward(str(testbed)),
+            mini_batch_size=4,
+            micro_batch_size=micro,
+            max_new_tokens=6,
+            max_grad_norm=None,
+        )
+        fit = L.Trainer(
+            accelerator="cpu",
+            devices=2,
+            strategy="ddp_spawn",
+            max_steps=1,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            default_root_dir=tmp_path,
+            callbacks=[_FirstGradientsToFile(str(tmp_path / f"grads{micro}.pt"))],
+        )
+        fit.fit(module, prompts(testbed, batch_size=4))
+    whole, split = torch.load(tmp_path / "grads4.pt"), torch.load(tmp_path / "grads2.pt")
+    assert whole.keys() == split.keys() and whole
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_gradient_sync_is_blocked_only_before_the_last_micro_batch():
+    """The context used around each micro-batch's backward: the strategy's block_backward_sync before the
+    last micro-batch, nothing on the last one or without a parallel strategy."""
+    entered = []
+
+    class Strategy:
+        def block_backward_sync(self):
+            entered.append(True)
+            return contextlib.nullcontext()
+
+    module = PPOModule("m", reward_function=len)
+    module.trainer = type("T", (), {"strategy": Strategy()})()
+    with module._gradient_sync(last_micro_batch=False):
+        pass
+    with module._gradient_sync(last_micro_batch=True):
+        pass
+    assert entered == [True]
+    module.trainer.strategy = object()
+    with module._gradient_sync(last_micro_batch=False):
+        pass
+    assert entered == [True]

@@ -134,6 +134,19 @@ def adamw_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict
     ]
 
 
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each layer's activations in the backward pass: less memory for about one more forward.
+
+    Non-reentrant checkpointing, so frozen inputs (embeddings of a model with frozen parts) still get
+    gradients and it composes with ``torch.no_grad`` reference forwards.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns until v6
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 class HFModelModule(LightningModule):
     """Base of the stage modules: one trained Hugging Face model, optimised with AdamW by default.
 

@@ -13,7 +13,7 @@ from transformers import PreTrainedModel
 from lightning_rlhf.lora import AdaptersDisabled, LoraSettings, apply_lora, check_dropout
 from lightning_rlhf.losses import DPOLoss, DPOLossOutput, SigmoidDPOLoss
 from lightning_rlhf.models import disable_dropout, freeze, load_causal_lm, response_logps
-from lightning_rlhf.modules.base import HFModelModule, NonFinitePolicy
+from lightning_rlhf.modules.base import HFModelModule, NonFinitePolicy, enable_gradient_checkpointing
 from lightning_rlhf.modules.reference_cache import ReferenceLogps, precompute_reference_logps
 from lightning_rlhf.validation import check
 from lightning_rlhf.zero import unpartitioned_loading
@@ -83,6 +83,7 @@ class DPOModule(HFModelModule):
         disable_dropout: bool = True,
         diagnostic_batches: int = 4,
         lora: LoraSettings | None = None,
+        gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
         nonfinite: NonFinitePolicy = "raise",
     ) -> None:
@@ -100,6 +101,7 @@ class DPOModule(HFModelModule):
             diagnostic_batches: Batches scored before the first update for the start diagnostic (0 = off).
             lora: Train LoRA adapters instead of all weights; the reference is then the base model with
                 adapters off (unless reference_model is given). Needs the ``peft`` extra.
+            gradient_checkpointing: Recompute the policy's activations in backward (less memory, ~30% slower).
             trust_remote_code: Allow model code shipped with the checkpoint to run (off for safety).
             nonfinite: A NaN/inf loss term or gradient: 'raise' (naming step, rows, term) or 'skip' the step
                 and count it (train/nonfinite_skipped).
@@ -136,6 +138,8 @@ class DPOModule(HFModelModule):
             self.policy = load_causal_lm(hp.model, trust_remote_code=hp.trust_remote_code)
             if hp.disable_dropout:
                 disable_dropout(self.policy)
+            if hp.gradient_checkpointing:
+                enable_gradient_checkpointing(self.policy)
             if self.lora is not None:
                 self.policy = apply_lora(self.policy, self.lora, "causal_lm")
             self.policy.train()
@@ -204,12 +208,16 @@ class DPOModule(HFModelModule):
         else:
             reference = self._eval_reference[0]
         with torch.no_grad():
-            logps, _ = response_logps(reference, batch, average=self.hparams.average_log_probs)
+            logps, _ = response_logps(
+                reference, batch, average=self.hparams.average_log_probs, shared_prompts=True
+            )
         return logps.chunk(2)
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, batch: dict[str, Tensor], split: str) -> tuple[DPOLossOutput, dict[str, Tensor]]:
-        policy, per_token = response_logps(self.policy, batch, average=self.hparams.average_log_probs)
+        policy, per_token = response_logps(
+            self.policy, batch, average=self.hparams.average_log_probs, shared_prompts=True
+        )
         chosen, rejected = policy.chunk(2)
         chosen_per_token, rejected_per_token = per_token.chunk(2)
         ref_chosen, ref_rejected = self.reference_logps(batch, split)

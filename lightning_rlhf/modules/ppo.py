@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Literal
 
 import torch
@@ -21,7 +22,12 @@ from lightning_rlhf.models import (
     response_token_logprobs,
     response_values,
 )
-from lightning_rlhf.modules.base import HFModelModule, NonFinitePolicy, adamw_param_groups
+from lightning_rlhf.modules.base import (
+    HFModelModule,
+    NonFinitePolicy,
+    adamw_param_groups,
+    enable_gradient_checkpointing,
+)
 from lightning_rlhf.ops import masked_mean, masked_var
 from lightning_rlhf.rollout.collect import (
     ShapingConfig,
@@ -114,6 +120,7 @@ class PPOModule(HFModelModule):
         check_first_step: bool = True,
         first_step_tolerance: float = 1e-3,
         lora: LoraSettings | None = None,
+        gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
         nonfinite: NonFinitePolicy = "raise",
     ) -> None:
@@ -159,6 +166,7 @@ class PPOModule(HFModelModule):
             first_step_tolerance: Largest |log-ratio| the first-step check accepts.
             lora: LoRA adapters on the policy and (separately) the critic instead of training all weights;
                 the reference is then the policy with adapters off (unless reference_model is given).
+            gradient_checkpointing: Recompute policy and critic activations in backward (less memory).
             trust_remote_code: Allow model code shipped with checkpoints to run (off for safety).
             nonfinite: A NaN/inf loss term or gradient: 'raise' (naming step, rows, term) or 'skip' the step
                 and count it (train/nonfinite_skipped).
@@ -245,6 +253,9 @@ class PPOModule(HFModelModule):
         if hp.disable_dropout:
             disable_dropout(self.policy)
             disable_dropout(self.critic)
+        if hp.gradient_checkpointing:
+            enable_gradient_checkpointing(self.policy)
+            enable_gradient_checkpointing(self.critic)
         if self.lora is not None:
             self.policy = apply_lora(self.policy, self.lora, "causal_lm")
             self.critic = apply_lora(self.critic, self.lora, "sequence_classification")
@@ -403,16 +414,19 @@ class PPOModule(HFModelModule):
                 # the step minimises the token-mean over the whole mini-batch whatever micro_batch_size is.
                 mini_tokens = rollout.response_mask[order[start : start + mini]].sum().clamp(min=1)
                 finite = True
-                for micro_start in range(start, start + mini, micro):
-                    start_micro_batch(self._trainer, is_last=micro_start + micro >= start + mini)
+                micro_starts = range(start, start + mini, micro)
+                for micro_start in micro_starts:
+                    last = micro_start == micro_starts[-1]
+                    start_micro_batch(self._trainer, is_last=last)
                     rows = order[micro_start : micro_start + micro]
                     mb = rollout.minibatch(rows)
-                    loss, metrics = self._micro_loss(mb, rollout.prompt_ids.shape[1])
-                    terms = {k: metrics[f"ppo/{k}"] for k in ("policy_loss", "value_loss", "entropy")}
-                    finite = self.finite_or_skip({**terms, "loss": loss}, {"index": rows})
-                    if not finite:
-                        break  # nonfinite="skip": this mini-batch makes no optimizer step
-                    self.manual_backward(loss * (mb["response_mask"].sum() / mini_tokens))
+                    with self._gradient_sync(last):
+                        loss, metrics = self._micro_loss(mb, rollout.prompt_ids.shape[1])
+                        terms = {k: metrics[f"ppo/{k}"] for k in ("policy_loss", "value_loss", "entropy")}
+                        finite = self.finite_or_skip({**terms, "loss": loss}, {"index": rows})
+                        if not finite:
+                            break  # nonfinite="skip": this mini-batch makes no optimizer step
+                        self.manual_backward(loss * (mb["response_mask"].sum() / mini_tokens))
                     approx_kls.append(metrics["ppo/approx_kl"])
                     for key, value in metrics.items():
                         totals.setdefault(key, []).append(value)
@@ -435,6 +449,19 @@ class PPOModule(HFModelModule):
         out = {key: torch.stack(values).mean() for key, values in totals.items() if values}
         out["ppo/early_stopped"] = torch.tensor(stopped)
         return out
+
+    def _gradient_sync(self, last_micro_batch: bool) -> AbstractContextManager:
+        """DDP all-reduces gradients only after the last micro-batch of a mini-batch (``no_sync`` before).
+
+        Manual optimization gets no automatic ``no_sync``: without this every micro-batch's backward paid a
+        full gradient all-reduce. The gradients DDP averages at the last backward include the ones
+        accumulated locally before it, so the result is the same. Strategies without DDP (DeepSpeed, FSDP,
+        single device) are left alone.
+        """
+        block = getattr(self.trainer.strategy, "block_backward_sync", None)
+        if last_micro_batch or block is None:
+            return nullcontext()
+        return block()
 
     def _micro_loss(self, mb: dict[str, Tensor], prompt_len: int) -> tuple[Tensor, dict[str, Tensor]]:
         hp = self.hparams

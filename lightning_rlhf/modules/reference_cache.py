@@ -52,7 +52,7 @@ def _compute_split(
         # Under the trainer's precision context (autocast for *-mixed), so cached log-probs equal the
         # ones a live reference would give inside a training step.
         with torch.no_grad(), trainer.precision_plugin.forward_context():
-            logps, _ = response_logps(reference, batch, average=average)
+            logps, _ = response_logps(reference, batch, average=average, shared_prompts=True)
         if i < len(batches):
             chosen, rejected = logps.float().chunk(2)
             table[0, batch["index"]] = chosen

@@ -11,7 +11,7 @@ from transformers import PreTrainedModel
 from lightning_rlhf.lora import LoraSettings, apply_lora
 from lightning_rlhf.losses import BradleyTerryLoss
 from lightning_rlhf.models import load_reward_model, sequence_scores
-from lightning_rlhf.modules.base import HFModelModule, NonFinitePolicy
+from lightning_rlhf.modules.base import HFModelModule, NonFinitePolicy, enable_gradient_checkpointing
 
 
 class RewardModule(HFModelModule):
@@ -31,6 +31,7 @@ class RewardModule(HFModelModule):
         learning_rate: float = 1e-5,
         weight_decay: float = 0.0,
         lora: LoraSettings | None = None,
+        gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
         nonfinite: NonFinitePolicy = "raise",
     ) -> None:
@@ -41,6 +42,7 @@ class RewardModule(HFModelModule):
             learning_rate: AdamW learning rate (used when no optimizer is given in the config).
             weight_decay: AdamW weight decay (biases and norms excluded).
             lora: Train LoRA adapters on the backbone (and the score head fully). Needs the ``peft`` extra.
+            gradient_checkpointing: Recompute activations in backward (less memory, ~30% slower).
             trust_remote_code: Allow model code shipped with the checkpoint to run (off for safety).
             nonfinite: A NaN/inf loss term or gradient: 'raise' (naming step, rows, term) or 'skip' the step
                 and count it (train/nonfinite_skipped).
@@ -58,6 +60,8 @@ class RewardModule(HFModelModule):
             self.reward_model = load_reward_model(
                 self.hparams.model, trust_remote_code=self.hparams.trust_remote_code
             )
+            if self.hparams.gradient_checkpointing:
+                enable_gradient_checkpointing(self.reward_model)
             if self.lora is not None:
                 self.reward_model = apply_lora(self.reward_model, self.lora, "sequence_classification")
             self.reward_model.train()

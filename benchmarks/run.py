@@ -1,0 +1,256 @@
+"""Side-by-side benchmarks against TRL; writes benchmarks/RESULTS.md.
+
+    python benchmarks/run.py            # full run (see RESULTS.md for its duration)
+    python benchmarks/run.py --quick    # fewer pairs and steps
+    python benchmarks/run.py --smoke    # seconds; what the test suite runs (numbers meaningless)
+
+Needs the ``benchmarks`` extra (``pip install -e ".[benchmarks]"``: TRL 1.16, psutil). The PPO comparison
+needs TRL 1.12 (the last release with PPO), which cannot share an environment with 1.16: it runs from its own
+virtual environment, created under ``--work`` on first use (``--trl112-python`` points at an existing one,
+``--skip-trl-ppo`` leaves it out). Every measurement runs in its own subprocess (peak RSS per side), the
+sides are interleaved and their order alternates between repeats, and ratios are taken within a repeat, so
+load from other processes on a shared machine hits both sides of a ratio alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as md
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from benchmarks.common import CONFIGS, write_fixtures  # noqa: E402
+from benchmarks.report import write_report  # noqa: E402
+
+
+def run_worker(python: str, script: Path, args: list[str], *, timeout: float) -> dict:
+    cmd = [python, str(script), *args]
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent), "PYTHONUNBUFFERED": "1"}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stdout + proc.stderr)[-3000:]
+        raise RuntimeError(f"worker failed: {shlex.join(cmd)}\n{tail}")
+    result = json.loads(lines[-1][len("RESULT ") :])
+    result["process_seconds"] = time.perf_counter() - start
+    return result
+
+
+def ensure_trl112(work: Path, given: str | None) -> tuple[str | None, str]:
+    """Python of a TRL 1.12 environment (created under ``work`` on first use), or None and the reason."""
+    if given:
+        return given, "given with --trl112-python"
+    venv = work / "venv-trl112"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        torch_version = md.version("torch").split("+")[0]
+        steps = [
+            [sys.executable, "-m", "venv", str(venv)],
+            [str(python), "-m", "pip", "install", "-q", f"torch=={torch_version}", "trl==1.12.*", "psutil"],
+        ]
+        for step in steps:
+            proc = subprocess.run(step, capture_output=True, text=True)
+            if proc.returncode != 0:
+                return (
+                    None,
+                    f"could not build the TRL 1.12 environment ({shlex.join(step)}): {proc.stderr[-800:]}",
+                )
+    return str(python), f"virtual environment {venv}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="fewer pairs and PPO steps")
+    size.add_argument("--smoke", action="store_true", help="tiny shapes, for tests (numbers mean nothing)")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 3, 2, 1)")
+    parser.add_argument(
+        "--ablation-repeats",
+        type=int,
+        default=None,
+        help="repeats of the before/after runs (default: as --repeats)",
+    )
+    parser.add_argument("--out", default=str(HERE / "RESULTS.md"), help="report file (Markdown)")
+    parser.add_argument("--json", default=None, help="also write the raw measurements here")
+    parser.add_argument("--work", default="/tmp/lightning_rlhf_bench", help="fixtures, caches, venvs")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0 = default)")
+    parser.add_argument("--trl112-python", default=None, help="python of an environment with trl==1.12")
+    parser.add_argument("--skip-trl-ppo", action="store_true", help="leave out the TRL 1.12 PPO side")
+    parser.add_argument("--no-trl", action="store_true", help="only our side (when trl is not installed)")
+    parser.add_argument("--from-json", default=None, help="only rewrite the report from a --json file")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run workers in this process (for tests: fast, but peak RSS means nothing)",
+    )
+    args = parser.parse_args(argv)
+    if args.from_json:
+        write_report(json.loads(Path(args.from_json).read_text()), Path(args.out))
+        return
+
+    started = time.perf_counter()
+    name = "smoke" if args.smoke else "quick" if args.quick else "full"
+    cfg = CONFIGS[name]
+    repeats = args.repeats or {"full": 3, "quick": 2, "smoke": 1}[name]
+    work = Path(args.work) / name
+    meta = write_fixtures(cfg, work / "fixtures")
+    meta_file = str(work / "fixtures" / "fixtures.json")
+    timeout = 3600
+    workers = HERE / "workers.py"
+
+    def ours(task: str, *extra: str, **kw) -> dict:
+        scratch = str(work / "scratch" / f"{task}{''.join(extra)}".replace("-", "_"))
+        common = ["--meta", meta_file, "--work", scratch, "--threads", str(args.threads)]
+        print(f"[bench] {task} {' '.join(extra)}", flush=True)
+        if args.in_process:
+            from benchmarks import workers as in_process
+
+            return in_process.run([task, *common, *extra])
+        return run_worker(sys.executable, workers, [task, *common, *extra], timeout=timeout)
+
+    results: dict = {
+        "config": meta["config"],
+        "meta": {k: meta[k] for k in ("vocab_size", "policy_parameters")},
+    }
+    use_trl = not args.no_trl
+
+    # 1. Same numbers at step 1 (deterministic: the first batch in file order, initial weights).
+    checks = {}
+    for what in ("dpo", "rm"):
+        checks[what] = {"ours": ours(f"ours_{what}_check")}
+        if use_trl:
+            checks[what]["trl"] = ours(f"trl_{what}_check")
+    results["checks"] = checks
+
+    # 2. Training throughput, interleaved; order flips every repeat.
+    sides = [("ours_dpo", ()), ("ours_dpo_cached", ("--cached",)), ("ours_rm", ())]
+    if use_trl:
+        sides += [("trl_dpo", ()), ("trl_rm", ())]
+    runs: dict[str, list[dict]] = {label: [] for label, _ in sides}
+    for r in range(repeats):
+        for label, extra in sides if r % 2 == 0 else list(reversed(sides)):
+            task = label.replace("_cached", "")
+            runs[label].append(ours(task, *extra))
+    results["train"] = runs
+
+    # 3. Optimisations, before (the code as it was, or the option off) and after, interleaved likewise.
+    ablations = [
+        ("dpo_full_logits", "ours_dpo", ("--full-logits",)),
+        ("dpo_no_shared_prompts", "ours_dpo", ("--no-shared-prompts",)),
+        ("dpo_no_grouping", "ours_dpo", ("--no-grouping",)),
+        ("rm_no_grouping", "ours_rm", ("--no-grouping",)),
+        ("dpo_gradient_checkpointing", "ours_dpo", ("--gradient-checkpointing",)),
+    ]
+    if args.smoke:  # the test suite: one of each kind of before/after run is enough to keep them working
+        ablations = ablations[:1] + ablations[-1:]
+    results["ablations"] = {label: [] for label, _, _ in ablations}
+    # Each before-run is paired with an after-run of the shipped code right next to it (order alternating),
+    # so a change in the machine's load between phases cannot pass for a speed-up.
+    results["ablation_bases"] = {label: [] for label, _, _ in ablations}
+    ablation_repeats = args.ablation_repeats or repeats
+    for r in range(ablation_repeats):
+        for label, task, extra in ablations:
+            pair = [("before", extra), ("after", ())] if r % 2 == 0 else [("after", ()), ("before", extra)]
+            for which, flags in pair:
+                run_ = ours(task, *flags)
+                (results["ablations"] if which == "before" else results["ablation_bases"])[label].append(run_)
+
+    # 4. PPO, ours vs TRL 1.12 (own venv).
+    results["ppo"] = {"ours": [], "trl": []}
+    trl_python, how = (
+        (None, "skipped (--skip-trl-ppo)")
+        if args.skip_trl_ppo or not use_trl
+        else (ensure_trl112(Path(args.work), args.trl112_python))
+    )
+    results["ppo"]["trl_env"] = how
+    for _ in range(repeats):
+        results["ppo"]["ours"].append(ours("ours_ppo"))
+        if trl_python:
+            print("[bench] trl 1.12 ppo", flush=True)
+            scratch = str(work / "scratch" / "trl_ppo")
+            try:
+                results["ppo"]["trl"].append(
+                    run_worker(
+                        trl_python,
+                        HERE / "trl_ppo_worker.py",
+                        ["--meta", meta_file, "--work", scratch, "--threads", str(args.threads)],
+                        timeout=timeout,
+                    )
+                )
+            except RuntimeError as err:
+                results["ppo"]["trl_error"] = str(err)[-1500:]
+                trl_python = None
+
+    # 5. Generation overhead and scaling.
+    results["generation"] = ours("generation", "--repeats", str(max(3, repeats * 2)))
+    results["scaling"] = ours("scaling", "--repeats", str(repeats))
+
+    # 6. Profiles of the DPO step, ours and TRL, for the record of where time goes.
+    results["profiles"] = {"ours_dpo": ours("ours_dpo", "--profile")}
+    if use_trl:
+        results["profiles"]["trl_dpo"] = ours("trl_dpo", "--profile")
+    if not args.smoke:
+        results["profiles"]["ours_ppo"] = ours("ours_ppo", "--profile")
+
+    results["environment"] = environment(trl_python)
+    results["command"] = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    results["seconds"] = time.perf_counter() - started
+    results["repeats"] = repeats
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    write_report(results, Path(args.out))
+    print(f"[bench] wrote {args.out} in {results['seconds']:.0f} s", flush=True)
+
+
+def environment(trl112_python: str | None) -> dict:
+    def version(name: str) -> str:
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return "not installed"
+
+    env = {
+        "load_average_at_end": os.getloadavg(),
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs, {platform.platform()}",
+        "cpu": _cpu_name(),
+        **{name: version(name) for name in ("torch", "transformers", "lightning", "trl", "accelerate")},
+    }
+    if trl112_python:
+        out = subprocess.run(
+            [
+                trl112_python,
+                "-c",
+                "import trl, transformers; print(trl.__version__, transformers.__version__)",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        env["trl_ppo_env"] = out.stdout.strip() or out.stderr[-300:]
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+if __name__ == "__main__":
+    main()
