@@ -106,7 +106,13 @@ _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scali
 
 
 def _head_split(model: PreTrainedModel) -> tuple[torch.nn.Module, torch.nn.Module] | None:
-    """(backbone, lm_head) when logits are exactly ``lm_head(backbone(...).last_hidden_state)``, else None."""
+    """(backbone, lm_head) when logits are exactly ``lm_head(backbone(...).last_hidden_state)``, else None.
+
+    A PEFT model is split inside its wrapper: the adapters live in the backbone's layers, so calling the
+    inner backbone still applies them (or not, under ``disable_adapter()``).
+    """
+    if hasattr(model, "get_base_model"):  # peft.PeftModel
+        model = model.get_base_model()
     config = getattr(model, "config", None)
     if config is None or any(getattr(config, key, None) not in (None, 1.0) for key in _LOGIT_POSTPROCESSING):
         return None

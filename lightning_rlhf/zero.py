@@ -28,23 +28,29 @@ def is_partitioned(module: nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
-class HFZero3Loading:
-    """Tells transformers that ZeRO-3 is on, so ``from_pretrained`` builds each model partitioned.
+@contextlib.contextmanager
+def hf_zero3_loading(trainer) -> Iterator[None]:
+    """Inside the block, transformers knows ZeRO-3 is on, so ``from_pretrained`` builds models partitioned.
 
     Lightning calls ``configure_model`` inside ``deepspeed.zero.Init``; transformers must know that too, or
-    it initialises and loads weights into empty placeholders. It reads the flag through a weak reference to
-    an ``HfDeepSpeedConfig``, so the module keeps this object alive from ``setup`` to ``teardown``.
+    it initialises and loads weights into empty placeholders. It reads the flag through a module-level weak
+    reference to an ``HfDeepSpeedConfig``: set here for the block only and restored on exit, even on an
+    error, so nothing loaded later in the process (another Trainer, a test) is partitioned by accident.
+    No-op unless the trainer runs ZeRO-3.
     """
+    if zero_stage(trainer) != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations import deepspeed as hf_deepspeed
 
-    def __init__(self, config: dict) -> None:
-        from transformers.integrations import HfDeepSpeedConfig
-
-        self._config = HfDeepSpeedConfig(config)
-
-    def close(self) -> None:
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-        unset_hf_deepspeed_config()
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    config = HfDeepSpeedConfig(trainer.strategy.config)  # registers itself; kept alive by this frame
+    try:
+        yield
+    finally:
+        del config
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 @contextlib.contextmanager
@@ -63,13 +69,6 @@ def unpartitioned_loading() -> Iterator[None]:
         yield
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
-
-
-def hf_zero3_loading(trainer) -> HFZero3Loading | None:
-    """An active :class:`HFZero3Loading` when the trainer runs ZeRO-3, else None."""
-    if zero_stage(trainer) != 3:
-        return None
-    return HFZero3Loading(trainer.strategy.config)
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import logging
@@ -167,15 +168,20 @@ class HFModelModule(LightningModule):
         self._rng_to_restore: dict | None = None
         self._rng_before_validation: dict | None = None
 
-    def setup(self, stage: str) -> None:
-        # Runs before configure_model, which Lightning wraps in deepspeed.zero.Init under ZeRO-3; transformers
-        # must know too, so from_pretrained partitions each model as it loads instead of filling placeholders.
-        self._zero3_loading = hf_zero3_loading(self._trainer)
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        # Each stage's configure_model (run by Lightning inside deepspeed.zero.Init under ZeRO-3) loads models
+        # with transformers told about ZeRO-3, so from_pretrained partitions them as they load.
+        own = cls.__dict__.get("configure_model")
+        if own is not None and not getattr(own, "_zero3_aware", False):
 
-    def teardown(self, stage: str) -> None:
-        if getattr(self, "_zero3_loading", None) is not None:
-            self._zero3_loading.close()
-            self._zero3_loading = None
+            @functools.wraps(own)
+            def configure_model(self) -> None:
+                with hf_zero3_loading(self._trainer):
+                    own(self)
+
+            configure_model._zero3_aware = True
+            cls.configure_model = configure_model
 
     def trained_model(self) -> PreTrainedModel:
         """The model this stage trains and exports (the policy, or the reward model)."""

@@ -459,7 +459,9 @@ class PPOModule(HFModelModule):
         single device) are left alone.
         """
         block = getattr(self.trainer.strategy, "block_backward_sync", None)
-        if last_micro_batch or block is None:
+        # DeepSpeed's strategy inherits block_backward_sync from DDP, but its engine refuses no_sync under
+        # ZeRO (it accumulates and reduces at the boundary itself: see zero.start_micro_batch).
+        if last_micro_batch or block is None or zero_stage(self.trainer) is not None:
             return nullcontext()
         return block()
 
