@@ -9,6 +9,7 @@ until DeepSpeed gathers it for a forward. Code that reads or writes weights outs
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -29,28 +30,37 @@ def is_partitioned(module: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
+def _transformers_zero3_flag(config) -> Iterator[None]:
+    """Point transformers' ZeRO-3 flag at ``config`` (an ``HfDeepSpeedConfig``, or None for off) in the block.
+
+    transformers reads ZeRO-3 through a module-level weak reference; it is restored on exit, even on an
+    error, so nothing loaded later in the process (another Trainer, a test) sees a stale setting.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None if config is None else weakref.ref(config)
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+@contextlib.contextmanager
 def hf_zero3_loading(trainer) -> Iterator[None]:
     """Inside the block, transformers knows ZeRO-3 is on, so ``from_pretrained`` builds models partitioned.
 
     Lightning calls ``configure_model`` inside ``deepspeed.zero.Init``; transformers must know that too, or
-    it initialises and loads weights into empty placeholders. It reads the flag through a module-level weak
-    reference to an ``HfDeepSpeedConfig``: set here for the block only and restored on exit, even on an
-    error, so nothing loaded later in the process (another Trainer, a test) is partitioned by accident.
-    No-op unless the trainer runs ZeRO-3.
+    it initialises and loads weights into empty placeholders. No-op unless the trainer runs ZeRO-3.
     """
     if zero_stage(trainer) != 3:
         yield
         return
     from transformers.integrations import HfDeepSpeedConfig
-    from transformers.integrations import deepspeed as hf_deepspeed
 
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    config = HfDeepSpeedConfig(trainer.strategy.config)  # registers itself; kept alive by this frame
-    try:
+    config = HfDeepSpeedConfig(trainer.strategy.config)  # kept alive by this frame for the block
+    with _transformers_zero3_flag(config):
         yield
-    finally:
-        del config
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 @contextlib.contextmanager
@@ -59,16 +69,10 @@ def unpartitioned_loading() -> Iterator[None]:
 
     For a model loaded outside ``configure_model`` (DPO's reference for the one-off log-prob pass): the
     engine registered its gathering hooks on the module's submodules only, so a partitioned newcomer would
-    run its forward on empty placeholders. transformers reads ZeRO-3 from a module-level weak reference.
+    run its forward on empty placeholders.
     """
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed._hf_deepspeed_config_weak_ref = None
-    try:
+    with _transformers_zero3_flag(None):
         yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 @contextlib.contextmanager

@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import os
 import socket
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch.multiprocessing as mp
+from gloo import join_or_kill
 
 
 @dataclass(frozen=True)
@@ -51,15 +51,7 @@ def spawn(testbed: Path, out_dir: Path, runs: list[Run], nprocs: int, timeout_s:
         join=False,
         start_method="spawn",
     )
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not processes.join(timeout=1):
-            assert time.monotonic() < deadline, f"ranks did not finish within {timeout_s} s"
-    finally:
-        for process in processes.processes:
-            if process.is_alive():
-                process.kill()
-                process.join(5)
+    join_or_kill(processes, timeout_s)
     return {r.tag: json.loads((out_dir / f"{r.tag}.json").read_text()) for r in runs}
 
 

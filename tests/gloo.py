@@ -16,13 +16,18 @@ def run_on_two_gloo_ranks(worker: Callable, out_dir: Path, timeout_s: float = 12
     processes = mp.start_processes(
         worker, args=(2, str(out_dir / "init"), str(out_dir)), nprocs=2, join=False, start_method="spawn"
     )
+    join_or_kill(processes, timeout_s)
+    assert [p.exitcode for p in processes.processes] == [0, 0]
+
+
+def join_or_kill(processes: mp.ProcessContext, timeout_s: float) -> None:
+    """Wait for spawned ranks; re-raise a failing rank's traceback; kill leftovers after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     try:
         while not processes.join(timeout=1):
-            assert time.monotonic() < deadline, f"gloo ranks did not finish within {timeout_s} s"
+            assert time.monotonic() < deadline, f"ranks did not finish within {timeout_s} s"
     finally:
         for process in processes.processes:
             if process.is_alive():
                 process.kill()
                 process.join(5)
-    assert [p.exitcode for p in processes.processes] == [0, 0]
