@@ -135,6 +135,20 @@ def adamw_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict
     ]
 
 
+def adamw(groups: list[dict], lr: float | None = None) -> torch.optim.AdamW:
+    """AdamW over parameter groups, with PyTorch's fused kernel where every parameter allows it.
+
+    The fused kernel updates all parameters in one call instead of a Python loop of small kernels per
+    parameter (on a 2-core CPU the step of a 12.7M-parameter model took 26 ms looped, 7 ms fused); the update
+    is the same up to float rounding. It needs floating-point parameters on CPU or CUDA; anything else
+    (other devices, or no parameters) gets the default implementation.
+    """
+    params = [p for group in groups for p in group["params"]]
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    kwargs = {} if lr is None else {"lr": lr}
+    return torch.optim.AdamW(groups, fused=fused or None, **kwargs)
+
+
 def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
     """Recompute each layer's activations in the backward pass: less memory for about one more forward.
 
@@ -208,7 +222,7 @@ class HFModelModule(LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         groups = adamw_param_groups(self.trained_model(), self.hparams.weight_decay)
-        return torch.optim.AdamW(groups, lr=self.hparams.learning_rate)
+        return adamw(groups, lr=self.hparams.learning_rate)
 
     # ------------------------------------------------------------------ non-finite guard
     def finite_or_skip(self, terms: Mapping[str, Tensor], batch: Mapping | None = None) -> bool:
