@@ -374,3 +374,42 @@ def test_sft_with_lora_exports_a_merged_model(testbed, tmp_path):
     args = (batch["input_ids"], batch["attention_mask"])
     with torch.no_grad():
         torch.testing.assert_close(policy_logits(exported, *args), policy_logits(module.policy.eval(), *args))
+
+
+def test_sampled_logprobs_are_read_through_the_peft_wrapper(testbed):
+    """generate runs the transformers model inside the wrapper: the recorder hooks it, adapters active."""
+    from lightning_rlhf.lora import apply_lora
+    from lightning_rlhf.models import response_token_logprobs
+    from lightning_rlhf.rollout.generation import SampledLogprobs, SamplingConfig, generate_responses
+
+    policy = apply_lora(load_causal_lm(str(testbed / "init_policy")), LORA, "causal_lm")
+    for name, param in policy.named_parameters():  # non-zero adapters, so a missed hook would show
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    ids = torch.tensor([[0, 5, 6, 7], [8, 9, 10, 11]])
+    mask = (torch.arange(4) > torch.tensor([[0], [-1]])).long()
+    torch.manual_seed(0)
+    with torch.no_grad(), SampledLogprobs(policy, temperature=0.9) as recorder:
+        response, response_mask = generate_responses(
+            policy,
+            ids,
+            mask,
+            SamplingConfig(max_new_tokens=5, temperature=0.9),
+            eos_token_id=1,
+            pad_token_id=0,
+        )
+    sampled = recorder.finish(response)
+    with torch.no_grad():
+        forward, _ = response_token_logprobs(
+            policy, torch.cat([ids, response], 1), torch.cat([mask, response_mask], 1), 4, temperature=0.9
+        )
+    torch.testing.assert_close(sampled * response_mask, forward * response_mask, atol=2e-5, rtol=0)
+    with torch.no_grad():
+        plain, _ = response_token_logprobs(
+            AdaptersDisabled(policy),
+            torch.cat([ids, response], 1),
+            torch.cat([mask, response_mask], 1),
+            4,
+            temperature=0.9,
+        )
+    assert (plain - forward).abs().max() > 1e-2  # the adapters matter here

@@ -121,8 +121,8 @@ def test_ppo_names_the_value_loss_or_skips_the_mini_batch(policy_dir):
         original = module._micro_loss
         calls = [0]
 
-        def nan_value_loss(mb, prompt_len, original=original, calls=calls):
-            loss, metrics = original(mb, prompt_len)
+        def nan_value_loss(mb, original=original, calls=calls):
+            loss, metrics = original(mb)
             calls[0] += 1
             if calls[0] == 2:  # the second micro-batch of the first mini-batch
                 return loss * NAN, {**metrics, "ppo/value_loss": metrics["ppo/value_loss"] * NAN}

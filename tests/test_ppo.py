@@ -42,6 +42,7 @@ def quiet(root, **kwargs) -> L.Trainer:
         ({"kl_coef": -0.1}, "kl_coef must be >= 0"),
         ({"clip_range_value": 0.0}, "clip_range_value must be > 0 or null"),
         ({"gamma": 1.5}, "gamma must be in \\[0, 1\\]"),
+        ({"old_logprobs": "cache"}, "old_logprobs must be one of"),
     ],
 )
 def test_impossible_settings_name_the_flag(kwargs, message):

@@ -8,7 +8,12 @@ import torch
 from lightning_rlhf.models import load_causal_lm, load_reward_model
 from lightning_rlhf.ops import gae
 from lightning_rlhf.rollout.collect import ShapingConfig, call_reward_function, collect_rollout
-from lightning_rlhf.rollout.generation import SamplingConfig, left_pad_prompts, response_mask_from_ids
+from lightning_rlhf.rollout.generation import (
+    SampledLogprobs,
+    SamplingConfig,
+    left_pad_prompts,
+    response_mask_from_ids,
+)
 from lightning_rlhf.rollout.shaping import (
     AdaptiveKLController,
     RunningMoments,
@@ -16,6 +21,7 @@ from lightning_rlhf.rollout.shaping import (
     sequence_kl,
     shape_scores,
 )
+from lightning_rlhf.rollout.types import Rollout, length_order, select_rows
 from lightning_rlhf.testbed.files import SplitSizes, write_testbed
 from lightning_rlhf.testbed.reward import GoldReward
 from lightning_rlhf.testbed.task import TaskConfig
@@ -168,3 +174,101 @@ def test_collect_rollout_numbers(testbed):
         bool(r[int(m.sum()) - 1] == tok.eos_token_id)
         for r, m in zip(rollout.response_ids, rollout.response_mask, strict=True)
     ]
+
+
+def test_select_rows_cuts_only_columns_that_are_padding_in_every_row():
+    prompt_ids = torch.tensor([[0, 0, 0, 5], [0, 0, 6, 7], [0, 8, 9, 4]])
+    prompt_mask = (prompt_ids != 0).long()
+    response_ids = torch.tensor([[1, 2, 0, 0], [3, 0, 0, 0], [4, 5, 6, 2]])
+    response_mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    ids, mask, width = select_rows(prompt_ids, prompt_mask, response_ids, response_mask, torch.tensor([1, 0]))
+    assert width == 2  # row 0's two response tokens; the last two columns are padding in both rows
+    assert ids.tolist() == [[6, 7, 3, 0], [0, 5, 1, 2]]  # prompt column 2 is the first with a real token
+    assert mask.tolist() == [[1, 1, 1, 0], [0, 1, 1, 1]]
+    ids, mask, width = select_rows(prompt_ids, prompt_mask, response_ids, response_mask, torch.tensor([2]))
+    assert (ids.tolist(), width) == ([[8, 9, 4, 4, 5, 6, 2]], 4)
+    assert length_order(prompt_mask, response_mask).tolist() == [0, 1, 2]  # 3, 3 (stable), 7 tokens
+    assert length_order(prompt_mask, torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 1]])).tolist() == [1, 0, 2]
+
+
+def test_rollout_minibatch_is_trimmed_consistently():
+    prompt_mask = torch.tensor([[0, 0, 1], [0, 1, 1], [1, 1, 1]])
+    response_mask = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 1, 1]])
+    per_token = torch.arange(9.0).view(3, 3)
+    rollout = Rollout(
+        prompt_ids=prompt_mask * 7,
+        prompt_mask=prompt_mask,
+        response_ids=response_mask * 3,
+        response_mask=response_mask,
+        logprobs=per_token,
+        ref_logprobs=per_token,
+        values=per_token + 10,
+        scores=torch.zeros(3),
+        raw_scores=torch.zeros(3),
+        ended=torch.zeros(3, dtype=torch.bool),
+        kl=per_token,
+        rewards=per_token,
+        advantages=per_token + 20,
+        returns=per_token + 30,
+    )
+    mb = rollout.minibatch(torch.tensor([0, 1]))
+    assert mb["input_ids"].shape == (2, 4) and mb["response_mask"].tolist() == [[1, 0], [1, 1]]
+    assert mb["input_ids"].shape[1] - mb["response_mask"].shape[1] == 2  # the cut prompt width
+    assert mb["logprobs"].tolist() == [[0.0, 1.0], [3.0, 4.0]]
+    assert mb["advantages"].tolist() == [[20.0, 21.0], [23.0, 24.0]]
+    assert rollout.minibatch(torch.tensor([2]))["input_ids"].shape == (1, 6)
+
+
+def _rollout(testbed, old_logprobs: str, n: int = 6, seed: int = 0):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(testbed / "tokenizer")
+    policy = load_causal_lm(str(testbed / "init_policy"))
+    prompts = [
+        line.split('"prompt": ')[1].rsplit('"', 1)[0].strip('"')
+        for line in (testbed / "prompts_train.jsonl").read_text().splitlines()
+    ][:n]
+    prompt_ids, prompt_mask = left_pad_prompts(tok, prompts, torch.device("cpu"))
+    with torch.no_grad():  # make EOS likely (the untrained policy almost never ends a response)
+        hidden = policy.model(input_ids=prompt_ids, attention_mask=prompt_mask).last_hidden_state
+        mean = hidden[prompt_mask.bool()].mean(0)
+        policy.get_output_embeddings().weight[tok.eos_token_id] += 2.0 * mean / mean.norm() ** 2
+    torch.manual_seed(seed)
+    return collect_rollout(
+        policy=policy,
+        reference=policy,
+        critic=load_reward_model(str(testbed / "init_policy")),
+        tokenizer=tok,
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        prompts=prompts,
+        sampling=SamplingConfig(max_new_tokens=24, temperature=0.7),
+        kl_coef=0.2,
+        shaping=ShapingConfig(),
+        reward_function=GoldReward(str(testbed)),
+        micro_batch_size=4,
+        generation_batch_size=1,  # a generate call per prompt: some end before max_new_tokens (padded)
+        old_logprobs=old_logprobs,
+    )
+
+
+def test_old_logprobs_read_from_sampling_equal_the_forward(testbed):
+    """The log-probs recorded while sampling (KV cache, temperature 0.7) are the forward's, up to float noise;
+    the samples themselves do not change (same seed), and the reference is still a forward."""
+    forward, sampled = _rollout(testbed, "forward"), _rollout(testbed, "sampling")
+    assert torch.equal(forward.response_ids, sampled.response_ids)
+    lengths = sampled.response_mask.sum(1)
+    assert lengths.min() < lengths.max() == sampled.response_mask.shape[1]  # some responses end early
+    torch.testing.assert_close(sampled.logprobs, forward.logprobs, atol=2e-5, rtol=0)
+    assert torch.all(sampled.logprobs[sampled.response_mask == 0] == 0)
+    torch.testing.assert_close(sampled.ref_logprobs, forward.ref_logprobs)
+    torch.testing.assert_close(sampled.values, forward.values)
+
+
+def test_sampled_logprobs_refuse_a_call_they_did_not_record(testbed):
+    policy = load_causal_lm(str(testbed / "init_policy"))
+    recorder = SampledLogprobs(policy, temperature=1.0)
+    with pytest.raises(RuntimeError, match="recorded 0 decoding steps for 3 response tokens"):
+        recorder.finish(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="temperature > 0"):
+        SampledLogprobs(policy, temperature=0.0)

@@ -25,6 +25,7 @@ from lightning_rlhf.models import (
 from lightning_rlhf.modules.base import (
     HFModelModule,
     NonFinitePolicy,
+    adamw,
     adamw_param_groups,
     enable_gradient_checkpointing,
 )
@@ -43,7 +44,7 @@ from lightning_rlhf.rollout.shaping import (
     RunningMoments,
     sequence_kl,
 )
-from lightning_rlhf.rollout.types import Rollout
+from lightning_rlhf.rollout.types import Rollout, length_order
 from lightning_rlhf.validation import ConfigError, check, check_callable, check_choice, check_divides
 from lightning_rlhf.zero import (
     configure_for_manual_accumulation,
@@ -97,6 +98,7 @@ class PPOModule(HFModelModule):
         micro_batch_size: int = 8,
         generation_batch_size: int = 64,
         zero3_generation: Literal["gather", "synced"] = "gather",
+        old_logprobs: Literal["forward", "sampling"] = "forward",
         clip_range: float = 0.2,
         dual_clip: float | None = None,
         clip_range_value: float | None = 0.2,
@@ -142,6 +144,12 @@ class PPOModule(HFModelModule):
             generation_batch_size: Prompts per generate call (memory knob; other values draw other samples).
             zero3_generation: Under ZeRO-3, ``gather`` the policy's whole weights once per rollout (fast; one
                 full copy per rank) or keep them partitioned and decode with ``synced`` ranks (least memory).
+            old_logprobs: Where the rollout's old log-probs come from: a policy ``forward`` over the sampled
+                sequences, like the update's (the first-step ratio is then exactly 1 in any precision), or
+                the logits ``sampling`` drew each token from (one policy forward less per rollout, as TRL;
+                equal up to KV-cache float noise: ~1e-6 in fp32, ~1e-3 in bf16, where the first-step
+                check may need a larger first_step_tolerance). Under ZeRO-3 with
+                ``zero3_generation="synced"`` the old log-probs always come from a forward.
             clip_range: PPO ratio clip epsilon (> 0).
             dual_clip: Dual-clip constant c > 1 bounding the loss of negative advantages (None = off).
             clip_range_value: Value clip around the rollout's values (None = unclipped value loss).
@@ -175,6 +183,7 @@ class PPOModule(HFModelModule):
         self.automatic_optimization = False
         owner = "PPOModule"
         check_choice(owner, "zero3_generation", zero3_generation, ("gather", "synced"))
+        check_choice(owner, "old_logprobs", old_logprobs, ("forward", "sampling"))
         for name, value in (
             ("max_new_tokens", max_new_tokens),
             ("ppo_epochs", ppo_epochs),
@@ -285,7 +294,7 @@ class PPOModule(HFModelModule):
         for model, lr in ((self.policy, hp.learning_rate), (self.critic, hp.critic_learning_rate)):
             for group in adamw_param_groups(model, hp.weight_decay):
                 groups.append({**group, "lr": lr})
-        return torch.optim.AdamW(groups)
+        return adamw(groups)
 
     def trained_model(self) -> PreTrainedModel:
         return self.policy
@@ -337,6 +346,8 @@ class PPOModule(HFModelModule):
     def collect(self, batch: dict) -> Rollout:
         """Sample and score one rollout from a prompt batch, then let callbacks see it."""
         timings: dict[str, float] = {}
+        placement = self._generation_placement()
+        synced = bool(placement.get("synced_gpus"))
         rollout = collect_rollout(
             policy=self.policy,
             reference=self.reference if self.reference is not None else AdaptersDisabled(self.policy),
@@ -355,7 +366,8 @@ class PPOModule(HFModelModule):
             micro_batch_size=self.hparams.micro_batch_size,
             generation_batch_size=self.hparams.generation_batch_size,
             timings=timings,
-            **self._generation_placement(),
+            old_logprobs="forward" if synced else self.hparams.old_logprobs,
+            **placement,
         )
         self._timings = timings
         mask = rollout.response_mask.float()
@@ -408,11 +420,18 @@ class PPOModule(HFModelModule):
         for _ in range(hp.ppo_epochs):
             order = torch.randperm(n, device=rollout.response_ids.device)
             for start in range(0, n, mini):
+                # Within a mini-batch the split into micro-batches is free (their gradients add up to the
+                # same step), so rows of similar length go together and each micro-batch is cut to its own
+                # longest prompt and response (Rollout.minibatch).
+                step_rows = order[start : start + mini]
+                by_length = length_order(rollout.prompt_mask[step_rows], rollout.response_mask[step_rows])
+                step_rows = step_rows[by_length]
+                order[start : start + mini] = step_rows
                 optimizer.zero_grad()
                 approx_kls = []
                 # Each micro-batch's token-mean loss is weighted by its share of the mini-batch's tokens, so
                 # the step minimises the token-mean over the whole mini-batch whatever micro_batch_size is.
-                mini_tokens = rollout.response_mask[order[start : start + mini]].sum().clamp(min=1)
+                mini_tokens = rollout.response_mask[step_rows].sum().clamp(min=1)
                 finite = True
                 micro_starts = range(start, start + mini, micro)
                 for micro_start in micro_starts:
@@ -421,7 +440,7 @@ class PPOModule(HFModelModule):
                     rows = order[micro_start : micro_start + micro]
                     mb = rollout.minibatch(rows)
                     with self._gradient_sync(last):
-                        loss, metrics = self._micro_loss(mb, rollout.prompt_ids.shape[1])
+                        loss, metrics = self._micro_loss(mb)
                         terms = {k: metrics[f"ppo/{k}"] for k in ("policy_loss", "value_loss", "entropy")}
                         finite = self.finite_or_skip({**terms, "loss": loss}, {"index": rows})
                         if not finite:
@@ -465,9 +484,10 @@ class PPOModule(HFModelModule):
             return nullcontext()
         return block()
 
-    def _micro_loss(self, mb: dict[str, Tensor], prompt_len: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def _micro_loss(self, mb: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         hp = self.hparams
         mask = mb["response_mask"].float()
+        prompt_len = mb["input_ids"].shape[1] - mask.shape[1]
         logprobs, entropy = response_token_logprobs(
             self.policy,
             mb["input_ids"],
@@ -555,9 +575,10 @@ class PPOModule(HFModelModule):
                 "The training forward does "
                 "not reproduce the log-probs of sampling. Likely causes: dropout left on in the policy "
                 "(disable_dropout=false with a model that has dropout), a dtype mismatch between rollout and "
-                "training forwards (e.g. sampling in bf16, training in fp32), or padding / position ids that "
-                "differ "
-                "between the two forwards. Set check_first_step=false to skip this check."
+                "training forwards (e.g. sampling in bf16, training in fp32), padding / position ids that "
+                "differ between the two forwards, or old_logprobs='sampling' in low precision (KV-cache "
+                "decoding differs from a full forward by ~1e-3 in bf16: use old_logprobs='forward'). "
+                "Set check_first_step=false to skip this check."
             )
 
     # ------------------------------------------------------------------ logging

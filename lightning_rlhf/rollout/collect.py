@@ -19,9 +19,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_rlhf.models import response_token_logprobs, response_values, sequence_scores
 from lightning_rlhf.ops import gae, masked_var
-from lightning_rlhf.rollout.generation import SamplingConfig, decode_responses, generate_responses
+from lightning_rlhf.rollout.generation import (
+    SampledLogprobs,
+    SamplingConfig,
+    decode_responses,
+    generate_responses,
+)
 from lightning_rlhf.rollout.shaping import RunningMoments, kl_penalized_rewards, shape_scores
-from lightning_rlhf.rollout.types import Rollout
+from lightning_rlhf.rollout.types import Rollout, length_order, select_rows
 
 RewardFunction = Callable[[list[str], list[str]], Sequence[float] | Tensor]
 """``f(prompts, responses) -> scores``: one float per response, higher is better."""
@@ -60,12 +65,20 @@ def _chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def length_chunks(prompt_mask: Tensor, response_mask: Tensor, size: int) -> list[Tensor]:
+    """Row indices in groups of ``size`` rows of similar length (for no-grad forwards cut to each group)."""
+    order = length_order(prompt_mask, response_mask)
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
 @dataclass
 class ScoredSamples:
     """Responses sampled for a prompt batch, and their scores (before any PPO shaping)."""
 
     response_ids: Tensor
     response_mask: Tensor
+    logprobs: Tensor | None
+    """[N, R] the sampled tokens' log-probs from the sampling logits (None unless asked for)."""
     texts: list[str]
     ended: Tensor
     raw_scores: Tensor
@@ -91,12 +104,16 @@ def sample_and_score(
     timings: dict[str, float] | None = None,
     generation_context: Callable[[], AbstractContextManager] = nullcontext,
     synced_gpus: bool = False,
+    sampled_logprobs: bool = False,
 ) -> ScoredSamples:
     """Sample one response per (left-padded) prompt and score it: reward model + reward function.
 
-    Generation runs ``generation_batch_size`` prompts at a time, scoring ``micro_batch_size`` sequences.
+    Generation runs ``generation_batch_size`` prompts at a time, scoring ``micro_batch_size`` sequences of
+    similar length at a time, each cut to its own longest prompt and response.
     ``generation_context`` is entered around all the generate calls (under ZeRO-3: whole policy weights);
-    ``synced_gpus`` is passed to ``generate`` (ZeRO-3 with partitioned weights).
+    ``synced_gpus`` is passed to ``generate`` (ZeRO-3 with partitioned weights). ``sampled_logprobs`` also
+    returns the sampled tokens' log-probs, read from the logits they were drawn from
+    (:class:`~lightning_rlhf.rollout.generation.SampledLogprobs`).
 
     ``timings`` (if given) receives the seconds spent in ``generation`` and ``scoring``.
     """
@@ -107,36 +124,43 @@ def sample_and_score(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     n = prompt_ids.shape[0]
 
+    if sampled_logprobs and synced_gpus:
+        raise ValueError("sampled log-probs cannot be read from synced (ZeRO-3 partitioned) generation")
     start = time.perf_counter()
+    pieces = []
     with generation_context():
-        pieces = [
-            generate_responses(
-                policy,
-                prompt_ids[s],
-                prompt_mask[s],
-                sampling,
-                eos_token_id=eos,
-                pad_token_id=pad,
-                synced_gpus=synced_gpus,
-            )
-            for s in _chunks(n, generation_batch_size)
-        ]
-    width = max(ids.shape[1] for ids, _ in pieces)
-    response_ids = torch.cat([F.pad(ids, (0, width - ids.shape[1]), value=pad) for ids, _ in pieces])
-    response_mask = torch.cat([F.pad(m, (0, width - m.shape[1]), value=0) for _, m in pieces])
+        for s in _chunks(n, generation_batch_size):
+            recorder = SampledLogprobs(policy, sampling.temperature) if sampled_logprobs else None
+            with recorder or nullcontext():
+                ids, mask = generate_responses(
+                    policy,
+                    prompt_ids[s],
+                    prompt_mask[s],
+                    sampling,
+                    eos_token_id=eos,
+                    pad_token_id=pad,
+                    synced_gpus=synced_gpus,
+                )
+            pieces.append((ids, mask, recorder.finish(ids) if recorder else None))
+    width = max(ids.shape[1] for ids, _, _ in pieces)
+    response_ids = torch.cat([F.pad(ids, (0, width - ids.shape[1]), value=pad) for ids, _, _ in pieces])
+    response_mask = torch.cat([F.pad(m, (0, width - m.shape[1]), value=0) for _, m, _ in pieces])
+    logprobs = None
+    if sampled_logprobs:
+        logprobs = torch.cat([F.pad(lp, (0, width - lp.shape[1])) for _, _, lp in pieces]) * response_mask
     timings["generation"] = time.perf_counter() - start
 
     start = time.perf_counter()
     decoded = decode_responses(tokenizer, response_ids, response_mask)
-    input_ids = torch.cat([prompt_ids, response_ids], 1)
-    attention_mask = torch.cat([prompt_mask, response_mask], 1)
     raw = torch.zeros(n, device=prompt_ids.device)
     rm_scores = function_scores = gold = None
     if reward_model is not None:
-        chunks = _chunks(n, micro_batch_size)
-        rm_scores = torch.cat(
-            [sequence_scores(reward_model, input_ids[s], attention_mask[s]) for s in chunks]
-        )
+        rm_scores = torch.zeros(n, device=prompt_ids.device)
+        for rows in length_chunks(prompt_mask, response_mask, micro_batch_size):
+            input_ids, attention_mask, _ = select_rows(
+                prompt_ids, prompt_mask, response_ids, response_mask, rows
+            )
+            rm_scores[rows] = sequence_scores(reward_model, input_ids, attention_mask)
         raw += rm_scores
     if reward_function is not None:
         function_scores = call_reward_function(reward_function, prompts, decoded.texts, "reward_function")
@@ -147,6 +171,7 @@ def sample_and_score(
     return ScoredSamples(
         response_ids=response_ids,
         response_mask=response_mask,
+        logprobs=logprobs,
         texts=decoded.texts,
         ended=torch.tensor(decoded.ended, device=prompt_ids.device),
         raw_scores=raw,
@@ -178,10 +203,13 @@ def collect_rollout(
     timings: dict[str, float] | None = None,
     generation_context: Callable[[], AbstractContextManager] = nullcontext,
     synced_gpus: bool = False,
+    old_logprobs: str = "forward",
 ) -> Rollout:
     """Sample responses to the prompts and compute everything the PPO update needs.
 
-    Inference runs in micro-batches of ``micro_batch_size`` sequences, each model once per rollout.
+    Inference runs in micro-batches of ``micro_batch_size`` sequences, each model once per rollout. The old
+    log-probs come from a policy ``forward`` like the update's, or (``"sampling"``) from the logits the
+    tokens were sampled from, which saves that forward.
     ``timings`` (if given) receives seconds spent in ``generation``, ``scoring`` and ``inference``.
     """
     timings = timings if timings is not None else {}
@@ -200,29 +228,41 @@ def collect_rollout(
         timings=timings,
         generation_context=generation_context,
         synced_gpus=synced_gpus,
+        sampled_logprobs=old_logprobs == "sampling",
     )
-    n, prompt_len = prompt_ids.shape
     response_ids, response_mask, ended, raw = (
         samples.response_ids,
         samples.response_mask,
         samples.ended,
         samples.raw_scores,
     )
-    input_ids = torch.cat([prompt_ids, response_ids], 1)
-    attention_mask = torch.cat([prompt_mask, response_mask], 1)
 
     start = time.perf_counter()
-    logprobs, ref_logprobs, values = [], [], []
+    recompute = samples.logprobs is None
+    logprobs, ref_logprobs, values = (
+        torch.zeros(response_ids.shape, device=response_ids.device) for _ in "abc"
+    )
+    if not recompute:
+        logprobs = samples.logprobs
     modes = {model: model.training for model in (policy, critic)}
     policy.eval()  # the old log-probs describe the distribution that sampled (no dropout)
     critic.eval()
-    for s in _chunks(n, micro_batch_size):
+    # Rows of similar length together, each group cut to its own longest prompt and response; columns past
+    # a group's responses stay 0 (masked out below).
+    for rows in length_chunks(prompt_mask, response_mask, micro_batch_size):
+        input_ids, attention_mask, width = select_rows(
+            prompt_ids, prompt_mask, response_ids, response_mask, rows
+        )
+        args = (input_ids, attention_mask, input_ids.shape[1] - width)
         # Both at the sampling temperature: the ratio and the KL then compare the distribution sampled from.
-        args = (input_ids[s], attention_mask[s], prompt_len)
-        logprobs.append(response_token_logprobs(policy, *args, temperature=sampling.temperature)[0])
-        ref_logprobs.append(response_token_logprobs(reference, *args, temperature=sampling.temperature)[0])
-        values.append(response_values(critic, *args))
-    logprobs, ref_logprobs, values = torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
+        if recompute:
+            logprobs[rows, :width] = response_token_logprobs(policy, *args, temperature=sampling.temperature)[
+                0
+            ]
+        ref_logprobs[rows, :width] = response_token_logprobs(
+            reference, *args, temperature=sampling.temperature
+        )[0]
+        values[rows, :width] = response_values(critic, *args)
     for model, training in modes.items():
         model.train(training)
     timings["inference"] = time.perf_counter() - start

@@ -10,6 +10,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_rlhf.data.tokenize import prompt_token_ids
+from lightning_rlhf.lora import unwrap
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,53 @@ def generate_responses(
     response_ids = out[:, prompt_ids.shape[1] :]
     mask = response_mask_from_ids(response_ids, eos_token_id)
     return response_ids.masked_fill(mask == 0, pad_token_id), mask
+
+
+class SampledLogprobs:
+    """Log-probs of the tokens ``generate`` samples, read from the logits it sampled them from.
+
+    Used as a context manager around :func:`generate_responses`: a forward hook on the model keeps the
+    log-softmax (at ``temperature``, before top-k/top-p truncation, as a full forward would give) of the
+    newest decoding step, and at the next step, whose input is the token just drawn, gathers that token's
+    log-prob. :meth:`finish` adds the last token's. One [B, V] tensor is held at a time, never the logits of
+    every step. The values equal a full forward's up to the float noise of KV-cache decoding (about 1e-6 in
+    float32, about 1e-3 in bfloat16).
+    """
+
+    def __init__(self, model: PreTrainedModel, temperature: float) -> None:
+        if temperature <= 0:
+            raise ValueError(f"sampled log-probs need a temperature > 0 (got {temperature})")
+        self.model = unwrap(model)  # generate runs the transformers model's forward, inside any PEFT wrapper
+        self.temperature = temperature
+        self._steps: list[Tensor] = []
+        self._latest: Tensor | None = None
+        self._handle = None
+
+    def __enter__(self) -> SampledLogprobs:
+        self._steps, self._latest = [], None
+        self._handle = self.model.register_forward_hook(self._record, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+    def _record(self, module, args, kwargs, output) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if self._latest is not None:
+            self._steps.append(self._latest.gather(1, input_ids[:, -1:]).squeeze(1))
+        logits = output.logits[:, -1].float()
+        self._latest = torch.log_softmax(logits / self.temperature, dim=-1)
+
+    def finish(self, response_ids: Tensor) -> Tensor:
+        """[N, R] log-probs of ``response_ids`` (the tokens sampled inside the context)."""
+        steps = len(self._steps)
+        if self._latest is None or steps + 1 != response_ids.shape[1]:
+            raise RuntimeError(
+                f"recorded {steps + (self._latest is not None)} decoding steps for {response_ids.shape[1]} "
+                "response tokens: the log-probs can only be read from one plain generate call"
+            )
+        last = self._latest.gather(1, response_ids[:, steps:]).squeeze(1)
+        return torch.stack([*self._steps, last], dim=1)
 
 
 @dataclass(frozen=True)

@@ -68,13 +68,46 @@ class Rollout:
         return torch.cat([self.prompt_mask, self.response_mask], dim=1)
 
     def minibatch(self, index: Tensor) -> dict[str, Tensor]:
-        """The tensors the PPO update needs, for the rows in ``index``."""
+        """The tensors the PPO update needs, for the rows in ``index``, without all-padding columns.
+
+        Prompt columns that are padding in every selected row (left) and response columns after every
+        selected response has ended (right) are dropped: the forward then costs what the rows need, not what
+        the longest prompt and response of the whole rollout need. The prompt width of the result is
+        ``input_ids.shape[1] - response_mask.shape[1]``.
+        """
+        input_ids, attention_mask, width = select_rows(
+            self.prompt_ids, self.prompt_mask, self.response_ids, self.response_mask, index
+        )
         return {
-            "input_ids": self.input_ids[index],
-            "attention_mask": self.attention_mask[index],
-            "response_mask": self.response_mask[index],
-            "logprobs": self.logprobs[index],
-            "values": self.values[index],
-            "advantages": self.advantages[index],
-            "returns": self.returns[index],
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "response_mask": self.response_mask[index, :width],
+            "logprobs": self.logprobs[index, :width],
+            "values": self.values[index, :width],
+            "advantages": self.advantages[index, :width],
+            "returns": self.returns[index, :width],
         }
+
+
+def select_rows(
+    prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor, index: Tensor
+) -> tuple[Tensor, Tensor, int]:
+    """Rows ``index`` of left-padded prompts + right-padded responses as one sequence, trimmed of padding.
+
+    Returns ``(input_ids, attention_mask, response_width)``: leading columns that are prompt padding in every
+    selected row and trailing response columns masked in every selected row are cut (at least one response
+    column stays). Position ids come from the mask, so the cut changes no position and no attended token.
+    """
+    prompt_mask, response_mask = prompt_mask[index], response_mask[index]
+    real_prompt = prompt_mask.any(0).nonzero()
+    first = int(real_prompt[0]) if len(real_prompt) else prompt_mask.shape[1]
+    real_response = response_mask.any(0).nonzero()
+    width = max(1, int(real_response[-1]) + 1 if len(real_response) else 0)
+    input_ids = torch.cat([prompt_ids[index, first:], response_ids[index, :width]], dim=1)
+    attention_mask = torch.cat([prompt_mask[:, first:], response_mask[:, :width]], dim=1)
+    return input_ids, attention_mask, width
+
+
+def length_order(prompt_mask: Tensor, response_mask: Tensor) -> Tensor:
+    """Row indices sorted by real length (prompt + response tokens), so neighbours pad little (stable)."""
+    return (prompt_mask.sum(1) + response_mask.sum(1)).argsort(stable=True)
