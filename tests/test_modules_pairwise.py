@@ -275,3 +275,44 @@ def test_shared_prompts_fall_back_for_other_layouts(tokenizer):
     torch.testing.assert_close(fallback, plain)
     left = {k: v.flip(-1) if v.ndim == 2 else v for k, v in batch.items()}
     assert shared_prompt_response_logps(model, left, average=False) is None
+
+
+@pytest.mark.parametrize("entropy", [False, True])
+def test_head_log_probs_chunked_and_recomputed_match_float64_and_hold_no_full_logits(monkeypatch, entropy):
+    """Above HEAD_RECOMPUTE_ELEMENTS the head runs in checkpointed chunks: same log-probs, entropies and
+    gradients as a float64 log_softmax over the whole [N, V] logits, and no [N, V] tensor is kept for the
+    backward."""
+    import lightning_rlhf.models as models
+
+    torch.manual_seed(0)
+    n, hidden_size, vocab = 11, 8, 13
+    head = torch.nn.Linear(hidden_size, vocab, bias=False)
+    hidden = torch.randn(n, hidden_size, requires_grad=True)
+    labels = torch.randint(vocab, (n,))
+    weights = torch.randn(n)  # a per-token upstream gradient, as DPO and PPO losses give
+    logits64 = (hidden.double() @ head.weight.double().T) / 0.7
+    logp64 = logits64.log_softmax(-1)
+    expected = logp64.gather(1, labels[:, None]).squeeze(1)
+    objective = (expected * weights.double()).sum()
+    if entropy:
+        objective = objective + (-(logp64.exp() * logp64).sum(-1)).sum()
+    want_hidden, want_weight = torch.autograd.grad(objective, (hidden, head.weight))
+
+    monkeypatch.setattr(models, "HEAD_RECOMPUTE_ELEMENTS", 0)
+    monkeypatch.setattr(models, "HEAD_CHUNK_ELEMENTS", 4 * vocab)  # chunks of 4 rows: 4 + 4 + 3
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        logps, entropies = models.head_token_logprobs(head, hidden, labels, temperature=0.7, entropy=entropy)
+    assert not [shape for shape in saved if shape[-1] == vocab and shape[0] > 4]
+    torch.testing.assert_close(logps.double(), expected, atol=1e-5, rtol=0)
+    got = (logps * weights).sum() + (entropies.sum() if entropy else 0)
+    got_hidden, got_weight = torch.autograd.grad(got, (hidden, head.weight))
+    torch.testing.assert_close(got_hidden, want_hidden, atol=1e-5, rtol=1e-5)  # float64 math, float32 leaves
+    torch.testing.assert_close(got_weight, want_weight, atol=1e-5, rtol=1e-5)
+
+    monkeypatch.setattr(models, "HEAD_RECOMPUTE_ELEMENTS", n * vocab)  # at the threshold: one plain call
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        plain, _ = models.head_token_logprobs(head, hidden, labels, temperature=0.7)
+    assert (n, vocab) in saved
+    torch.testing.assert_close(plain, logps, atol=1e-6, rtol=0)

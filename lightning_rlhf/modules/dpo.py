@@ -215,12 +215,14 @@ class DPOModule(HFModelModule):
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, batch: dict[str, Tensor], split: str) -> tuple[DPOLossOutput, dict[str, Tensor]]:
+        # The reference first: its no-grad forward's transient memory is gone before the policy's
+        # activations (kept for the backward) build up, so the two never add up to the step's peak.
+        ref_chosen, ref_rejected = self.reference_logps(batch, split)
         policy, per_token = response_logps(
             self.policy, batch, average=self.hparams.average_log_probs, shared_prompts=True
         )
         chosen, rejected = policy.chunk(2)
         chosen_per_token, rejected_per_token = per_token.chunk(2)
-        ref_chosen, ref_rejected = self.reference_logps(batch, split)
         out = self.loss(chosen, rejected, ref_chosen, ref_rejected, chosen_nll=-chosen_per_token)
         metrics = {
             "loss": out.loss.detach(),
