@@ -1,6 +1,6 @@
 """DPO step MFU and PPO generation throughput of lightning_rlhf on one GPU (bf16), standalone.
 
-    python benchmarks/gpu_dpo_mfu.py --out gpu.json                    # ~0.5B Llama, bf16, CUDA
+    python benchmarks/gpu_dpo_mfu.py --out gpu.json --profile          # ~0.5B Llama, bf16, CUDA
     python benchmarks/gpu_dpo_mfu.py --device cpu --tiny --out t.json  # the same code path, tiny, on CPU
 
 Needs only torch, transformers, lightning and this package (no TRL, no DeepSpeed). The model is a Llama of
@@ -140,7 +140,33 @@ def dpo_mfu(args, folder: Path, matmul_params: int, device: torch.device, dtype:
     }
     if device.type == "cuda":
         result["dpo_peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if args.profile:
+        result.update(profile_steps(step, device, args.profile_steps))
     return result
+
+
+def profile_steps(step, device: torch.device, steps: int) -> dict:
+    """Where a DPO step's time goes: torch.profiler over ``steps`` steps.
+
+    ``dpo_device_busy_fraction`` is the kernels' summed device time over the wall time: well below 1 means
+    the GPU waits on the host (kernel launches, Python, synchronisation), not on its own arithmetic.
+    """
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        wall = time.perf_counter() - start
+    averages = prof.key_averages()
+    device_us = sum(getattr(e, "self_device_time_total", 0.0) for e in averages)
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return {
+        "dpo_profile_table": averages.table(sort_by=sort_by, row_limit=25, max_name_column_width=60),
+        "dpo_profile_wall_seconds": wall,
+        "dpo_device_busy_fraction": (device_us / 1e6 / wall) if device.type == "cuda" else None,
+    }
 
 
 def generation_throughput(args, folder: Path, device: torch.device, dtype: torch.dtype) -> dict:
@@ -215,6 +241,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--gen-new-tokens", type=int, default=None, help="default 256; tiny 8")
     parser.add_argument("--gen-repeats", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s of the GPU")
+    parser.add_argument(
+        "--profile", action="store_true", help="also profile DPO steps (top kernels, device busy fraction)"
+    )
+    parser.add_argument("--profile-steps", type=int, default=3)
     args = parser.parse_args(argv)
     tiny = args.tiny
     for name, full, small in (

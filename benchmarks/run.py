@@ -151,10 +151,16 @@ def main(argv: list[str] | None = None) -> None:
         ("dpo_no_shared_prompts", "ours_dpo", ("--no-shared-prompts",)),
         ("dpo_no_grouping", "ours_dpo", ("--no-grouping",)),
         ("rm_no_grouping", "ours_rm", ("--no-grouping",)),
+        ("dpo_looped_adamw", "ours_dpo", ("--looped-adamw",)),
+        ("ppo_looped_adamw", "ours_ppo", ("--looped-adamw",)),
+        ("ppo_no_trim", "ours_ppo", ("--no-trim",)),
+        # Options (before = as shipped, after = the option on): they trade time for memory.
+        ("dpo_head_recompute", "ours_dpo", ("--head-recompute",)),
         ("dpo_gradient_checkpointing", "ours_dpo", ("--gradient-checkpointing",)),
     ]
     if args.smoke:  # the test suite: one of each kind of before/after run is enough to keep them working
-        ablations = ablations[:1] + ablations[-1:]
+        kinds = ("dpo_full_logits", "dpo_looped_adamw", "ppo_no_trim", "dpo_head_recompute")
+        ablations = [a for a in ablations if a[0] in kinds]
     results["ablations"] = {label: [] for label, _, _ in ablations}
     # Each before-run is paired with an after-run of the shipped code right next to it (order alternating),
     # so a change in the machine's load between phases cannot pass for a speed-up.
@@ -167,8 +173,8 @@ def main(argv: list[str] | None = None) -> None:
                 run_ = ours(task, *flags)
                 (results["ablations"] if which == "before" else results["ablation_bases"])[label].append(run_)
 
-    # 4. PPO, ours vs TRL 1.12 (own venv).
-    results["ppo"] = {"ours": [], "trl": []}
+    # 4. PPO, ours (as shipped, and with TRL's way of taking the old log-probs) vs TRL 1.12 (own venv).
+    results["ppo"] = {"ours": [], "ours_sampling": [], "trl": []}
     trl_python, how = (
         (None, "skipped (--skip-trl-ppo)")
         if args.skip_trl_ppo or not use_trl
@@ -177,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     results["ppo"]["trl_env"] = how
     for _ in range(repeats):
         results["ppo"]["ours"].append(ours("ours_ppo"))
+        results["ppo"]["ours_sampling"].append(ours("ours_ppo", "--old-logprobs", "sampling"))
         if trl_python:
             print("[bench] trl 1.12 ppo", flush=True)
             scratch = str(work / "scratch" / "trl_ppo")
@@ -203,6 +210,10 @@ def main(argv: list[str] | None = None) -> None:
         results["profiles"]["trl_dpo"] = ours("trl_dpo", "--profile")
     if not args.smoke:
         results["profiles"]["ours_ppo"] = ours("ours_ppo", "--profile")
+    # ... and of what the DPO peak RSS is made of.
+    results["memory"] = {"ours_dpo": ours("ours_dpo", "--memory-profile")}
+    if use_trl:
+        results["memory"]["trl_dpo"] = ours("trl_dpo", "--memory-profile")
 
     results["environment"] = environment(trl_python)
     results["command"] = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])

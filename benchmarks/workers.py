@@ -9,6 +9,7 @@ the TRL 1.12 PPO side run in its own virtual environment (see ``trl_ppo_worker.p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -43,6 +44,79 @@ class _Profile:
             self.table = self.prof.key_averages().table(
                 sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=40
             )
+
+
+class _MemoryProfile:
+    """``with _MemoryProfile(on) as m: ...`` then ``m.result``: what the process's peak RSS is made of.
+
+    A thread samples RSS and glibc's ``mallinfo2`` every 2 ms; at the highest RSS it keeps: bytes malloc
+    has handed out and not had back (tensors, Python's large objects), bytes free inside malloc's heap
+    (fragmentation: freed but not returned to the OS), and the rest (code and data of the imported
+    libraries, Python's own small-object arenas). Sampling costs CPU, so throughput runs leave it off.
+    """
+
+    def __init__(self, on: bool) -> None:
+        self.on, self.result = on, None
+
+    def __enter__(self):
+        if not self.on:
+            return self
+        import ctypes
+        import threading
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [
+                (name, ctypes.c_size_t)
+                for name in (
+                    "arena",
+                    "ordblks",
+                    "smblks",
+                    "hblks",
+                    "hblkhd",
+                    "usmblks",
+                    "fsmblks",
+                    "uordblks",
+                    "fordblks",
+                    "keepcost",
+                )  # fmt: skip
+            ]
+
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallinfo2.restype = MallInfo2
+        except (OSError, AttributeError):  # not glibc >= 2.33: no breakdown
+            self.on = False
+            return self
+        self.stop = threading.Event()
+        start_rss = _rss_mb()
+        best = {"rss_mb": 0.0, "rss_at_start_mb": start_rss}
+
+        def sample() -> None:
+            while not self.stop.wait(0.002):
+                rss = _rss_mb()
+                if rss > best["rss_mb"]:
+                    info = libc.mallinfo2()
+                    in_use = (info.uordblks + info.hblkhd) / 2**20
+                    free = info.fordblks / 2**20
+                    best.update(
+                        rss_mb=rss, malloc_in_use_mb=in_use, heap_free_mb=free, rest_mb=rss - in_use - free
+                    )
+
+        self.best = best
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.on:
+            self.stop.set()
+            self.thread.join()
+            self.result = self.best
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def peak_rss_mb() -> float:
@@ -182,7 +256,7 @@ def _fit_pairs(meta: dict, args, task: str) -> dict:
     clock = _StepClock(accumulation)
     trainer = _trainer(Path(args.work), accumulation, [clock.callback], precision=args.precision)
     start = time.perf_counter()
-    with _Profile(args.profile) as prof:
+    with _Profile(args.profile) as prof, _MemoryProfile(args.memory_profile) as memory:
         trainer.fit(module, datamodule=data)
     total = time.perf_counter() - start
     precompute = 0.0
@@ -195,6 +269,7 @@ def _fit_pairs(meta: dict, args, task: str) -> dict:
         "fit_seconds": total,
         "setup_seconds": precompute,
         "profile": prof.table,
+        "memory": memory.result,
     }
 
 
@@ -320,7 +395,7 @@ def trl_pairs(meta: dict, args, *, task: str) -> dict:
 
     trainer.add_callback(Clock())
     fit_start = time.perf_counter()
-    with _Profile(args.profile) as prof:
+    with _Profile(args.profile) as prof, _MemoryProfile(args.memory_profile) as memory:
         trainer.train()
     total = time.perf_counter() - fit_start
     return {
@@ -329,6 +404,7 @@ def trl_pairs(meta: dict, args, *, task: str) -> dict:
         "fit_seconds": total,
         "setup_seconds": setup + (total - sum(s["seconds"] for s in steps)),
         "profile": prof.table,
+        "memory": memory.result,
     }
 
 
@@ -384,6 +460,7 @@ def ours_ppo(meta: dict, args) -> dict:
         kl_coef=0.05,
         check_first_step=False,
         gradient_checkpointing=args.gradient_checkpointing,
+        old_logprobs=args.old_logprobs,
     )
     phases: list[dict] = []
     import lightning as L
@@ -527,6 +604,15 @@ def run(argv: list[str] | None = None) -> dict:
         "--no-shared-prompts", action="store_true", help="ours: each prompt runs twice (before)"
     )
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--old-logprobs", default="forward", choices=("forward", "sampling"), help="PPO")
+    parser.add_argument(
+        "--no-trim", action="store_true", help="PPO: rollout-wide padding, rows in order (before)"
+    )
+    parser.add_argument("--looped-adamw", action="store_true", help="AdamW's per-parameter loop (before)")
+    parser.add_argument(
+        "--head-recompute", action="store_true", help="chunk and recompute the LM head at any size"
+    )
+    parser.add_argument("--memory-profile", action="store_true", help="what the peak RSS is made of")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--repeats", type=int, default=2)
@@ -537,6 +623,65 @@ def run(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     meta = json.loads(Path(args.meta).read_text())
     Path(args.work).mkdir(parents=True, exist_ok=True)
+    with _before_code(args):
+        return _run_task(args, meta)
+
+
+@contextlib.contextmanager
+def _before_code(args):
+    """Swap in the code as it was before an optimisation (or force an option), restored afterwards.
+
+    Imports nothing without a flag: a TRL worker must not pay for importing lightning_rlhf (peak RSS).
+    """
+    if not (args.no_trim or args.looped_adamw or args.head_recompute):
+        yield
+        return
+    import lightning_rlhf.models as models
+    import lightning_rlhf.modules.base as base
+    import lightning_rlhf.modules.ppo as ppo
+    import lightning_rlhf.rollout.collect as collect
+    import lightning_rlhf.rollout.types as types
+
+    saved = [
+        (module, name, getattr(module, name))
+        for module, name in (
+            (types, "select_rows"),
+            (collect, "select_rows"),
+            (types, "length_order"),
+            (collect, "length_order"),
+            (ppo, "length_order"),
+            (base, "adamw"),
+            (ppo, "adamw"),
+            (models, "HEAD_RECOMPUTE_ELEMENTS"),
+        )
+    ]
+    if args.no_trim:
+
+        def untrimmed(prompt_ids, prompt_mask, response_ids, response_mask, index):
+            ids = torch.cat([prompt_ids[index], response_ids[index]], 1)
+            return ids, torch.cat([prompt_mask[index], response_mask[index]], 1), response_ids.shape[1]
+
+        def in_order(prompt_mask, response_mask):
+            return torch.arange(prompt_mask.shape[0], device=prompt_mask.device)
+
+        types.select_rows = collect.select_rows = untrimmed
+        types.length_order = collect.length_order = ppo.length_order = in_order
+    if args.looped_adamw:
+
+        def looped(groups, lr=None):
+            return torch.optim.AdamW(groups, foreach=False, **({} if lr is None else {"lr": lr}))
+
+        base.adamw = ppo.adamw = looped
+    if args.head_recompute:
+        models.HEAD_RECOMPUTE_ELEMENTS = 0
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+def _run_task(args, meta: dict) -> dict:
     task = args.task
     if task.endswith("_check"):
         side, what, _ = task.split("_")

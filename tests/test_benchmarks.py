@@ -50,6 +50,7 @@ def test_smoke_run_writes_every_section_of_the_report(fixtures, tmp_path):
         "## Generation overhead",
         "## Scaling",
         "## Optimisations, before and after",
+        "## What the DPO peak RSS is made of",
         "## Profiles",
     ):
         assert section in text, section
@@ -60,12 +61,32 @@ def test_smoke_run_writes_every_section_of_the_report(fixtures, tmp_path):
 
 
 def test_the_before_code_of_an_ablation_does_not_leak_into_later_runs(fixtures, tmp_path):
+    import lightning_rlhf.models as models
     import lightning_rlhf.modules.dpo as dpo_module
+    import lightning_rlhf.modules.ppo as ppo
+    import lightning_rlhf.rollout.collect as collect
+    import lightning_rlhf.rollout.types as types
 
-    shipped = dpo_module.response_logps
+    shipped = (
+        dpo_module.response_logps,
+        types.select_rows,
+        collect.select_rows,
+        ppo.length_order,
+        ppo.adamw,
+        models.HEAD_RECOMPUTE_ELEMENTS,
+    )
     meta = str(fixtures / "smoke" / "fixtures" / "fixtures.json")
     workers.run(["ours_dpo", "--full-logits", "--meta", meta, "--work", str(tmp_path)])
-    assert dpo_module.response_logps is shipped
+    flags = ["--no-trim", "--looped-adamw", "--head-recompute"]
+    workers.run(["ours_ppo", *flags, "--meta", meta, "--work", str(tmp_path / "ppo")])
+    assert shipped == (
+        dpo_module.response_logps,
+        types.select_rows,
+        collect.select_rows,
+        ppo.length_order,
+        ppo.adamw,
+        models.HEAD_RECOMPUTE_ELEMENTS,
+    )
 
 
 @pytest.mark.skipif(not HAS_TRL, reason="trl not installed (pip install -e '.[benchmarks]')")
@@ -79,3 +100,15 @@ def test_same_loss_and_logps_as_trl_at_step_1(fixtures, tmp_path, stage):
     assert "loss" in keys
     for key in keys:
         assert ours[key] == pytest.approx(theirs[key], abs=1e-5), key
+
+
+def test_gpu_mfu_script_runs_its_path_on_cpu_with_a_profile(tmp_path):
+    from benchmarks import gpu_dpo_mfu
+
+    out = tmp_path / "gpu.json"
+    result = gpu_dpo_mfu.main(
+        ["--device", "cpu", "--tiny", "--profile", "--profile-steps", "1", "--out", str(out)]
+    )
+    assert result == __import__("json").loads(out.read_text())
+    assert result["dpo_tokens_per_second"] > 0 and result["generation_tokens_per_second"] > 0
+    assert "aten::" in result["dpo_profile_table"] and result["dpo_device_busy_fraction"] is None
