@@ -33,14 +33,14 @@ class StageSettings:
     sft_epochs: int = 3
     sft_lr: float = 3e-3
     reward_epochs: int = 3
-    reward_lr: float = 1e-3
+    reward_lr: float = 3e-4
     dpo_epochs: int = 2
     dpo_lr: float = 1e-3
     dpo_beta: float = 0.1  # the paper's DPO beta
     batch_size: int = 32
     max_new_tokens: int = 12
     iterative_dpo_epochs: int = 1  # 32 iterations of 32 prompts x 4 samples
-    iterative_dpo_lr: float = 1e-3
+    iterative_dpo_lr: float = 3e-4
     ppo_epochs: int = 12  # 24 rollouts of 512 prompts (the paper's rollout batch)
     ppo_rollout_batch: int = 512
     ppo_lr: float = 1e-4
