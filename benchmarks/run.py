@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
                 results["ppo"]["trl_error"] = str(err)[-1500:]
                 trl_python = None
 
-    # 5. Generation overhead and scaling.
+    # 5. Generation overhead, scaling, and the machine's float32 matmul peak (the PPO roofline).
+    results["matmul_peak"] = ours("matmul_peak")
     results["generation"] = ours("generation", "--repeats", str(max(3, repeats * 2)))
     results["scaling"] = ours("scaling", "--repeats", str(repeats))
 

@@ -465,6 +465,15 @@ def ours_ppo(meta: dict, args) -> dict:
     phases: list[dict] = []
     import lightning as L
 
+    collect, response_tokens = module.collect, []
+
+    def counting_collect(batch):  # the rollout's real response tokens, for the FLOP count of the report
+        rollout = collect(batch)
+        response_tokens.append(int(rollout.response_mask.sum()))
+        return rollout
+
+    module.collect = counting_collect
+
     class Phases(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             self.start, self.cpu = time.perf_counter(), time.process_time()
@@ -474,6 +483,9 @@ def ours_ppo(meta: dict, args) -> dict:
             row["seconds"] = time.perf_counter() - self.start
             row["cpu_seconds"] = time.process_time() - self.cpu
             row["tokens"] = int(batch["attention_mask"].sum()) + 0
+            row["rows"] = int(batch["attention_mask"].shape[0])
+            row["padded_prompt_length"] = int(batch["attention_mask"].shape[1])
+            row["response_tokens"] = response_tokens[-1]
             phases.append(row)
 
     trainer = _trainer(
@@ -574,6 +586,23 @@ def scaling(meta: dict, args) -> dict:
     return {"rows": rows}
 
 
+# --------------------------------------------------------------------------------------------- peak
+
+
+def matmul_peak(meta: dict, args) -> dict:
+    """float32 GFLOP/s of a large square matmul on this process's threads: the roofline of the report."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        best = min(best, (time.perf_counter() - start) / 4)
+    return {"matmul_gflops": 2 * 2048**3 / best / 1e9}
+
+
 # --------------------------------------------------------------------------------------------- main
 
 TASKS = (
@@ -588,6 +617,7 @@ TASKS = (
     "ours_ppo",
     "generation",
     "scaling",
+    "matmul_peak",
 )
 
 
@@ -694,6 +724,8 @@ def _run_task(args, meta: dict) -> dict:
         result = ours_ppo(meta, args)
     elif task == "generation":
         result = generation_overhead(meta, args)
+    elif task == "matmul_peak":
+        result = matmul_peak(meta, args)
     else:
         result = scaling(meta, args)
     result["peak_rss_mb"] = peak_rss_mb()
