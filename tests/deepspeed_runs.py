@@ -31,6 +31,7 @@ class Run:
     checkpoint_every: int | None = None
     hf_export: bool = False
     resume_from: str | None = None
+    head_recompute: bool = False  # LM head chunked and recomputed in backward at any size
     module_kwargs: dict = field(default_factory=dict)
 
 
@@ -126,7 +127,14 @@ def _fit(run: Run, rank: int, world_size: int, testbed: Path, out_dir: Path) -> 
         deterministic=True,
         callbacks=callbacks,
     )
-    trainer.fit(module, data, ckpt_path=run.resume_from)
+    import lightning_rlhf.models as models
+
+    threshold = models.HEAD_RECOMPUTE_ELEMENTS
+    models.HEAD_RECOMPUTE_ELEMENTS = 0 if run.head_recompute else threshold
+    try:
+        trainer.fit(module, data, ckpt_path=run.resume_from)
+    finally:
+        models.HEAD_RECOMPUTE_ELEMENTS = threshold
     weights = {}
     for name in ("policy", "reference", "reward_model"):
         model = getattr(module, name, None)

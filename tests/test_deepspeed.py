@@ -58,10 +58,12 @@ def test_reward_model_zero2_and_zero3_on_two_ranks_match_ddp(testbed, tmp_path):
 
 def test_dpo_on_one_rank_zero3_ema_and_zero2_cached_reference_match_ddp(testbed, tmp_path):
     """ZeRO-3 with an EMA reference (gathered update) and ZeRO-2 with reference log-probs precomputed
-    under DeepSpeed: the same steps and final weights (policy and reference) as under DDP."""
+    under DeepSpeed: the same steps and final weights (policy and reference) as under DDP. One ZeRO-3 run
+    recomputes the LM head chunk by chunk in backward (its weight gathered again for the recomputation)."""
     runs = [
         Run("ddp_ema", "dpo", "ddp", ema=True),
         Run("zero3_ema", "dpo", "zero3", ema=True),
+        Run("zero3_ema_head_recompute", "dpo", "zero3", ema=True, head_recompute=True),
         Run("ddp_cached", "dpo", "ddp", precompute_reference=True),
         Run("zero2_cached", "dpo", "zero2", precompute_reference=True),
         Run("zero3_cached", "dpo", "zero3", precompute_reference=True),
@@ -70,6 +72,7 @@ def test_dpo_on_one_rank_zero3_ema_and_zero2_cached_reference_match_ddp(testbed,
     ]
     out = spawn(testbed, tmp_path, runs, nprocs=1)
     assert_same_steps(out["zero3_ema"], out["ddp_ema"], DPO_KEYS)
+    assert_same_steps(out["zero3_ema_head_recompute"], out["ddp_ema"], DPO_KEYS)
     assert_same_steps(out["zero2_cached"], out["ddp_cached"], DPO_KEYS)
     assert_same_steps(out["zero3_cached"], out["ddp_cached"], DPO_KEYS)
     assert_same_steps(out["zero3_lora"], out["ddp_lora"], DPO_KEYS)
@@ -86,7 +89,7 @@ def test_ppo_on_two_ranks_zero2_and_zero3_match_ddp_with_the_paper_callbacks(tes
         Run("ddp", "ppo", "ddp", **paper),
         Run("zero2", "ppo", "zero2", **paper),
         Run("zero3_gather", "ppo", "zero3", hf_export=True, **paper),
-        Run("zero3_synced", "ppo", "zero3", zero3_generation="synced", **paper),
+        Run("zero3_synced", "ppo", "zero3", zero3_generation="synced", head_recompute=True, **paper),
     ]
     out = spawn(testbed, tmp_path, runs, nprocs=2)
     for tag in ("zero2", "zero3_gather", "zero3_synced"):
