@@ -137,8 +137,11 @@ def head_token_logprobs(
     *,
     temperature: float = 1.0,
     entropy: bool = False,
+    entropy_grad: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """log p(labels) [N] from hidden states [N, H] through the LM head (and the entropies [N] if asked).
+
+    ``entropy_grad=False`` computes the entropies without autograd (for logging: no backward through them).
 
     Memory-aware: without autograd the head runs on chunks of rows (``HEAD_CHUNK_ELEMENTS`` logits at a
     time), so the whole [N, V] logits tensor never exists. Under autograd, logits of more than
@@ -155,12 +158,19 @@ def head_token_logprobs(
     )
     total = hidden.shape[0] * head.out_features  # out_features: under ZeRO-3 the weight is a shard here
     if grad and total <= HEAD_RECOMPUTE_ELEMENTS:
-        logps, *entropies = _head_chunk(head, hidden, labels, temperature, entropy)
+        logps, *entropies = _head_chunk(head, hidden, labels, temperature, entropy, entropy_grad)
         return logps, (entropies[0] if entropy else None)
     rows = max(1, HEAD_CHUNK_ELEMENTS // head.out_features)
     pieces = []
     for start in range(0, max(1, hidden.shape[0]), rows):
-        args = (head, hidden[start : start + rows], labels[start : start + rows], temperature, entropy)
+        args = (
+            head,
+            hidden[start : start + rows],
+            labels[start : start + rows],
+            temperature,
+            entropy,
+            entropy_grad,
+        )
         if grad:
             pieces.append(checkpoint(_head_chunk, *args, use_reentrant=False, preserve_rng_state=False))
         else:
@@ -170,13 +180,20 @@ def head_token_logprobs(
 
 
 def _head_chunk(
-    head: torch.nn.Module, hidden: Tensor, labels: Tensor, temperature: float, entropy: bool
+    head: torch.nn.Module,
+    hidden: Tensor,
+    labels: Tensor,
+    temperature: float,
+    entropy: bool,
+    entropy_grad: bool = True,
 ) -> tuple[Tensor, ...]:
     logits = head(hidden)
     if temperature != 1.0:
         logits = logits / temperature
     logps = token_logprobs(logits, labels)
-    return (logps, entropy_from_logits(logits)) if entropy else (logps,)
+    if not entropy:
+        return (logps,)
+    return logps, entropy_from_logits(logits if entropy_grad else logits.detach())
 
 
 def selected_token_logprobs(
@@ -342,8 +359,10 @@ def response_token_logprobs(
     *,
     entropy: bool = False,
     temperature: float = 1.0,
+    entropy_grad: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
-    """Log-probs [N, R] of the response tokens ``input_ids[:, prompt_len:]`` (and their entropies if asked).
+    """Log-probs [N, R] of the response tokens ``input_ids[:, prompt_len:]`` (and their entropies if asked;
+    ``entropy_grad=False``: without autograd, for logging).
 
     The response token at column ``prompt_len + t`` is predicted by the logits at ``prompt_len + t - 1``.
     ``temperature`` divides the logits, so the log-probs are those of the distribution sampled from.
@@ -356,7 +375,9 @@ def response_token_logprobs(
         if temperature != 1.0:
             logits = logits / temperature
         logps = token_logprobs(logits, labels)
-        return logps, (entropy_from_logits(logits) if entropy else None)
+        if not entropy:
+            return logps, None
+        return logps, entropy_from_logits(logits if entropy_grad else logits.detach())
     backbone, head = split
     hidden = backbone(
         input_ids=input_ids,
@@ -369,6 +390,7 @@ def response_token_logprobs(
         labels.reshape(-1),
         temperature=temperature,
         entropy=entropy,
+        entropy_grad=entropy_grad,
     )
     return logps.view(labels.shape), (entropies.view(labels.shape) if entropy else None)
 

@@ -316,3 +316,20 @@ def test_head_log_probs_chunked_and_recomputed_match_float64_and_hold_no_full_lo
         plain, _ = models.head_token_logprobs(head, hidden, labels, temperature=0.7)
     assert (n, vocab) in saved
     torch.testing.assert_close(plain, logps, atol=1e-6, rtol=0)
+
+
+def test_entropy_for_logging_only_has_no_graph(tokenizer):
+    """PPO with entropy_coef=0 only logs the entropy: it is computed without autograd (no backward through
+    [N, V] softmax work), with the same values."""
+    from lightning_rlhf.models import response_token_logprobs
+
+    model = build_causal_lm("nano", tokenizer, seed=0)
+    ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 13, 1]])
+    mask = torch.ones_like(ids)
+    logps, entropy = response_token_logprobs(model, ids, mask, 2, entropy=True, temperature=0.8)
+    logps_nograd, entropy_nograd = response_token_logprobs(
+        model, ids, mask, 2, entropy=True, temperature=0.8, entropy_grad=False
+    )
+    assert entropy.requires_grad and logps_nograd.requires_grad and not entropy_nograd.requires_grad
+    torch.testing.assert_close(entropy_nograd, entropy.detach())
+    torch.testing.assert_close(logps_nograd, logps)

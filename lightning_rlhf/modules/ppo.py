@@ -495,6 +495,7 @@ class PPOModule(HFModelModule):
             prompt_len,
             entropy=True,
             temperature=self.sampling.temperature,
+            entropy_grad=hp.entropy_coef > 0,  # at 0 the entropy is only logged: no backward through it
         )
         if self._first_step_pending:
             self._check_first_ratio(logprobs, mb["logprobs"], mask)
