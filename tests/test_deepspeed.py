@@ -88,7 +88,15 @@ def test_ppo_on_two_ranks_zero2_and_zero3_match_ddp_with_the_paper_callbacks(tes
     runs = [
         Run("ddp", "ppo", "ddp", **paper),
         Run("zero2", "ppo", "zero2", **paper),
-        Run("zero3_gather", "ppo", "zero3", hf_export=True, **paper),
+        # Old log-probs read from the sampling logits of the gathered policy (the others run a forward).
+        Run(
+            "zero3_gather",
+            "ppo",
+            "zero3",
+            hf_export=True,
+            module_kwargs={"old_logprobs": "sampling"},
+            **paper,
+        ),
         Run("zero3_synced", "ppo", "zero3", zero3_generation="synced", head_recompute=True, **paper),
     ]
     out = spawn(testbed, tmp_path, runs, nprocs=2)
@@ -123,7 +131,6 @@ def test_zero3_checkpoint_restores_the_state_and_exports_a_plain_model(testbed, 
     assert out["loaded"]["weights"] == out["first"]["weights"]  # exact: policy and the EMA reference
     assert out["loaded"]["kl_coef"] == out["first"]["kl_coef"] != 0.1  # the adaptive controller moved
     assert out["resumed"]["weights"]["policy"] != out["first"]["weights"]["policy"]
-
 
     (final,) = (tmp_path / "resumed_ckpt").glob("*step=4*.ckpt")
     assert final.is_dir()

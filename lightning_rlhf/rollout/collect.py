@@ -212,6 +212,8 @@ def collect_rollout(
     tokens were sampled from, which saves that forward.
     ``timings`` (if given) receives seconds spent in ``generation``, ``scoring`` and ``inference``.
     """
+    if old_logprobs not in ("forward", "sampling"):
+        raise ValueError(f"old_logprobs must be 'forward' or 'sampling' (got {old_logprobs!r})")
     timings = timings if timings is not None else {}
     samples = sample_and_score(
         policy=policy,
