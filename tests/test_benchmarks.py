@@ -67,26 +67,22 @@ def test_the_before_code_of_an_ablation_does_not_leak_into_later_runs(fixtures, 
     import lightning_rlhf.rollout.collect as collect
     import lightning_rlhf.rollout.types as types
 
-    shipped = (
-        dpo_module.response_logps,
-        types.select_rows,
-        collect.select_rows,
-        ppo.length_order,
-        ppo.adamw,
-        models.HEAD_RECOMPUTE_ELEMENTS,
-    )
+    def swappable() -> tuple:
+        return (
+            dpo_module.response_logps,
+            types.select_rows,
+            collect.select_rows,
+            ppo.length_order,
+            ppo.adamw,
+            models.HEAD_RECOMPUTE_ELEMENTS,
+        )
+
+    shipped = swappable()
     meta = str(fixtures / "smoke" / "fixtures" / "fixtures.json")
     workers.run(["ours_dpo", "--full-logits", "--meta", meta, "--work", str(tmp_path)])
     flags = ["--no-trim", "--looped-adamw", "--head-recompute"]
     workers.run(["ours_ppo", *flags, "--meta", meta, "--work", str(tmp_path / "ppo")])
-    assert shipped == (
-        dpo_module.response_logps,
-        types.select_rows,
-        collect.select_rows,
-        ppo.length_order,
-        ppo.adamw,
-        models.HEAD_RECOMPUTE_ELEMENTS,
-    )
+    assert swappable() == shipped
 
 
 @pytest.mark.skipif(not HAS_TRL, reason="trl not installed (pip install -e '.[benchmarks]')")
