@@ -241,11 +241,8 @@ def collect_rollout(
 
     start = time.perf_counter()
     recompute = samples.logprobs is None
-    logprobs, ref_logprobs, values = (
-        torch.zeros(response_ids.shape, device=response_ids.device) for _ in "abc"
-    )
-    if not recompute:
-        logprobs = samples.logprobs
+    ref_logprobs, values = (torch.zeros(response_ids.shape, device=response_ids.device) for _ in range(2))
+    logprobs = torch.zeros_like(ref_logprobs) if recompute else samples.logprobs
     modes = {model: model.training for model in (policy, critic)}
     policy.eval()  # the old log-probs describe the distribution that sampled (no dropout)
     critic.eval()
@@ -257,13 +254,10 @@ def collect_rollout(
         )
         args = (input_ids, attention_mask, input_ids.shape[1] - width)
         # Both at the sampling temperature: the ratio and the KL then compare the distribution sampled from.
+        temperature = sampling.temperature
         if recompute:
-            logprobs[rows, :width] = response_token_logprobs(policy, *args, temperature=sampling.temperature)[
-                0
-            ]
-        ref_logprobs[rows, :width] = response_token_logprobs(
-            reference, *args, temperature=sampling.temperature
-        )[0]
+            logprobs[rows, :width] = response_token_logprobs(policy, *args, temperature=temperature)[0]
+        ref_logprobs[rows, :width] = response_token_logprobs(reference, *args, temperature=temperature)[0]
         values[rows, :width] = response_values(critic, *args)
     for model, training in modes.items():
         model.train(training)
