@@ -140,3 +140,28 @@ def test_implicit_format_cuts_hh_transcripts_after_the_last_assistant_turn(tmp_p
     assert dm.stats["train"]["skipped_bad"] == 1
     with pytest.raises(DataError, match="row 1.*'chosen'.*no '\\\\n\\\\nAssistant:'"):
         PromptDataModule(tokenizer_dir, str(path), prompt_field="chosen", format="implicit").setup("fit")
+
+
+def test_extra_columns_are_carried_and_checked(tmp_path, tokenizer_dir):
+    rows = [
+        {"prompt": "A:", "answer": "4", "tests": '{"inputs": ["1"], "outputs": ["2"]}', "meta": [1, [2]]},
+        {"prompt": "B:", "answer": "9", "tests": '{"inputs": [], "outputs": []}', "meta": [3, [4]]},
+    ]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    dm = setup(tokenizer_dir, path, val_file=path, batch_size=2)
+    batch = next(iter(dm.val_dataloader()))
+    # values as written: a JSON string stays a string, nested lists stay Python lists, nothing is a tensor
+    assert batch["columns"] == {
+        "answer": ["4", "9"],
+        "tests": [rows[0]["tests"], rows[1]["tests"]],
+        "meta": [[1, [2]], [3, [4]]],
+    }
+    assert setup(tokenizer_dir, path, columns=["meta"]).datasets["train"][0]["columns"] == {"meta": [1, [2]]}
+    with pytest.raises(DataError, match=r"p\.jsonl: no column 'tset'.*set the matching columns argument"):
+        setup(tokenizer_dir, path, columns=["tset"])
+    with pytest.raises(ValueError, match="columns names the prompt column 'prompt'"):
+        PromptDataModule("tok", path, columns=["prompt", "answer"])
+    with pytest.raises(ValueError, match="columns lists a name twice"):
+        PromptDataModule("tok", path, columns=["answer", "answer"])
+    # the collator of data without extra columns (and of hand-built rows) still works
+    assert PromptCollator(0)([{"prompt": "a", "input_ids": [1], "index": 0}])["columns"] == {}

@@ -7,7 +7,8 @@ import torch
 
 from lightning_rlhf.models import load_causal_lm, load_reward_model
 from lightning_rlhf.ops import gae
-from lightning_rlhf.rollout.collect import ShapingConfig, call_reward_function, collect_rollout
+from lightning_rlhf.rewards.calling import call_reward_function
+from lightning_rlhf.rollout.collect import ShapingConfig, collect_rollout
 from lightning_rlhf.rollout.generation import (
     SampledLogprobs,
     SamplingConfig,
@@ -111,9 +112,9 @@ def test_response_mask_stops_after_first_eos():
 
 def test_reward_function_output_is_checked():
     with pytest.raises(ValueError, match="returned 1 scores for 2 responses"):
-        call_reward_function(lambda p, r: [1.0], ["a", "b"], ["x", "y"], "reward_function")
+        call_reward_function(lambda p, r: [1.0], ["a", "b"], ["x", "y"], None, "reward_function")
     with pytest.raises(ValueError, match="non-finite score nan for response 1"):
-        call_reward_function(lambda p, r: [1.0, float("nan")], ["a", "b"], ["x", "y"], "reward_function")
+        call_reward_function(lambda p, r: [1.0, float("nan")], ["a", "b"], ["x", "y"], None, "reward")
 
 
 @pytest.fixture(scope="module")

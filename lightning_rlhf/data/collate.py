@@ -80,10 +80,11 @@ class PreferenceCollator:
 
 
 class PromptCollator:
-    """Collate ``{"prompt", "input_ids", "index"}`` rows into left-padded generation inputs.
+    """Collate ``{"prompt", "input_ids", "index"[, "columns"]}`` rows into left-padded generation inputs.
 
-    Returns ``prompt`` (list of B strings), ``input_ids`` / ``attention_mask`` [B, T] left-padded and
-    ``index`` [B].
+    Returns ``prompt`` (list of B strings), ``input_ids`` / ``attention_mask`` [B, T] left-padded,
+    ``index`` [B] and ``columns``: each extra dataset column as a list of B Python objects (not tensors:
+    test-case lists and nested JSON have no fixed shape, and only reward functions read them).
     """
 
     def __init__(self, pad_token_id: int) -> None:
@@ -95,4 +96,5 @@ class PromptCollator:
             "input_ids": pad_left([r["input_ids"] for r in rows], self.pad_token_id),
             "attention_mask": pad_left([[1] * len(r["input_ids"]) for r in rows], 0),
             "index": torch.tensor([r["index"] for r in rows], dtype=torch.long),
+            "columns": {name: [r["columns"][name] for r in rows] for name in rows[0].get("columns", {})},
         }

@@ -93,13 +93,15 @@ def _load_saved(path: Path, split: str) -> datasets.Dataset:
     return loaded  # a single saved Dataset has no split names: like a single file, it is the whole table
 
 
-def check_columns(table: datasets.Dataset, fields: Sequence[str], source: str) -> None:
+def check_columns(
+    table: datasets.Dataset, fields: Sequence[str], source: str, argument: str = "*_field"
+) -> None:
     """Raise :class:`DataError` naming the column (and the argument to set) when one is absent or empty."""
     missing = [f for f in fields if f not in table.column_names]
     if missing:
         raise DataError(
             f"{source}: no column {missing[0]!r} (columns: {table.column_names}); set the matching "
-            "*_field argument to the name your data uses"
+            f"{argument} argument to the name your data uses"
         )
     if len(table) == 0:
         raise DataError(f"{source}: the dataset is empty")

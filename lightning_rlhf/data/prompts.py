@@ -10,7 +10,7 @@ from lightning_rlhf.data.collate import PromptCollator
 from lightning_rlhf.data.formats import PromptFormat, check_chat_template, decide_format, read_prompt
 from lightning_rlhf.data.loading import check_columns
 from lightning_rlhf.data.tokenize import encode_prompt
-from lightning_rlhf.validation import check, check_choice
+from lightning_rlhf.validation import ConfigError, check, check_choice
 
 
 class PromptDataModule(TableDataModule):
@@ -25,6 +25,11 @@ class PromptDataModule(TableDataModule):
         input_ids       [B, T]      left-padded ids
         attention_mask  [B, T]      1 on real tokens
         index           [B]         position of the prompt in its encoded split
+        columns         dict[str, list]  the row's other dataset columns (see ``columns``), one value per
+                                    prompt, as Python objects (nested JSON stays lists / dicts)
+
+    The extra columns are what a row-aware reward function receives: PPO and DPO-Iter call
+    ``f(prompts, responses, **columns)`` with the columns that its signature names (all with ``**kwargs``).
 
     ``stats[split]`` counts rows read, kept, dropped (``dropped_empty``: a prompt with no tokens), skipped
     (malformed, with ``on_bad_row="skip"``) and truncated.
@@ -48,6 +53,7 @@ class PromptDataModule(TableDataModule):
         chat_template: str | None = None,
         implicit_prompt_delimiter: str = "\n\nAssistant:",
         drop_last: bool = True,
+        columns: list[str] | None = None,
     ) -> None:
         """
         Args:
@@ -69,6 +75,8 @@ class PromptDataModule(TableDataModule):
             chat_template: Jinja chat template replacing the tokenizer's (for base models that ship none).
             implicit_prompt_delimiter: Where the implicit format ends a transcript's prompt (its last one).
             drop_last: Drop the last, short training batch (a PPO rollout batch must split into mini-batches).
+            columns: Other dataset columns carried with each prompt to the reward functions (e.g. test
+                cases, a reference answer); None carries every column but prompt_field, [] none.
         """
         super().__init__()
         owner = "PromptDataModule"
@@ -78,20 +86,33 @@ class PromptDataModule(TableDataModule):
             raise ValueError(f"{owner}: format 'implicit' needs a non-empty implicit_prompt_delimiter")
         if not prompt_field:
             raise ValueError(f"{owner}: prompt_field must be a column name (got {prompt_field!r})")
+        if columns is not None and prompt_field in columns:
+            raise ConfigError(
+                f"{owner}: columns names the prompt column {prompt_field!r}; the prompt is passed to reward "
+                "functions anyway, so list only the other columns"
+            )
+        if columns is not None and len(set(columns)) != len(columns):
+            raise ConfigError(f"{owner}: columns lists a name twice: {columns}")
         self.save_hyperparameters()
         self._check_common_args(owner)
         self._init_state(tokenizer)
         self._format: tuple[str, str] = ("standard", "")
+        self._extra_columns: list[str] = []
 
     def _prepare(self, table: datasets.Dataset, where: str) -> list[str]:
         field = self.hparams.prompt_field
         check_columns(table, [field], where)
+        extra = self.hparams.columns
+        if extra is None:
+            extra = [c for c in table.column_names if c != field]
+        check_columns(table, extra, where, argument="columns")
+        self._extra_columns = list(extra)
         self._format = decide_format(
             self.hparams.format, table.select_columns([field]), [field], field, where
         )
         if self._format[0] == "conversational":
             check_chat_template(self.tokenizer)
-        return [field]
+        return [field, *extra]
 
     def _encode_row(self, row: dict) -> dict | str:
         hp = self.hparams
@@ -101,7 +122,8 @@ class PromptDataModule(TableDataModule):
             return "dropped_empty"  # nothing to condition generation on
         if truncated:
             text = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        return {"prompt": text, "input_ids": ids, "truncated": truncated}
+        columns = {name: row[name] for name in self._extra_columns}
+        return {"prompt": text, "input_ids": ids, "columns": columns, "truncated": truncated}
 
     def _collator(self) -> PromptCollator:
         return PromptCollator(pad_id(self.tokenizer))

@@ -37,7 +37,7 @@ from lightning_rlhf.models import (
 )
 from lightning_rlhf.modules.base import HFModelModule, NonFinitePolicy
 from lightning_rlhf.modules.dpo import DPO_METRIC_NAMES, dpo_metrics
-from lightning_rlhf.rollout.collect import call_reward_function
+from lightning_rlhf.rewards.calling import call_reward_function, repeat_columns, reward_source_metrics
 from lightning_rlhf.rollout.generation import SamplingConfig, decode_responses, generate_responses
 from lightning_rlhf.rollout.pairs import Samples, build_pair_batch, select_pairs, take_pairs
 from lightning_rlhf.validation import check, check_callable, check_divides
@@ -118,7 +118,8 @@ class IterativeDPOModule(HFModelModule):
         Args:
             model: The policy to train: hub name or ``save_pretrained`` folder (usually the SFT model).
             reward_model: A reward model (scalar head; e.g. from RewardModule) scoring prompt + response.
-            reward_function: ``f(prompts, responses) -> scores`` (import path or class_path); adds to the RM.
+            reward_function: ``f(prompts, responses, **columns) -> scores`` (import path or class_path),
+                given the prompt data's columns that its signature names; adds to the RM.
             gold_function: Like reward_function but only logged (``iteration/gold_score``), never trained on.
             reference_model: Fixed reference weights (only with refresh_reference=false; default: the policy).
             loss: The DPO variant and its beta (default SigmoidDPOLoss(beta=0.1)); class_path in YAML.
@@ -258,6 +259,7 @@ class IterativeDPOModule(HFModelModule):
         prompt_ids = batch["input_ids"].repeat_interleave(k, 0)
         prompt_mask = batch["attention_mask"].repeat_interleave(k, 0)
         prompts = [p for p in batch["prompt"] for _ in range(k)]
+        columns = repeat_columns(batch.get("columns"), k)
         # Generation keeps no activations for backward, so it can take bigger chunks than a training forward.
         chunks = _slices(len(prompts), 8 * hp.micro_batch_size)
         tokens = {"eos_token_id": eos, "pad_token_id": pad}
@@ -280,13 +282,13 @@ class IterativeDPOModule(HFModelModule):
             scores += torch.cat(rm)
         if self.reward_function is not None:
             scores += call_reward_function(
-                self.reward_function, prompts, decoded.texts, "reward_function"
+                self.reward_function, prompts, decoded.texts, columns, "reward_function"
             ).to(self.device)
         if hp.missing_eos_penalty is not None:
             scores -= hp.missing_eos_penalty * (~ended).float()
         gold = None
         if self.gold_function is not None:
-            gold = call_reward_function(self.gold_function, prompts, decoded.texts, "gold_function")
+            gold = call_reward_function(self.gold_function, prompts, decoded.texts, columns, "gold_function")
         return Samples(prompt_ids, prompt_mask, response_ids, response_mask, scores, ended, gold)
 
     @torch.no_grad()
@@ -377,6 +379,7 @@ class IterativeDPOModule(HFModelModule):
         }
         if samples.gold is not None:
             metrics["iteration/gold_score"] = samples.gold.mean()
+        metrics.update(reward_source_metrics(self.reward_function, self.gold_function))
         metrics = {
             key: torch.as_tensor(value, dtype=torch.float32, device=self.device)
             for key, value in metrics.items()

@@ -30,6 +30,7 @@ from lightning_rlhf.modules.base import (
     enable_gradient_checkpointing,
 )
 from lightning_rlhf.ops import masked_mean, masked_var
+from lightning_rlhf.rewards.calling import reward_source_metrics
 from lightning_rlhf.rollout.collect import (
     ShapingConfig,
     collect_rollout,
@@ -130,7 +131,8 @@ class PPOModule(HFModelModule):
         Args:
             model: The policy to train: hub name or ``save_pretrained`` folder (usually the SFT model).
             reward_model: A reward model (scalar head; e.g. from RewardModule) scoring prompt + response.
-            reward_function: ``f(prompts, responses) -> scores`` (import path or class_path); adds to the RM.
+            reward_function: ``f(prompts, responses, **columns) -> scores`` (import path or class_path),
+                given the prompt data's columns that its signature names; adds to the RM.
             gold_function: Like reward_function but only logged (``rollout/gold_score``), never trained on.
             critic_model: Critic initialisation (default: the reward model if given, else the policy).
             reference_model: Reference weights when not the initial policy (default: the policy's).
@@ -362,6 +364,7 @@ class PPOModule(HFModelModule):
             reward_model=self.reward_model,
             reward_function=self.reward_function,
             gold_function=self.gold_function,
+            columns=batch.get("columns"),
             moments=self.score_moments,
             micro_batch_size=self.hparams.micro_batch_size,
             generation_batch_size=self.hparams.generation_batch_size,
@@ -532,6 +535,7 @@ class PPOModule(HFModelModule):
             reward_model=self.reward_model,
             reward_function=self.reward_function,
             gold_function=self.gold_function,
+            columns=batch.get("columns"),
             micro_batch_size=self.hparams.micro_batch_size,
             generation_batch_size=self.hparams.generation_batch_size,
             **self._generation_placement(),
@@ -608,6 +612,7 @@ class PPOModule(HFModelModule):
             metrics["rollout/function_score"] = rollout.function_scores.float().mean()
         if rollout.gold_scores is not None:
             metrics["rollout/gold_score"] = rollout.gold_scores.float().mean()
+        metrics.update(reward_source_metrics(self.reward_function, self.gold_function))
         self.log_dict(
             {k: torch.as_tensor(v, dtype=torch.float32, device=self.device) for k, v in metrics.items()},
             batch_size=len(rollout),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_rlhf.models import response_token_logprobs, response_values, sequence_scores
 from lightning_rlhf.ops import gae, masked_var
+from lightning_rlhf.rewards.calling import RewardFunction, call_reward_function
 from lightning_rlhf.rollout.generation import (
     SampledLogprobs,
     SamplingConfig,
@@ -27,9 +28,6 @@ from lightning_rlhf.rollout.generation import (
 )
 from lightning_rlhf.rollout.shaping import RunningMoments, kl_penalized_rewards, shape_scores
 from lightning_rlhf.rollout.types import Rollout, length_order, select_rows
-
-RewardFunction = Callable[[list[str], list[str]], Sequence[float] | Tensor]
-"""``f(prompts, responses) -> scores``: one float per response, higher is better."""
 
 
 @dataclass(frozen=True)
@@ -42,23 +40,6 @@ class ShapingConfig:
     normalize_scores: bool = False
     gamma: float = 1.0
     lam: float = 0.95
-
-
-def call_reward_function(fn: RewardFunction, prompts: list[str], responses: list[str], what: str) -> Tensor:
-    """Call a user reward function and check what it returns: one finite number per response."""
-    out = fn(prompts, responses)
-    scores = (
-        torch.as_tensor(out if isinstance(out, Tensor) else list(out), dtype=torch.float32).flatten().cpu()
-    )
-    if scores.numel() != len(responses):
-        raise ValueError(f"{what} returned {scores.numel()} scores for {len(responses)} responses")
-    if not torch.isfinite(scores).all():
-        bad = int((~torch.isfinite(scores)).nonzero()[0])
-        raise ValueError(
-            f"{what} returned the non-finite score {float(scores[bad])} for response {bad}: "
-            f"{responses[bad]!r:.80}"
-        )
-    return scores
 
 
 def _chunks(n: int, size: int) -> list[slice]:
@@ -99,6 +80,7 @@ def sample_and_score(
     reward_model: PreTrainedModel | None = None,
     reward_function: RewardFunction | None = None,
     gold_function: RewardFunction | None = None,
+    columns: Mapping[str, list] | None = None,
     micro_batch_size: int = 8,
     generation_batch_size: int = 64,
     timings: dict[str, float] | None = None,
@@ -115,6 +97,8 @@ def sample_and_score(
     returns the sampled tokens' log-probs, read from the logits they were drawn from
     (:class:`~lightning_rlhf.rollout.generation.SampledLogprobs`).
 
+    ``columns`` (the prompts' other dataset columns, one value per prompt) go to the reward and gold
+    functions that name them (:func:`~lightning_rlhf.rewards.calling.call_reward_function`).
     ``timings`` (if given) receives the seconds spent in ``generation`` and ``scoring``.
     """
     if reward_model is None and reward_function is None:
@@ -163,10 +147,12 @@ def sample_and_score(
             rm_scores[rows] = sequence_scores(reward_model, input_ids, attention_mask)
         raw += rm_scores
     if reward_function is not None:
-        function_scores = call_reward_function(reward_function, prompts, decoded.texts, "reward_function")
+        function_scores = call_reward_function(
+            reward_function, prompts, decoded.texts, columns, "reward_function"
+        )
         raw += function_scores.to(raw.device)
     if gold_function is not None:
-        gold = call_reward_function(gold_function, prompts, decoded.texts, "gold_function")
+        gold = call_reward_function(gold_function, prompts, decoded.texts, columns, "gold_function")
     timings["scoring"] = time.perf_counter() - start
     return ScoredSamples(
         response_ids=response_ids,
@@ -197,6 +183,7 @@ def collect_rollout(
     reward_model: PreTrainedModel | None = None,
     reward_function: RewardFunction | None = None,
     gold_function: RewardFunction | None = None,
+    columns: Mapping[str, list] | None = None,
     moments: RunningMoments | None = None,
     micro_batch_size: int = 8,
     generation_batch_size: int = 64,
@@ -225,6 +212,7 @@ def collect_rollout(
         reward_model=reward_model,
         reward_function=reward_function,
         gold_function=gold_function,
+        columns=columns,
         micro_batch_size=micro_batch_size,
         generation_batch_size=generation_batch_size,
         timings=timings,
