@@ -4,6 +4,7 @@ lightning-rlhf fit --config configs/sft/testbed.yaml      # any stage, module an
 lightning-rlhf testbed --out runs/testbed                  # write the embedded testbed's files
 lightning-rlhf quickstart                                  # the whole testbed pipeline
 lightning-rlhf study                                       # the paper study: ablations, seeds, plots
+lightning-rlhf evaluate --policies [a, b] --prompts p.jsonl # compare policies on your prompts
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ lightning-rlhf also has these commands:
   quickstart   run the testbed pipeline and print the gold reward of each stage
   study        reproduce the paper's findings on the testbed: table, plots and JSON (--fast: a smoke run)
   export       write a checkpoint's trained model as a save_pretrained folder
+  evaluate     sample k responses per prompt from policies; scores, win rate, pass@k (--help for flags)
 """
 
 
@@ -100,6 +102,10 @@ def cli_main(args: list[str] | None = None) -> None:
         from lightning_rlhf.quickstart import main
 
         main(argv[1:])
+    elif argv and argv[0] == "evaluate":
+        from lightning_rlhf.evaluate import main as evaluate_main
+
+        evaluate_main(argv[1:])
     elif argv and argv[0] == "study":
         from lightning_rlhf.study.main import main as study_main
 
