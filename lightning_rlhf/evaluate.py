@@ -176,9 +176,10 @@ def evaluate(
             {n: [r["columns"][n] for r in rows] for n in rows[0]["columns"]}, num_samples
         )
         model = load_causal_lm(path)
-        if progress:
-            print(f"evaluate: {path}: {len(rows)} prompts x {num_samples} samples", flush=True)
-        out = generate_texts(model, data.tokenizer, texts, sampling, batch_size=batch_size, seed=seed)
+        label = f"sampling {path} ({len(rows)} prompts x {num_samples})" if progress else None
+        out = generate_texts(
+            model, data.tokenizer, texts, sampling, batch_size=batch_size, seed=seed, progress=label
+        )
         del model
         result = PolicySamples(name=path, responses=out.texts, ended=out.ended, lengths=out.lengths)
         if rm is not None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_rlhf.data.tokenize import prompt_token_ids
@@ -173,8 +174,12 @@ def generate_texts(
     *,
     batch_size: int = 64,
     seed: int | None = None,
+    progress: str | None = None,
 ) -> Generated:
-    """One sampled response per prompt text; ``seed`` makes it reproducible, leaving global RNG alone."""
+    """One sampled response per prompt text; ``seed`` makes it reproducible, leaving global RNG alone.
+
+    ``progress`` (a label) shows a progress bar over the prompts on the terminal.
+    """
     sampling = sampling or SamplingConfig()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
@@ -182,6 +187,7 @@ def generate_texts(
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
+        bar = tqdm(total=len(prompts), desc=progress, unit="prompt", disable=progress is None)
         for start in range(0, len(prompts), batch_size):
             ids, mask = left_pad_prompts(tokenizer, prompts[start : start + batch_size], device)
             response_ids, response_mask = generate_responses(
@@ -191,4 +197,6 @@ def generate_texts(
             texts += out.texts
             ended += out.ended
             lengths += out.lengths
+            bar.update(len(out.texts))
+        bar.close()
     return Generated(texts=texts, ended=ended, lengths=lengths)
