@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
 import torch
@@ -70,6 +70,26 @@ class VLLMSettings:
             raise ValueError(f"VLLMSettings: max_model_len must be >= 2 (got {self.max_model_len})")
         if self.cpu_kv_cache_gib < 1:
             raise ValueError(f"VLLMSettings: cpu_kv_cache_gib must be >= 1 (got {self.cpu_kv_cache_gib})")
+
+    @classmethod
+    def build(cls, value: VLLMSettings | dict | None) -> VLLMSettings:
+        """Settings from a module argument: the object, the dict a checkpoint's hparams hold, or defaults."""
+        if value is None:
+            return cls()
+        if isinstance(value, VLLMSettings):
+            return value
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - {f.name for f in fields(cls)})
+            if unknown:
+                raise ValueError(f"VLLMSettings: unknown field(s) {unknown}")
+            return cls(**value)
+        raise TypeError(
+            f"vllm must be VLLMSettings, a dict of its fields, or None (got {type(value).__name__})"
+        )
+
+    def to_dict(self) -> dict:
+        """Plain values, for hyperparameters (checkpoints are read back with ``weights_only=True``)."""
+        return asdict(self)
 
 
 def row_seeds(seed: int, n: int) -> list[int]:
