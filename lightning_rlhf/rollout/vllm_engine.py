@@ -109,7 +109,7 @@ class VLLMEngine:
 
     Built from a ``save_pretrained`` folder (weights, config and tokenizer). On CPU the engine runs in the
     training process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``; the engine subprocess does not start there) and
-    the attention kernel needs a head dimension vLLM supports (64 works, 16 does not).
+    the attention kernel needs a head dimension vLLM supports (32 and 64 work, 16 does not).
     """
 
     def __init__(self, model: str, settings: VLLMSettings | None = None) -> None:

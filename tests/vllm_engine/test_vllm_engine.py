@@ -26,7 +26,7 @@ GREEDY = SamplingConfig(max_new_tokens=8, temperature=0.0)
 
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory, tokenizer):
-    model = build_causal_lm("vllm-nano", tokenizer, seed=0)
+    model = build_causal_lm("tiny", tokenizer, seed=0)
     path = tmp_path_factory.mktemp("policy")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -39,7 +39,7 @@ def engine(policy_dir):
 
 
 def fresh_policy(tokenizer):
-    return build_causal_lm("vllm-nano", tokenizer, seed=0)  # the weights saved in policy_dir
+    return build_causal_lm("tiny", tokenizer, seed=0)  # the weights saved in policy_dir
 
 
 def hf_greedy(model, tokenizer, prompts=PROMPTS):
@@ -202,7 +202,7 @@ def test_policy_copy_is_left_alone(engine, tokenizer):
 
 
 def test_ppo_with_vllm_rollouts_raises_held_out_gold_reward(tmp_path):
-    """Seeded: SFT the vLLM-sized testbed policy, then PPO with generation_engine='vllm' against the gold
+    """Seeded: SFT the tiny testbed policy, then PPO with generation_engine='vllm' against the gold
     reward; the held-out mean gold reward (sampled with HF from the trained policy) must rise clearly."""
     import lightning as L
     from transformers import AutoTokenizer
@@ -218,7 +218,7 @@ def test_ppo_with_vllm_rollouts_raises_held_out_gold_reward(tmp_path):
     sizes = SplitSizes(
         sft_train=1000, sft_eval=16, pairs_train=8, pairs_eval=8, prompts_train=256, prompts_eval=96
     )
-    write_testbed(testbed, TaskConfig(seed=0), sizes, model_size="vllm-nano")
+    write_testbed(testbed, TaskConfig(seed=0), sizes, model_size="tiny")
 
     def trainer(**kwargs):
         return L.Trainer(
