@@ -110,3 +110,19 @@ def test_merged_state_dict_equals_merge_and_unload_and_leaves_the_adapters(token
     torch.testing.assert_close(merged["model.layers.0.self_attn.q_proj.weight"], by_hand)
     assert not torch.equal(by_hand, layer.base_layer.weight)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_ppo_refuses_vllm_under_zero3_at_setup(monkeypatch):
+    """Refused when fitting starts, before any engine is built (so also without vllm installed)."""
+    from types import SimpleNamespace
+
+    from lightning_rlhf import PPOModule
+    from lightning_rlhf.modules import ppo
+    from lightning_rlhf.validation import ConfigError
+
+    monkeypatch.setattr(ppo, "configure_for_manual_accumulation", lambda *args: None)
+    module = PPOModule("some/model", reward_function=lambda p, r: r, generation_engine="vllm")
+    module._trainer = SimpleNamespace(strategy=SimpleNamespace(config={"zero_optimization": {"stage": 3}}))
+    with pytest.raises(ConfigError, match="generation_engine='vllm' does not support ZeRO-3"):
+        module.setup("fit")
+    assert module.engine is None

@@ -262,3 +262,45 @@ def test_ppo_with_vllm_rollouts_raises_held_out_gold_reward(tmp_path):
     print("gold reward before / after PPO with vLLM rollouts:", before, after)
     assert after["gold_reward"] > before["gold_reward"] + 0.15, (before, after)
     assert ppo.engine is not None and "time/generation" in fit.callback_metrics
+
+
+def test_ppo_old_logprobs_from_vllm_pass_the_first_step_guard(tmp_path, tokenizer):
+    """old_logprobs='sampling' takes vLLM's returned log-probs; in float32 they agree with the training
+    forward to ~1e-6 (test_sampled_logprobs_are_the_forward_at_the_temperature), well inside the default
+    first_step_tolerance of 1e-3, so the guard's ratio == 1 check passes on the first update."""
+    import lightning as L
+
+    from lightning_rlhf import PPOModule, PromptDataModule
+    from lightning_rlhf.testbed.files import SplitSizes, write_testbed
+    from lightning_rlhf.testbed.reward import GoldReward
+    from lightning_rlhf.testbed.task import TaskConfig
+
+    testbed = tmp_path / "tb"
+    sizes = SplitSizes(sft_train=8, sft_eval=8, pairs_train=8, pairs_eval=8, prompts_train=32, prompts_eval=8)
+    write_testbed(testbed, TaskConfig(seed=0), sizes, model_size="tiny")
+    L.seed_everything(0, verbose=False)
+    ppo = PPOModule(
+        str(testbed / "init_policy"),
+        reward_function=GoldReward(str(testbed)),
+        max_new_tokens=8,
+        temperature=0.8,
+        mini_batch_size=16,
+        micro_batch_size=16,
+        old_logprobs="sampling",
+        generation_engine="vllm",
+        vllm=VLLMSettings(dtype="float32", max_model_len=64),
+    )
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        max_steps=2,
+    )
+    trainer.fit(
+        ppo,
+        PromptDataModule(str(testbed / "init_policy"), str(testbed / "prompts_train.jsonl"), batch_size=16),
+    )
+    assert ppo._first_step_pending is False and trainer.global_step == 2
