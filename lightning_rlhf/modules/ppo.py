@@ -389,6 +389,8 @@ class PPOModule(HFModelModule):
             **placement,
             **self._engine_arguments(),
         )
+        if self.engine is not None:
+            self.engine.sleep()  # with enable_sleep_mode (GPU) the update gets the engine's memory back
         self._timings = timings
         mask = rollout.response_mask.float()
         # Logged as they came out of GAE: after AdvantageNormalization the post-hook values are always 0 / 1.
