@@ -213,9 +213,11 @@ class VLLMEngine:
     def sync_weights(self, model: nn.Module) -> None:
         """Copy ``model``'s current weights into the engine (full fine-tuning or PEFT, merged on the fly).
 
-        The weights go through the model's own ``load_weights`` (vLLM's name and shard mapping: q/k/v into
-        ``qkv_proj``, gate/up into ``gate_up_proj``) inside vLLM's layerwise reload, which restores the
-        loaders the CPU backend strips after the first load and re-runs its weight processing afterwards.
+        vLLM's in-place ``reload_weights`` (checkpoint format): the weights go through the model's own
+        ``load_weights`` (vLLM's name and shard mapping: q/k/v into ``qkv_proj``, gate/up into
+        ``gate_up_proj``) with the layers' loading-time parameters restored from recorded metadata, the
+        backend's weight processing run again, and the result copied into the kernel tensors in place.
+        Writing into the processed parameters directly fails on CPU (they have no ``weight_loader``).
 
         TODO(ZeRO-3): gather one parameter at a time instead of refusing partitioned models.
         """
