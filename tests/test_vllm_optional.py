@@ -4,6 +4,7 @@ The engine itself is tested in tests/vllm_engine (vLLM environment, ``-m vllm``)
 """
 
 import copy
+import json
 import sys
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 from lightning_rlhf.rollout.collect import sample_and_score
 from lightning_rlhf.rollout.generation import SamplingConfig
-from lightning_rlhf.rollout.vllm_engine import VLLMEngine, VLLMSettings, row_seeds
+from lightning_rlhf.rollout.vllm_engine import VLLMEngine, VLLMSettings, config_dtype, row_seeds
 from lightning_rlhf.testbed.models import build_causal_lm
 
 
@@ -126,3 +127,13 @@ def test_ppo_refuses_vllm_under_zero3_at_setup(monkeypatch):
     with pytest.raises(ConfigError, match="generation_engine='vllm' does not support ZeRO-3"):
         module.setup("fit")
     assert module.engine is None
+
+
+def test_auto_dtype_is_the_policy_folders(tmp_path):
+    """A float32 policy keeps float32 in the engine (vLLM's own "auto" would downcast it)."""
+    for key, value, want in (("dtype", "float32", "float32"), ("torch_dtype", "bfloat16", "bfloat16")):
+        folder = tmp_path / key
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({key: value}))
+        assert config_dtype(str(folder)) == want
+    assert config_dtype("some-org/some-model") == "auto"

