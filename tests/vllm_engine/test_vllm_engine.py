@@ -306,3 +306,20 @@ def test_ppo_old_logprobs_from_vllm_pass_the_first_step_guard(tmp_path, tokenize
         PromptDataModule(str(testbed / "init_policy"), str(testbed / "prompts_train.jsonl"), batch_size=16),
     )
     assert ppo._first_step_pending is False and trainer.global_step == 2
+
+
+def test_rollout_benchmark_script_runs(tmp_path):
+    """benchmarks/gpu/vllm_rollout.py end to end on CPU in a tiny shape, so it cannot rot between GPU runs."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu" / "vllm_rollout.py"
+    out = tmp_path / "bench.json"
+    args = ["--prompts", "4", "--new-tokens", "4", "--out", str(out)]
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and out.is_file(), proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["hf"]["tokens"] > 0 and result["vllm"]["tokens"] > 0
+    assert "| vllm |" in proc.stdout
