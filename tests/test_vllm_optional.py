@@ -137,3 +137,33 @@ def test_auto_dtype_is_the_policy_folders(tmp_path):
         (folder / "config.json").write_text(json.dumps({key: value}))
         assert config_dtype(str(folder)) == want
     assert config_dtype("some-org/some-model") == "auto"
+
+
+def test_validate_without_fit_samples_with_hf(tmp_path):
+    """trainer.validate builds no engine (only fit does): a vllm-configured PPO module validates with HF."""
+    import lightning as L
+
+    from lightning_rlhf import PPOModule, PromptDataModule
+    from lightning_rlhf.testbed.files import SplitSizes, write_testbed
+    from lightning_rlhf.testbed.reward import GoldReward
+    from lightning_rlhf.testbed.task import TaskConfig
+
+    sizes = SplitSizes(sft_train=8, sft_eval=8, pairs_train=8, pairs_eval=8, prompts_train=8, prompts_eval=8)
+    write_testbed(tmp_path, TaskConfig(seed=0), sizes, model_size="nano")
+    module = PPOModule(
+        str(tmp_path / "init_policy"),
+        reward_function=GoldReward(str(tmp_path)),
+        max_new_tokens=4,
+        mini_batch_size=8,
+        micro_batch_size=8,
+        generation_engine="vllm",
+    )
+    data = PromptDataModule(
+        str(tmp_path / "init_policy"),
+        str(tmp_path / "prompts_train.jsonl"),
+        str(tmp_path / "prompts_eval.jsonl"),
+        batch_size=8,
+    )
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    metrics = trainer.validate(module, data, verbose=False)[0]
+    assert module.engine is None and 0 < metrics["val/response_length"] <= 4

@@ -6,6 +6,7 @@ import time
 import zlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -554,19 +555,24 @@ class PPOModule(HFModelModule):
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Sample one response per held-out prompt and log its scores (no update, no KL penalty)."""
+        # Outside fit (trainer.validate) no engine is built: HF samples then.
+        sampling = self.sampling
+        if self.engine is None:
+            sampling = replace(sampling, generation_engine="hf")
         samples = sample_and_score(
             policy=self.policy,
             tokenizer=self.tokenizer,
             prompt_ids=batch["input_ids"],
             prompt_mask=batch["attention_mask"],
             prompts=list(batch["prompt"]),
-            sampling=self.sampling,
+            sampling=sampling,
             reward_model=self.reward_model,
             reward_function=self.reward_function,
             gold_function=self.gold_function,
             micro_batch_size=self.hparams.micro_batch_size,
             generation_batch_size=self.hparams.generation_batch_size,
             **self._generation_placement(),
+            **self._engine_arguments(),
         )
         metrics = {
             "val/score": samples.raw_scores.mean(),

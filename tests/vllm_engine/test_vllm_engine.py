@@ -301,11 +301,15 @@ def test_ppo_old_logprobs_from_vllm_pass_the_first_step_guard(tmp_path, tokenize
         enable_checkpointing=False,
         max_steps=2,
     )
-    trainer.fit(
-        ppo,
-        PromptDataModule(str(testbed / "init_policy"), str(testbed / "prompts_train.jsonl"), batch_size=16),
+    data = PromptDataModule(
+        str(testbed / "init_policy"),
+        str(testbed / "prompts_train.jsonl"),
+        str(testbed / "prompts_eval.jsonl"),  # validation during fit samples with the engine too
+        batch_size=16,
     )
+    trainer.fit(ppo, data)
     assert ppo._first_step_pending is False and trainer.global_step == 2
+    assert "val/score" in trainer.callback_metrics
 
 
 def test_rollout_benchmark_script_runs(tmp_path):
