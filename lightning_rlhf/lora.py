@@ -237,6 +237,32 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights a PEFT model computes with, adapters merged (W + scale·B·A), under transformers names.
+
+    New tensors for the adapted layers; the model, its base weights and its adapters are not touched (no
+    ``merge_and_unload``), so it can be called between updates of a model in training. A module trained
+    fully beside the adapters (``modules_to_save``) gives its trained copy.
+    """
+    if not is_peft_model(model):
+        return model.state_dict()
+    base = model.get_base_model()
+    active = model.active_adapter
+    state = {}
+    for name, tensor in base_state_dict(model).items():
+        state[name] = tensor
+    for layer_name, module in base.named_modules():
+        if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+            if active in getattr(module, "lora_A", {}) and not getattr(module, "merged", False):
+                weight = module.base_layer.weight
+                state[f"{layer_name}.weight"] = weight + module.get_delta_weight(active).to(weight.dtype)
+        elif hasattr(module, "modules_to_save") and hasattr(module, "original_module"):
+            for key, tensor in module.modules_to_save[active].state_dict().items():
+                state[f"{layer_name}.{key}"] = tensor
+    return state
+
+
+@torch.no_grad()
 def merged_copy(model: nn.Module) -> nn.Module:
     """A plain transformers model with the adapters merged into the weights; ``model`` is left as it was.
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -46,6 +48,7 @@ from lightning_rlhf.rollout.shaping import (
     sequence_kl,
 )
 from lightning_rlhf.rollout.types import Rollout, length_order
+from lightning_rlhf.rollout.vllm_engine import VLLMEngine, VLLMSettings
 from lightning_rlhf.validation import ConfigError, check, check_callable, check_choice, check_divides
 from lightning_rlhf.zero import (
     configure_for_manual_accumulation,
@@ -100,6 +103,8 @@ class PPOModule(HFModelModule):
         generation_batch_size: int = 64,
         zero3_generation: Literal["gather", "synced"] = "gather",
         old_logprobs: Literal["forward", "sampling"] = "forward",
+        generation_engine: Literal["hf", "vllm"] = "hf",
+        vllm: VLLMSettings | None = None,
         clip_range: float = 0.2,
         dual_clip: float | None = None,
         clip_range_value: float | None = 0.2,
@@ -152,6 +157,10 @@ class PPOModule(HFModelModule):
                 equal up to KV-cache float noise: ~1e-6 in fp32, ~1e-3 in bf16, where the first-step
                 check may need a larger first_step_tolerance). Under ZeRO-3 with
                 ``zero3_generation="synced"`` the old log-probs always come from a forward.
+            generation_engine: Who samples the rollouts: HF ``generate`` on the policy (``hf``) or a colocated
+                vLLM engine built from ``model`` that receives the policy's weights before every rollout
+                (``vllm``; needs vllm installed; not under ZeRO-3 yet).
+            vllm: Settings of the vLLM engine (dtype, max_model_len, seed, memory share, sleep mode).
             clip_range: PPO ratio clip epsilon (> 0).
             dual_clip: Dual-clip constant c > 1 bounding the loss of negative advantages (None = off).
             clip_range_value: Value clip around the rollout's values (None = unclipped value loss).
@@ -186,6 +195,7 @@ class PPOModule(HFModelModule):
         owner = "PPOModule"
         check_choice(owner, "zero3_generation", zero3_generation, ("gather", "synced"))
         check_choice(owner, "old_logprobs", old_logprobs, ("forward", "sampling"))
+        check_choice(owner, "generation_engine", generation_engine, ("hf", "vllm"))
         for name, value in (
             ("max_new_tokens", max_new_tokens),
             ("ppo_epochs", ppo_epochs),
@@ -231,12 +241,15 @@ class PPOModule(HFModelModule):
             raise ConfigError(
                 f"{owner}: kl_coef must be > 0 with target_kl (the controller only rescales it)"
             )
-        self.save_hyperparameters(ignore=["reward_function", "gold_function", "lora"])
+        self.save_hyperparameters(ignore=["reward_function", "gold_function", "lora", "vllm"])
+        self.vllm_settings = VLLMSettings.build(vllm)
+        self.hparams["vllm"] = self.vllm_settings.to_dict()
         self.lora = self._use_lora(lora)
         check_dropout("PPOModule", self.lora, disable_dropout)
         self.reward_function = reward_function
         self.gold_function = gold_function
-        self.sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p)
+        self.sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p, generation_engine)
+        self.engine: VLLMEngine | None = None
         self.shaping = ShapingConfig(
             kl_estimator, missing_eos_penalty, score_clip, normalize_scores, gamma, lam
         )
@@ -327,6 +340,13 @@ class PPOModule(HFModelModule):
             configure_for_manual_accumulation(
                 self._trainer.strategy.config, self.hparams.max_grad_norm, "PPOModule"
             )
+        if stage == "fit" and self.sampling.generation_engine == "vllm" and self.engine is None:
+            if zero_stage(self._trainer) == 3:
+                raise ConfigError(
+                    "PPOModule: generation_engine='vllm' does not support ZeRO-3 yet (the weight sync "
+                    "would gather the partitioned policy); use generation_engine='hf' with ZeRO-3"
+                )
+            self.engine = VLLMEngine(self.hparams.model, self.vllm_settings)
 
     def on_fit_start(self) -> None:
         self.check_datamodule(getattr(self.trainer, "datamodule", None))
@@ -371,7 +391,10 @@ class PPOModule(HFModelModule):
             timings=timings,
             old_logprobs="forward" if synced else self.hparams.old_logprobs,
             **placement,
+            **self._engine_arguments(),
         )
+        if self.engine is not None:
+            self.engine.sleep()  # with enable_sleep_mode (GPU) the update gets the engine's memory back
         self._timings = timings
         mask = rollout.response_mask.float()
         # Logged as they came out of GAE: after AdvantageNormalization the post-hook values are always 0 / 1.
@@ -381,6 +404,16 @@ class PPOModule(HFModelModule):
         }
         call_rollout_hooks(self.trainer, self, rollout)
         return rollout
+
+    def _engine_arguments(self) -> dict:
+        """The vLLM engine, given the policy's current weights, and this rollout's seed (run, step, rank)."""
+        if self.engine is None:
+            return {}
+        # Synced before every rollout rather than after each update: a resumed run's weights arrive after
+        # setup, and the update phase is the only thing between two rollouts.
+        self.engine.sync_weights(self.policy)
+        key = f"{self.vllm_settings.seed}/{self.global_step}/{self.global_rank}".encode()
+        return {"engine": self.engine, "seed": zlib.crc32(key)}
 
     def _generation_placement(self) -> dict:
         """How ``generate`` sees a ZeRO-3 policy: whole weights gathered once, or shards, ranks in step."""
@@ -525,13 +558,17 @@ class PPOModule(HFModelModule):
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Sample one response per held-out prompt and log its scores (no update, no KL penalty)."""
+        # Outside fit (trainer.validate) no engine is built: HF samples then.
+        sampling = self.sampling
+        if self.engine is None:
+            sampling = replace(sampling, generation_engine="hf")
         samples = sample_and_score(
             policy=self.policy,
             tokenizer=self.tokenizer,
             prompt_ids=batch["input_ids"],
             prompt_mask=batch["attention_mask"],
             prompts=list(batch["prompt"]),
-            sampling=self.sampling,
+            sampling=sampling,
             reward_model=self.reward_model,
             reward_function=self.reward_function,
             gold_function=self.gold_function,
@@ -539,6 +576,7 @@ class PPOModule(HFModelModule):
             micro_batch_size=self.hparams.micro_batch_size,
             generation_batch_size=self.hparams.generation_batch_size,
             **self._generation_placement(),
+            **self._engine_arguments(),
         )
         metrics = {
             "val/score": samples.raw_scores.mean(),

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,9 @@ from lightning_rlhf.rollout.generation import (
 )
 from lightning_rlhf.rollout.shaping import RunningMoments, kl_penalized_rewards, shape_scores
 from lightning_rlhf.rollout.types import Rollout, length_order, select_rows
+
+if TYPE_CHECKING:  # vllm is optional: the engine module imports it only when an engine is built
+    from lightning_rlhf.rollout.vllm_engine import VLLMEngine
 
 
 @dataclass(frozen=True)
@@ -68,49 +72,21 @@ class ScoredSamples:
     gold_scores: Tensor | None
 
 
-@torch.no_grad()
-def sample_and_score(
-    *,
+def _hf_samples(
     policy: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
     prompt_ids: Tensor,
     prompt_mask: Tensor,
-    prompts: list[str],
     sampling: SamplingConfig,
-    reward_model: PreTrainedModel | None = None,
-    reward_function: RewardFunction | None = None,
-    gold_function: RewardFunction | None = None,
-    columns: Mapping[str, list] | None = None,
-    micro_batch_size: int = 8,
-    generation_batch_size: int = 64,
-    timings: dict[str, float] | None = None,
-    generation_context: Callable[[], AbstractContextManager] = nullcontext,
-    synced_gpus: bool = False,
-    sampled_logprobs: bool = False,
-) -> ScoredSamples:
-    """Sample one response per (left-padded) prompt and score it: reward model + reward function.
-
-    Generation runs ``generation_batch_size`` prompts at a time, scoring ``micro_batch_size`` sequences of
-    similar length at a time, each cut to its own longest prompt and response.
-    ``generation_context`` is entered around all the generate calls (under ZeRO-3: whole policy weights);
-    ``synced_gpus`` is passed to ``generate`` (ZeRO-3 with partitioned weights). ``sampled_logprobs`` also
-    returns the sampled tokens' log-probs, read from the logits they were drawn from
-    (:class:`~lightning_rlhf.rollout.generation.SampledLogprobs`).
-
-    ``columns`` (the prompts' other dataset columns, one value per prompt) go to the reward and gold
-    functions that name them (:func:`~lightning_rlhf.rewards.calling.call_reward_function`).
-    ``timings`` (if given) receives the seconds spent in ``generation`` and ``scoring``.
-    """
-    if reward_model is None and reward_function is None:
-        raise ValueError("PPO needs a reward: give a reward_model, a reward_function, or both")
-    timings = timings if timings is not None else {}
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    *,
+    eos: int,
+    pad: int,
+    generation_batch_size: int,
+    generation_context: Callable[[], AbstractContextManager],
+    synced_gpus: bool,
+    sampled_logprobs: bool,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """HF ``generate`` on the policy, ``generation_batch_size`` prompts a call, padded to one width."""
     n = prompt_ids.shape[0]
-
-    if sampled_logprobs and synced_gpus:
-        raise ValueError("sampled log-probs cannot be read from synced (ZeRO-3 partitioned) generation")
-    start = time.perf_counter()
     pieces = []
     with generation_context():
         for s in _chunks(n, generation_batch_size):
@@ -132,6 +108,97 @@ def sample_and_score(
     logprobs = None
     if sampled_logprobs:
         logprobs = torch.cat([F.pad(lp, (0, width - lp.shape[1])) for _, _, lp in pieces]) * response_mask
+    return response_ids, response_mask, logprobs
+
+
+def _engine_samples(
+    engine: VLLMEngine | None,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    sampling: SamplingConfig,
+    eos: int,
+    pad: int,
+    seed: int,
+    sampled_logprobs: bool,
+    synced_gpus: bool,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The vLLM engine on the unpadded prompts, all in one call (vLLM batches them itself)."""
+    if engine is None:
+        raise ValueError("sampling.generation_engine='vllm' needs an engine: pass engine=VLLMEngine(...)")
+    if synced_gpus:
+        raise ValueError("generation_engine='vllm' cannot run synced (ZeRO-3 partitioned) generation")
+    rows = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask, strict=True)]
+    ids, mask, logprobs = engine.generate(
+        rows, sampling, eos_token_id=eos, pad_token_id=pad, seed=seed, logprobs=sampled_logprobs
+    )
+    device = prompt_ids.device
+    return ids.to(device), mask.to(device), None if logprobs is None else logprobs.to(device)
+
+
+@torch.no_grad()
+def sample_and_score(
+    *,
+    policy: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    prompts: list[str],
+    sampling: SamplingConfig,
+    reward_model: PreTrainedModel | None = None,
+    reward_function: RewardFunction | None = None,
+    gold_function: RewardFunction | None = None,
+    columns: Mapping[str, list] | None = None,
+    micro_batch_size: int = 8,
+    generation_batch_size: int = 64,
+    timings: dict[str, float] | None = None,
+    generation_context: Callable[[], AbstractContextManager] = nullcontext,
+    synced_gpus: bool = False,
+    sampled_logprobs: bool = False,
+    engine: VLLMEngine | None = None,
+    seed: int = 0,
+) -> ScoredSamples:
+    """Sample one response per (left-padded) prompt and score it: reward model + reward function.
+
+    Generation runs ``generation_batch_size`` prompts at a time, scoring ``micro_batch_size`` sequences of
+    similar length at a time, each cut to its own longest prompt and response.
+    ``generation_context`` is entered around all the generate calls (under ZeRO-3: whole policy weights);
+    ``synced_gpus`` is passed to ``generate`` (ZeRO-3 with partitioned weights). ``sampled_logprobs`` also
+    returns the sampled tokens' log-probs, read from the logits they were drawn from
+    (:class:`~lightning_rlhf.rollout.generation.SampledLogprobs`).
+    With ``sampling.generation_engine == "vllm"`` the ``engine`` samples instead (all prompts in one call,
+    seeded by ``seed``; its weights must have been synced to ``policy``'s) and returns the same tensors.
+
+    ``columns`` (the prompts' other dataset columns, one value per prompt) go to the reward and gold
+    functions that name them (:func:`~lightning_rlhf.rewards.calling.call_reward_function`).
+    ``timings`` (if given) receives the seconds spent in ``generation`` and ``scoring``.
+    """
+    if reward_model is None and reward_function is None:
+        raise ValueError("PPO needs a reward: give a reward_model, a reward_function, or both")
+    timings = timings if timings is not None else {}
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    n = prompt_ids.shape[0]
+
+    if sampled_logprobs and synced_gpus:
+        raise ValueError("sampled log-probs cannot be read from synced (ZeRO-3 partitioned) generation")
+    start = time.perf_counter()
+    if sampling.generation_engine == "vllm":
+        response_ids, response_mask, logprobs = _engine_samples(
+            engine, prompt_ids, prompt_mask, sampling, eos, pad, seed, sampled_logprobs, synced_gpus
+        )
+    else:
+        response_ids, response_mask, logprobs = _hf_samples(
+            policy,
+            prompt_ids,
+            prompt_mask,
+            sampling,
+            eos=eos,
+            pad=pad,
+            generation_batch_size=generation_batch_size,
+            generation_context=generation_context,
+            synced_gpus=synced_gpus,
+            sampled_logprobs=sampled_logprobs,
+        )
     timings["generation"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -191,12 +258,14 @@ def collect_rollout(
     generation_context: Callable[[], AbstractContextManager] = nullcontext,
     synced_gpus: bool = False,
     old_logprobs: str = "forward",
+    engine: VLLMEngine | None = None,
+    seed: int = 0,
 ) -> Rollout:
     """Sample responses to the prompts and compute everything the PPO update needs.
 
     Inference runs in micro-batches of ``micro_batch_size`` sequences, each model once per rollout. The old
     log-probs come from a policy ``forward`` like the update's, or (``"sampling"``) from the logits the
-    tokens were sampled from, which saves that forward.
+    tokens were sampled from, which saves that forward. ``engine`` and ``seed``: see :func:`sample_and_score`.
     ``timings`` (if given) receives seconds spent in ``generation``, ``scoring`` and ``inference``.
     """
     if old_logprobs not in ("forward", "sampling"):
@@ -219,6 +288,8 @@ def collect_rollout(
         generation_context=generation_context,
         synced_gpus=synced_gpus,
         sampled_logprobs=old_logprobs == "sampling",
+        engine=engine,
+        seed=seed,
     )
     response_ids, response_mask, ended, raw = (
         samples.response_ids,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -26,6 +27,9 @@ class SamplingConfig:
     """Keep only the k most likely tokens (0 = off)."""
     top_p: float = 1.0
     """Nucleus sampling mass (1.0 = off)."""
+    generation_engine: Literal["hf", "vllm"] = "hf"
+    """Who samples: Hugging Face ``generate`` on the policy itself, or a colocated vLLM engine that follows
+    the policy's weights (:class:`~lightning_rlhf.rollout.vllm_engine.VLLMEngine`)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -34,6 +38,8 @@ class SamplingConfig:
             raise ValueError(f"temperature must be >= 0 (got {self.temperature})")
         if self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1 (got {self.top_k}, {self.top_p})")
+        if self.generation_engine not in ("hf", "vllm"):
+            raise ValueError(f"generation_engine must be 'hf' or 'vllm' (got {self.generation_engine!r})")
 
 
 def response_mask_from_ids(response_ids: Tensor, eos_token_id: int) -> Tensor:

@@ -14,7 +14,7 @@ from transformers import (
 # hidden, layers, heads, intermediate. "tiny" is ~1M parameters with the testbed's 512-token vocabulary;
 # "0.5b" has the shape of a 0.5B Llama (for GPU checks; weights are random).
 MODEL_SIZES: dict[str, tuple[int, int, int, int]] = {
-    "nano": (64, 2, 4, 128),
+    "nano": (64, 2, 4, 128),  # head_dim 16, which vLLM's CPU attention refuses ("tiny"'s 32 works)
     "tiny": (128, 4, 4, 384),
     "small": (256, 6, 8, 768),
     "0.5b": (1280, 24, 20, 3584),  # 0.49B parameters outside the (testbed-sized) embeddings
