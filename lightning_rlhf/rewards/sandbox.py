@@ -161,6 +161,15 @@ def isolation() -> Isolation:
         return _isolation
 
 
+def _children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (from /proc; the kernel lists them per thread)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
 def _read_capped(stream, cap: int, sink: list[bytes], over: threading.Event, kill) -> None:
     total = 0
     while True:
@@ -230,6 +239,18 @@ def run_program(
     )
 
     def kill() -> None:
+        if iso.namespaces:
+            # Kill the namespace's init (unshare's child), not unshare: unshare then reaps it, and the
+            # kernel kills everything else in the namespace. Killing unshare too would orphan a zombie.
+            for child in _children(proc.pid):
+                try:
+                    os.kill(child, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            try:
+                proc.wait(timeout=2.0)
+            except subprocess.TimeoutExpired:
+                pass
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
