@@ -37,16 +37,21 @@ from dataclasses import dataclass
 # Executed by the sandbox's own interpreter inside the namespaces, as root, before the untrusted program:
 # private tmp dirs, limits, then drop to the slot's uid and exec the program with a fresh interpreter.
 _BOOTSTRAP = r"""
-import os, resource, subprocess, sys
+import os, resource, sys
 work, uid, mem, cpu, fsize, nproc, mount, python = sys.argv[1:9]
 if mount == "1":
     # The program's directory is a fresh one on the private /tmp tmpfs: it vanishes with the namespace.
     with open(os.path.join(work, "prog.py"), "rb") as f:
         src = f.read()
-    subprocess.run(["mount", "--make-rprivate", "/"], check=True)
-    for d in ("/tmp", "/var/tmp", "/dev/shm"):
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    def mount(src, dst, fstype, flags, data):
+        if libc.mount(src, dst, fstype, flags, data) != 0:
+            raise OSError(ctypes.get_errno(), "mount " + dst.decode())
+    mount(b"none", b"/", None, 0x4000 | 0x40000, None)  # MS_REC | MS_PRIVATE: nothing leaks to the host
+    for d in (b"/tmp", b"/var/tmp", b"/dev/shm"):
         if os.path.isdir(d):
-            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=1777", "tmpfs", d], check=True)
+            mount(b"tmpfs", d, b"tmpfs", 0x2 | 0x4, b"size=16m,mode=1777")  # MS_NOSUID | MS_NODEV
     work = "/tmp/work"
     os.mkdir(work, 0o700)
     with open(os.path.join(work, "prog.py"), "wb") as f:
