@@ -208,3 +208,27 @@ def test_parallel_pool_matches_one_worker():
     assert one(["p"] * len(responses), responses, tests=tests) == many(
         ["p"] * len(responses), responses, tests=tests
     )
+
+
+def test_degraded_mode_without_namespaces_still_scores(monkeypatch):
+    """Where namespaces are not permitted the run falls back to rlimits only, says so, and still scores."""
+    import sys
+
+    from lightning_rlhf.rewards import sandbox
+
+    degraded = sandbox.Isolation(False, "rlimits only; NOT enforced: process count", sys.executable)
+    monkeypatch.setattr(sandbox, "_isolation", degraded)
+    assert sandbox.isolation() is degraded
+    reward = CodeExecutionReward(timeout_s=2)
+    assert reward(["p"] * 2, [ADD, "print(3)"], tests=[ADD_TESTS] * 2) == [10.0, 0.0]
+
+
+def test_namespace_probe_failure_warns_once_and_describes(monkeypatch):
+    from lightning_rlhf.rewards import sandbox
+
+    monkeypatch.setattr(sandbox, "_isolation", None)
+    monkeypatch.setattr(sandbox, "_namespaces_work", lambda python: False)
+    with pytest.warns(RuntimeWarning, match="namespaces are not permitted"):
+        iso = sandbox.isolation()
+    assert not iso.namespaces and "NOT enforced: process count" in iso.enforced
+    assert sandbox.isolation() is iso  # detected once
