@@ -122,6 +122,22 @@ def test_daemon_that_detaches(hostile):
     assert record.status == "failed" and elapsed < TIMEOUT_S + SLACK_S
 
 
+@pytest.mark.skipif(NO_PID_NS, reason="no network namespace here")
+def test_no_network(hostile):
+    """A port the trainer listens on (loopback) is unreachable from the program's network namespace."""
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        code = (
+            "import socket\ns = socket.socket()\ns.settimeout(0.5)\n"
+            f"s.connect(('127.0.0.1', {server.getsockname()[1]}))\nprint('1 2 3')\n"
+        )
+        record, elapsed = hostile(code)
+    assert record.status == "runtime_error" and elapsed < TIMEOUT_S + SLACK_S
+
+
 def test_memory_bomb(hostile):
     record, elapsed = hostile("x = bytearray(10 ** 10)\n")
     assert record.status == "memory" and elapsed < TIMEOUT_S + SLACK_S

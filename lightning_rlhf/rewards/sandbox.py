@@ -133,7 +133,7 @@ def _namespaces_work(python: str) -> bool:
     _isolation = Isolation(True, "probe", python)  # run_program reads it; replaced by the caller
     try:
         probe = run_program("print(6 * 7)", timeout_s=10, _probe=True)
-    except OSError:
+    except Exception:  # any failure of the probe means: do not rely on namespaces
         return False
     return probe.stdout.strip() == b"42"
 
