@@ -127,3 +127,28 @@ def test_a_reward_that_needs_a_column_the_data_lacks_is_named(testbed):
     data = PromptDataModule(str(out / "tokenizer"), str(out / "rows.jsonl"), batch_size=8, columns=["row"])
     with pytest.raises(ValueError, match=r"reward_function needs the column 'tests'.*carries \['row'\]"):
         trainer(max_steps=1).fit(module, data)
+
+
+def test_ppo_trains_on_code_execution_rewards_and_logs_their_rates(testbed):
+    """The sandboxed test runner as PPO's reward: each response runs against its own row's tests. The
+    testbed policy writes words, not Python, so every program fails (score 0) — the rates say how."""
+    from lightning_rlhf.rewards import CodeExecutionReward
+
+    out, _ = testbed
+    reward = CodeExecutionReward(tests_column="tests", timeout_s=2.0, num_workers=2)
+    module = PPOModule(
+        str(out / "init_policy"),
+        reward_function=reward,
+        mini_batch_size=8,
+        micro_batch_size=8,
+        max_new_tokens=4,
+    )
+    fit = trainer(max_steps=1)
+    fit.fit(module, PromptDataModule(str(out / "tokenizer"), str(out / "rows.jsonl"), batch_size=8))
+    logged = fit.callback_metrics
+    assert float(logged["rollout/function_score"]) == 0.0 and float(logged["rollout/pass_rate"]) == 0.0
+    # what is logged is what the reward reports of the rollout it scored (8 responses, one status each)
+    assert reward.metrics() and all(
+        float(logged[f"rollout/{k}"]) == pytest.approx(v) for k, v in reward.metrics().items()
+    )
+    assert len(reward._last) == 8 and all(r.status != "passed" for r in reward._last)
