@@ -90,6 +90,33 @@ def test_cached_reference_logps_equal_live_ones_and_are_reused(testbed, tmp_path
     )
 
 
+def test_the_reference_cache_is_not_shared_across_precisions(testbed, tmp_path, monkeypatch):
+    """An fp32 cache must not serve a bf16-mixed run (their log-probs differ): each precision gets its own
+    file, and a rerun in either precision reuses its own."""
+    computed = []
+    real = reference_cache._compute_split
+
+    def counting(*args, **kwargs):
+        computed.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reference_cache, "_compute_split", counting)
+    for precision in ("32-true", "bf16-mixed", "32-true"):
+        module = DPOModule(
+            str(testbed / "init_policy"),
+            precompute_reference=True,
+            reference_cache_dir=str(tmp_path / "cache"),
+            diagnostic_batches=0,
+        )
+        fit = trainer(
+            tmp_path, max_steps=1, enable_checkpointing=False, limit_val_batches=0, precision=precision
+        )
+        fit.fit(module, pairs(testbed))
+    # train and val in fp32, then again in bf16-mixed; the second fp32 run reads its own files
+    assert len(computed) == 4
+    assert len(list((tmp_path / "cache").glob("train-*.pt"))) == 2
+
+
 def test_validate_alone_with_precomputed_reference(testbed, tmp_path):
     """`validate` without a fit first must compute the validation split's reference log-probs itself."""
     module = DPOModule(

@@ -102,8 +102,11 @@ def precompute_reference_logps(
 
     results = {}
     for split in splits:
+        # Everything that changes the numbers: data, weights, averaging, and how the forward runs — a
+        # bf16-mixed pass differs from an fp32 one by up to nats, so the two must never share a file.
+        numerics = f"precision={trainer.precision}|dtype={next(model.parameters()).dtype}"
         key = hashlib.sha256(
-            f"{datamodule.fingerprint(split)}|{weights}|average={average}".encode()
+            f"{datamodule.fingerprint(split)}|{weights}|average={average}|{numerics}".encode()
         ).hexdigest()
         path = cache_dir / f"{split}-{key[:32]}.pt"
         data = _load_cache(path, len(datamodule.datasets[split])) if path.is_file() else None
