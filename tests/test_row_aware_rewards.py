@@ -152,3 +152,32 @@ def test_ppo_trains_on_code_execution_rewards_and_logs_their_rates(testbed):
         float(logged[f"rollout/{k}"]) == pytest.approx(v) for k, v in reward.metrics().items()
     )
     assert len(reward._last) == 8 and all(r.status != "passed" for r in reward._last)
+
+
+def test_a_fit_that_would_train_on_nothing_stops_and_exports_nothing(testbed, tmp_path):
+    """16 prompts with batch_size 64 and drop_last: no batch at all. The run stops naming the numbers, and
+    HFExport never writes the untrained policy (here or when a fit makes no optimizer step at all)."""
+    from lightning_rlhf import HFExport
+    from lightning_rlhf.data.loading import DataError
+
+    out, _ = testbed
+    export = tmp_path / "ppo_policy"
+
+    def ppo():
+        return PPOModule(
+            str(out / "init_policy"),
+            reward_function=lambda p, r: [0.0] * len(r),
+            mini_batch_size=8,
+            micro_batch_size=8,
+            max_new_tokens=4,
+        )
+
+    data = PromptDataModule(str(out / "tokenizer"), str(out / "rows.jsonl"), batch_size=64)
+    message = r"rows\.jsonl: 16 training prompts over 1 rank\(s\) give 16 per rank, fewer than batch_size=64"
+    with pytest.raises(DataError, match=message + r".*Set data batch_size <= 16"):
+        trainer(max_steps=1, callbacks=[HFExport(str(export))]).fit(ppo(), data)
+    assert not export.exists()
+    small = PromptDataModule(str(out / "tokenizer"), str(out / "rows.jsonl"), batch_size=8)
+    with pytest.raises(RuntimeError, match="HFExport: the fit made no optimizer step, so .* was not written"):
+        trainer(max_steps=1, limit_train_batches=0, callbacks=[HFExport(str(export))]).fit(ppo(), small)
+    assert not export.exists()

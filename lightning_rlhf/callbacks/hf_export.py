@@ -30,6 +30,14 @@ class HFExport(Callback):
         if not hasattr(pl_module, "save_pretrained"):
             raise TypeError(f"HFExport needs a lightning_rlhf module; got {type(pl_module).__name__}")
         path = Path(self.dirpath or Path(trainer.default_root_dir) / "hf_model")
+        if trainer.global_step == 0:
+            # Nothing was trained (no batch, max_steps=0, or every update skipped): writing now would put the
+            # initial weights where a user expects the trained model, over whatever was there.
+            raise RuntimeError(
+                f"HFExport: the fit made no optimizer step, so {path} was not written (it would hold the "
+                "untrained model). Check that the training data gives at least one batch (rows vs batch_size "
+                "x ranks, drop_last) and the trainer's max_steps / limit_train_batches."
+            )
         pl_module.save_pretrained(path)  # every rank: under ZeRO-3 the weights are gathered; rank 0 writes
         if trainer.is_global_zero:
             log.info("exported %s to %s", type(pl_module.trained_model()).__name__, path)

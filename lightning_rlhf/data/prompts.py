@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 from lightning_rlhf.data.base import OnBadRow, TableDataModule, pad_id
 from lightning_rlhf.data.collate import PromptCollator
 from lightning_rlhf.data.formats import PromptFormat, check_chat_template, decide_format, read_prompt
-from lightning_rlhf.data.loading import check_columns
+from lightning_rlhf.data.loading import DataError, check_columns
 from lightning_rlhf.data.tokenize import encode_prompt
 from lightning_rlhf.validation import ConfigError, check, check_choice
 
@@ -129,4 +129,14 @@ class PromptDataModule(TableDataModule):
         return PromptCollator(pad_id(self.tokenizer))
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True, drop_last=self.hparams.drop_last)
+        hp = self.hparams
+        rows = len(self.datasets.get("train", []))
+        ranks = self.trainer.world_size if self.trainer is not None else 1
+        per_rank = -(-rows // ranks)  # the distributed sampler deals ceil(rows / ranks) to each rank
+        if hp.drop_last and rows and per_rank < hp.batch_size:
+            raise DataError(
+                f"{hp.train_file}: {rows} training prompts over {ranks} rank(s) give {per_rank} per rank, "
+                f"fewer than batch_size={hp.batch_size}, and drop_last=True drops that short batch: the fit "
+                f"would train on nothing. Set data batch_size <= {per_rank}, add prompts, or drop_last=false."
+            )
+        return self._loader("train", shuffle=True, drop_last=hp.drop_last)
