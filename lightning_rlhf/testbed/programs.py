@@ -139,7 +139,9 @@ def load_tests(tests: object, what: str = "tests") -> tuple[list[str], list[str]
         raise ValueError(f'column {what!r} must be {{"inputs": [...], "outputs": [...]}}, got {tests!r:.80}')
     inputs, outputs = list(tests["inputs"]), list(tests["outputs"])
     if len(inputs) != len(outputs) or not inputs:
-        raise ValueError(f"column {what!r} needs as many outputs as inputs (>= 1); got {len(inputs)} / {len(outputs)}")
+        raise ValueError(
+            f"column {what!r} needs as many outputs as inputs (>= 1); got {len(inputs)} / {len(outputs)}"
+        )
     return inputs, outputs
 
 
@@ -148,7 +150,8 @@ def passes(program: Sequence[str] | None, tests: object) -> bool:
     if program is None:
         return False
     inputs, outputs = load_tests(tests)
-    return all(run_program(program, parse_list(i)) == parse_list(o) for i, o in zip(inputs, outputs))
+    pairs = zip(inputs, outputs, strict=True)
+    return all(run_program(program, parse_list(i)) == parse_list(o) for i, o in pairs)
 
 
 def render_python(program: Sequence[str]) -> str:
@@ -209,7 +212,7 @@ class ProgramProblem:
     def prompt(self) -> str:
         shown = " | ".join(
             f"{i.strip()} -> {o.strip()}"
-            for i, o in zip(self.public_tests["inputs"], self.public_tests["outputs"])
+            for i, o in zip(self.public_tests["inputs"], self.public_tests["outputs"], strict=True)
         )
         return f"Examples: {shown}\nProgram:"
 
@@ -240,7 +243,7 @@ class ProgramTask:
                 continue
             public = self._inputs(rng, self.config.num_public)
             outs = [run_program(program, xs) for xs in public]
-            if all(o == i for o, i in zip(outs, public)) or all(not o for o in outs):
+            if all(o == i for o, i in zip(outs, public, strict=True)) or all(not o for o in outs):
                 continue
             hidden = self._inputs(rng, self.config.num_hidden)
             if seen is not None:
@@ -259,3 +262,45 @@ def _tests(program: Sequence[str], inputs: list[list[int]]) -> dict:
         "inputs": [format_list(xs) for xs in inputs],
         "outputs": [format_list(run_program(program, xs)) for xs in inputs],
     }
+
+
+class ProgramReward:
+    """Row-aware exact reward: ``pass_score`` when the response's program passes all of its row's ``tests``.
+
+    Called as ``f(prompts, responses, tests=[...], **other_columns)``; ``tests`` holds one APPS-style test
+    dict (or JSON string) per response. A response that does not parse scores ``fail_score``.
+    """
+
+    def __init__(
+        self, pass_score: float = 10.0, fail_score: float = 0.0, eos_token: str | None = None
+    ) -> None:
+        """
+        Args:
+            pass_score: reward of a program that passes every hidden test (the paper's 10).
+            fail_score: reward of any other response.
+            eos_token: text cut off the response before parsing (None: the response is already cut).
+        """
+        self.pass_score = float(pass_score)
+        self.fail_score = float(fail_score)
+        self.eos_token = eos_token
+        self._last: dict[str, float] = {}
+
+    def __call__(
+        self, prompts: list[str], responses: list[str], tests: list | None = None, **columns: object
+    ) -> list[float]:
+        if tests is None:
+            raise ValueError("ProgramReward needs the rows' 'tests' column (keep it in the prompts file)")
+        if len(tests) != len(responses):
+            raise ValueError(f"got {len(responses)} responses but {len(tests)} 'tests' values")
+        programs = [parse_program(r, self.eos_token) for r in responses]
+        ok = [passes(p, t) for p, t in zip(programs, tests, strict=True)]
+        n = max(len(responses), 1)
+        self._last = {
+            "pass_rate": sum(ok) / n,
+            "parse_rate": sum(p is not None for p in programs) / n,
+        }
+        return [self.pass_score if o else self.fail_score for o in ok]
+
+    def metrics(self) -> dict[str, float]:
+        """``pass_rate`` and ``parse_rate`` of the last call (empty before the first)."""
+        return dict(self._last)
