@@ -123,3 +123,31 @@ def test_render_python_agrees_with_the_in_process_checker(tmp_path):
             )
             assert out.returncode == 0, out.stderr
             assert out.stdout == " ".join(map(str, run_program(program, xs))) + "\n"
+
+
+def test_the_sandboxed_runner_agrees_with_the_in_process_checker():
+    """The same rows scored two ways: ProgramReward on the op tokens, CodeExecutionReward on the programs
+    rendered as Python and run in the sandbox against the same `tests` column. Correct programs, equivalent
+    rewrites (sortd = sort rev) and one-op mutants must get the same 10 / 0 from both."""
+    from lightning_rlhf.rewards import CodeExecutionReward
+    from lightning_rlhf.testbed.programs import OPS, ProgramReward, ProgramTask, render_python
+
+    rng = random.Random(3)
+    task = ProgramTask()
+    programs, tests = [], []
+    for tier in ("intro", "interview", "competition"):
+        for _ in range(2):
+            problem = task.sample(tier, rng)
+            mutant = list(problem.program)
+            mutant[rng.randrange(len(mutant))] = rng.choice(list(OPS))
+            for program in (list(problem.program), mutant):
+                programs.append(program)
+                tests.append(problem.tests)
+    programs.append(["sort", "rev"])
+    tests.append({"inputs": ["3 1 2\n", "5 5 0\n"], "outputs": ["3 2 1\n", "5 5 0\n"]})  # sortd's outputs
+    in_process = ProgramReward()([""] * len(programs), [" ".join(p) for p in programs], tests=tests)
+    sandboxed = CodeExecutionReward(timeout_s=5.0, num_workers=2)(
+        [""] * len(programs), [render_python(p) for p in programs], tests=tests
+    )
+    assert list(map(float, sandboxed)) == list(map(float, in_process))
+    assert 10.0 in in_process and 0.0 in in_process  # both outcomes occur, so agreement is not vacuous
