@@ -25,6 +25,9 @@ lightning-rlhf also has these commands:
 """
 
 
+_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
 class RLHFCLI(LightningCLI):
     """LightningCLI with the package's modules and datamodules selectable by class_path.
 
@@ -88,6 +91,9 @@ def build_cli(args: list[str] | None = None, *, run: bool = True) -> RLHFCLI:
         args=args,
         run=run,
         save_config_kwargs={"overwrite": True},
+        # argparse's prefix matching took a typo like --trainer.max_step as --trainer.max_steps; a typo
+        # must be an error, in the main parser and in each subcommand's.
+        parser_kwargs={"allow_abbrev": False, **{c: {"allow_abbrev": False} for c in _SUBCOMMANDS}},
     )
 
 

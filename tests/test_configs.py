@@ -254,3 +254,24 @@ def test_examples_run(script, args, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "gold_reward" in result.stdout
+
+
+@pytest.mark.parametrize("subcommand", [[], ["fit"]])
+def test_a_misspelt_flag_is_an_error_not_a_prefix_match(subcommand, capsys):
+    """argparse would read --trainer.max_step as --trainer.max_steps; a typo must stop the run instead."""
+    args = [
+        *subcommand,
+        "--model",
+        "lightning_rlhf.SFTModule",
+        "--model.model",
+        "m",
+        "--data",
+        "lightning_rlhf.SFTDataModule",
+        "--data.train_file",
+        "x.jsonl",
+        "--trainer.max_step",
+        "3",
+    ]
+    with pytest.raises(SystemExit):
+        build_cli(args, run=bool(subcommand))
+    assert "unrecognized arguments: --trainer.max_step 3" in capsys.readouterr().err
