@@ -258,3 +258,14 @@ def test_a_fixed_reference_is_left_out_of_checkpoints_and_restored_from_disk(tes
         torch.testing.assert_close(value, initial[name], msg=name)
     loaded = DPOModule.load_from_checkpoint(checkpoint, weights_only=True)  # export path
     torch.testing.assert_close(loaded.reference.lm_head.weight, initial["lm_head.weight"])
+
+
+def test_a_module_given_the_wrong_datamodule_names_it(testbed, tmp_path):
+    """DPO on demonstrations (SFTDataModule) used to fail with a bare KeyError: 'index' inside the step."""
+    from lightning_rlhf import SFTDataModule
+
+    sft_data = SFTDataModule(str(testbed / "init_policy"), str(testbed / "sft_train.jsonl"), batch_size=4)
+    module = DPOModule(str(testbed / "init_policy"), diagnostic_batches=0)
+    message = r"DPOModule trains on PreferenceDataModule batches, but SFTDataModule gives batches without \["
+    with pytest.raises(TypeError, match=message + r"'margin', 'index'\]"):
+        trainer(tmp_path, max_steps=1, enable_checkpointing=False).fit(module, sft_data)

@@ -167,7 +167,14 @@ class HFModelModule(LightningModule):
 
     ``configure_optimizers`` is used when the config sets no ``optimizer:``; with LightningCLI an
     ``optimizer:`` / ``lr_scheduler:`` in YAML replaces it.
+
+    ``batch_keys`` / ``data_module`` name what a subclass's batches must hold and which datamodule makes
+    them: the first training and validation batch is checked, so a wrong datamodule is named at once
+    instead of failing deep inside a step with a ``KeyError``.
     """
+
+    batch_keys: tuple[str, ...] = ()
+    data_module: str = ""
 
     def __init__(
         self, learning_rate: float, weight_decay: float, nonfinite: NonFinitePolicy = "raise"
@@ -289,7 +296,26 @@ class HFModelModule(LightningModule):
             set_rng_states(self._rng_before_validation)
             self._rng_before_validation = None
 
+    def check_batch(self, batch) -> None:
+        """Raise naming the datamodule when ``batch`` lacks a key this module's steps read."""
+        missing = [k for k in self.batch_keys if not isinstance(batch, dict) or k not in batch]
+        if missing:
+            datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+            given = type(datamodule).__name__ if datamodule is not None else "the dataloader"
+            keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+            raise TypeError(
+                f"{type(self).__name__} trains on {self.data_module} batches, but {given} gives batches "
+                f"without {missing} (keys: {keys}); use {self.data_module} (or a datamodule whose batches "
+                "have those keys)"
+            )
+
+    def on_validation_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if batch_idx == 0:
+            self.check_batch(batch)
+
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if batch_idx == 0:
+            self.check_batch(batch)
         if self._rng_to_restore is not None:
             set_rng_states(self._rng_to_restore)  # see lightning_rlhf.modules.rng for why only now
             self._rng_to_restore = None

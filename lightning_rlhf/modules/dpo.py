@@ -70,6 +70,9 @@ class DPOModule(HFModelModule):
     with its adapters switched off: no second copy of the model is held.
     """
 
+    batch_keys = ("input_ids", "attention_mask", "response_mask", "margin", "index")
+    data_module = "PreferenceDataModule"
+
     def __init__(
         self,
         model: str,

@@ -87,6 +87,9 @@ class IterativeDPOModule(HFModelModule):
     ``gold_score`` (with a gold_function), ``pairs``, ``skipped_ties``, ``response_length``, ``eos_rate``.
     """
 
+    batch_keys = ("prompt", "input_ids", "attention_mask", "index")
+    data_module = "PromptDataModule"
+
     def __init__(
         self,
         model: str,

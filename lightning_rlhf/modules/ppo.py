@@ -85,6 +85,9 @@ class PPOModule(HFModelModule):
     policy with its adapters off: no reference copy is held. ``EMAReferenceUpdate`` is refused with LoRA.
     """
 
+    batch_keys = ("prompt", "input_ids", "attention_mask")
+    data_module = "PromptDataModule"
+
     def __init__(
         self,
         model: str,

@@ -24,6 +24,9 @@ class RewardModule(HFModelModule):
     ``modules_to_save``); the export merges them into a plain sequence-classification model.
     """
 
+    batch_keys = ("input_ids", "attention_mask", "response_mask", "margin", "index")
+    data_module = "PreferenceDataModule"
+
     def __init__(
         self,
         model: str,

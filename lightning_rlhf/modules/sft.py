@@ -14,6 +14,9 @@ from lightning_rlhf.ops import masked_mean
 class SFTModule(HFModelModule):
     """Fine-tune a causal LM on demonstrations; the prompt tokens carry no loss."""
 
+    batch_keys = ("input_ids", "attention_mask", "response_mask")
+    data_module = "SFTDataModule"
+
     def __init__(
         self,
         model: str,
