@@ -70,7 +70,7 @@ class DPOModule(HFModelModule):
     with its adapters switched off: no second copy of the model is held.
     """
 
-    batch_keys = ("input_ids", "attention_mask", "response_mask", "margin", "index")
+    batch_keys = ("input_ids", "attention_mask", "response_mask", "index")  # margin is optional
     data_module = "PreferenceDataModule"
 
     def __init__(

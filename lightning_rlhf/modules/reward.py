@@ -24,7 +24,7 @@ class RewardModule(HFModelModule):
     ``modules_to_save``); the export merges them into a plain sequence-classification model.
     """
 
-    batch_keys = ("input_ids", "attention_mask", "response_mask", "margin", "index")
+    batch_keys = ("input_ids", "attention_mask", "response_mask", "index")  # margin is optional
     data_module = "PreferenceDataModule"
 
     def __init__(
