@@ -34,6 +34,17 @@ def load_table(source: str, *, split: str = "train") -> datasets.Dataset:
             _check_text_file(path, source)
     elif path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
         return _load_saved(path, split)
+    elif not path.exists() and _looks_local(source):
+        # Otherwise datasets takes it for a hub name and answers "Couldn't reach ... on the Hub".
+        raise FileNotFoundError(
+            f"no such file or folder: {source} (looked in {path.absolute().parent}); data files end in "
+            f"{', '.join(_BUILDERS)}, and a hub dataset name has the form owner/name"
+        )
+    elif path.is_file():
+        raise DataError(
+            f"{source}: unsupported file type {path.suffix!r}; use one of {', '.join(_BUILDERS)}, or a "
+            "folder written by datasets' save_to_disk"
+        )
     else:
         builder, kwargs = source, {}
     try:
@@ -54,6 +65,15 @@ def load_table(source: str, *, split: str = "train") -> datasets.Dataset:
             "is valid JSON lines / CSV / parquet, that the split exists, or that the dataset name is right "
             "and available offline."
         ) from err
+
+
+def _looks_local(text: str) -> bool:
+    """A path meant as a local file or folder rather than a hub name (owner/name)."""
+    path = Path(text)
+    suffixes = "".join(path.suffixes).lower()
+    data_like = any(word in suffixes for word in ("json", "csv", "parq", "arrow", "txt", "tsv"))
+    first_is_dir = len(path.parts) > 1 and Path(path.parts[0]).is_dir()
+    return path.is_absolute() or text.startswith((".", "~")) or data_like or first_is_dir
 
 
 def _check_text_file(path: Path, source: str) -> None:
