@@ -2,16 +2,49 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
 from torchmetrics.aggregation import CatMetric
-from transformers import PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
 
 from lightning_rlhf.lora import LoraSettings, apply_lora
 from lightning_rlhf.losses import BradleyTerryLoss
-from lightning_rlhf.models import load_reward_model, sequence_scores
+from lightning_rlhf.models import load_reward_model, load_tokenizer, sequence_scores
 from lightning_rlhf.modules.base import HFModelModule, NonFinitePolicy, enable_gradient_checkpointing
+
+log = logging.getLogger(__name__)
+
+
+def record_distinct_pad_token(folder: str | Path) -> None:
+    """Give a saved reward-model folder a pad token that is not EOS (see ``RewardModule.save_pretrained``)."""
+    tokenizer = load_tokenizer(str(folder))
+    eos = tokenizer.eos_token_id
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != eos:
+        return
+    for token, token_id in (
+        (tokenizer.unk_token, tokenizer.unk_token_id),
+        (tokenizer.bos_token, tokenizer.bos_token_id),
+    ):
+        if token_id is not None and token_id != eos:
+            tokenizer.pad_token = token
+            tokenizer.save_pretrained(folder)
+            config = AutoConfig.from_pretrained(folder)
+            config.pad_token_id = token_id
+            config.save_pretrained(folder)
+            log.info(
+                "%s: pad token set to %r (was EOS) so plain transformers scores at the EOS", folder, token
+            )
+            return
+    log.warning(
+        "%s: the tokenizer pads with EOS and has no other special token to pad with, so "
+        "AutoModelForSequenceClassification will read scores one token early; score with "
+        "lightning_rlhf.models.sequence_scores, or add a pad token to the tokenizer before training",
+        folder,
+    )
 
 
 class RewardModule(HFModelModule):
@@ -71,6 +104,20 @@ class RewardModule(HFModelModule):
 
     def trained_model(self) -> PreTrainedModel:
         return self.reward_model
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write the reward model and tokenizer; with a pad token equal to EOS, record a distinct one.
+
+        ``AutoModelForSequenceClassification`` reads the score at the last token that is not
+        ``config.pad_token_id``. When padding is EOS (most chat models), that skips the response's own EOS
+        and scores one token early — not where this package trained and reads it (the last attended token).
+        So the folder gets another existing special token (unk, else bos) as its pad token, in the tokenizer
+        and the config: plain transformers, TRL or a serving stack then score exactly as ``sequence_scores``.
+        """
+        path = super().save_pretrained(path)
+        if self._trainer is None or self.trainer.is_global_zero:
+            record_distinct_pad_token(path)
+        return path
 
     def score_pairs(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Rewards of the chosen and the rejected responses, [B] each, from one forward pass."""
