@@ -136,6 +136,22 @@ def whole_model_for_generation(trainer, model: nn.Module) -> Iterator[None]:
             offload._register_deepspeed_module(offload.module)
 
 
+def accept_client_optimizer(config: dict) -> None:
+    """Let DeepSpeed step the module's own optimizer when ZeRO-Offload holds the optimizer state on the CPU.
+
+    DeepSpeed refuses any optimizer but its ``DeepSpeedCPUAdam`` under ``offload_optimizer`` unless the
+    config sets ``zero_force_ds_cpu_optimizer: false``. That switch is the right default here, not swapping
+    in ``DeepSpeedCPUAdam``: the modules' AdamW (or the ``optimizer:`` a user names in YAML) stays the
+    optimizer that runs, with its parameter groups; and ``DeepSpeedCPUAdam`` needs DeepSpeed's ``cpu_adam``
+    C++ op, which a plain ``pip install deepspeed`` does not ship and which compiles on first use (minutes,
+    and a compiler on every node). The cost is speed: torch's AdamW steps the fp32 master weights on the CPU
+    several times slower than the vectorised ``cpu_adam``. For a large run, name
+    ``deepspeed.ops.adam.DeepSpeedCPUAdam`` as the YAML ``optimizer:`` (DeepSpeed accepts it without the
+    switch). A value the config sets itself is kept. Call before the engine is built (a module's ``setup``).
+    """
+    config.setdefault("zero_force_ds_cpu_optimizer", False)
+
+
 def configure_for_manual_accumulation(config: dict, max_grad_norm: float | None, owner: str) -> None:
     """Make a DeepSpeed ``config`` fit a module that accumulates micro-batches itself (PPO, DPO-Iter).
 

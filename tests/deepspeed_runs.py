@@ -21,7 +21,7 @@ class Run:
     """One fit: which stage, under which strategy, with which extras."""
 
     tag: str
-    stage: str  # "reward" | "dpo" | "ppo"
+    stage: str  # "sft" | "reward" | "dpo" | "ppo"
     strategy: str  # "ddp" | "zero2" | "zero3"
     max_steps: int = 3
     ema: bool = False
@@ -33,6 +33,7 @@ class Run:
     resume_from: str | None = None
     head_recompute: bool = False  # LM head chunked and recomputed in backward at any size
     module_kwargs: dict = field(default_factory=dict)
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on the CPU
 
 
 def free_port() -> int:
@@ -73,13 +74,16 @@ def _worker(rank: int, world_size: int, port: int, testbed: str, out_dir: str, r
         _fit(Run(**spec), rank, world_size, Path(testbed), Path(out_dir))
 
 
-def _strategy(name: str):
+def _strategy(name: str, offload_optimizer: bool = False):
     from deepspeed_cpu import CPUDeepSpeedStrategy, zero_config
     from lightning.pytorch.strategies import DDPStrategy
 
     if name == "ddp":
         return DDPStrategy(process_group_backend="gloo")
-    return CPUDeepSpeedStrategy(config=zero_config(int(name[-1])))
+    config = zero_config(int(name[-1]))
+    if offload_optimizer:
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    return CPUDeepSpeedStrategy(config=config)
 
 
 def _fit(run: Run, rank: int, world_size: int, testbed: Path, out_dir: Path) -> None:
@@ -115,7 +119,7 @@ def _fit(run: Run, rank: int, world_size: int, testbed: Path, out_dir: Path) -> 
     trainer = L.Trainer(
         accelerator="cpu",
         devices=world_size,
-        strategy=_strategy(run.strategy),
+        strategy=_strategy(run.strategy, run.offload_optimizer),
         max_steps=run.max_steps,
         logger=False,
         enable_progress_bar=False,
@@ -153,10 +157,21 @@ _KEYS = {"train", "ppo", "rollout", "rewards", "logps", "time"}
 
 
 def _stage(run: Run, testbed: Path):
-    from lightning_rlhf import DPOModule, PPOModule, PreferenceDataModule, PromptDataModule, RewardModule
+    from lightning_rlhf import (
+        DPOModule,
+        PPOModule,
+        PreferenceDataModule,
+        PromptDataModule,
+        RewardModule,
+        SFTDataModule,
+        SFTModule,
+    )
     from lightning_rlhf.testbed.reward import GoldReward
 
     policy = str(testbed / "init_policy")
+    if run.stage == "sft":
+        data = SFTDataModule(policy, str(testbed / "sft_train.jsonl"), batch_size=2, max_length=48)
+        return SFTModule(policy, learning_rate=1e-3, **run.module_kwargs), data
     if run.stage == "ppo":
         kwargs = dict(
             mini_batch_size=4,

@@ -138,3 +138,20 @@ def test_zero3_checkpoint_restores_the_state_and_exports_a_plain_model(testbed, 
     model = AutoModelForCausalLM.from_pretrained(exported)
     squares = sum(float(p.double().pow(2).sum()) for p in model.parameters())
     assert squares == pytest.approx(out["resumed"]["weights"]["policy"], rel=1e-7)
+
+
+def test_every_stage_fits_with_zero_offload_and_matches_zero_without(testbed, tmp_path):
+    """ZeRO-Offload steps the module's own AdamW on the CPU (``zero_force_ds_cpu_optimizer: false``, see
+    ``lightning_rlhf.zero.accept_client_optimizer``); DeepSpeed refused it before. Same fp32 AdamW, so the
+    offloaded run must match the one that keeps the optimizer on the device, step by step.
+    """
+    stages = {"sft": ["train/loss"], "reward": REWARD_KEYS, "dpo": DPO_KEYS, "ppo": PPO_KEYS}
+    runs = []
+    for stage in stages:
+        runs += [Run(f"{stage}_zero2", stage, "zero2", max_steps=2)]
+        runs += [Run(f"{stage}_zero2_offload", stage, "zero2", max_steps=2, offload_optimizer=True)]
+    runs += [Run("dpo_zero3_offload", "dpo", "zero3", max_steps=2, offload_optimizer=True)]
+    out = spawn(testbed, tmp_path, runs, nprocs=1)
+    for stage, keys in stages.items():
+        assert_same_steps(out[f"{stage}_zero2_offload"], out[f"{stage}_zero2"], keys)
+    assert_same_steps(out["dpo_zero3_offload"], out["dpo_zero2"], DPO_KEYS)

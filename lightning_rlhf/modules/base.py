@@ -20,7 +20,7 @@ from lightning_rlhf.lora import LoraSettings, merged_copy
 from lightning_rlhf.models import load_tokenizer
 from lightning_rlhf.modules.rng import collect_rng_states, set_rng_states
 from lightning_rlhf.validation import check, check_choice
-from lightning_rlhf.zero import gathered, hf_zero3_loading
+from lightning_rlhf.zero import accept_client_optimizer, gathered, hf_zero3_loading, zero_stage
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +226,11 @@ class HFModelModule(LightningModule):
         settings = LoraSettings.build(lora)
         self.hparams["lora"] = settings.to_dict() if settings is not None else None
         return settings
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if zero_stage(self._trainer) is not None:
+            accept_client_optimizer(self._trainer.strategy.config)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         groups = adamw_param_groups(self.trained_model(), self.hparams.weight_decay)
