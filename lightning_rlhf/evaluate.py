@@ -299,5 +299,5 @@ def evaluate_command(
 def main(argv: list[str]) -> None:
     from jsonargparse import CLI
 
-    torch.set_grad_enabled(False)
-    CLI(evaluate_command, args=argv, prog="lightning-rlhf evaluate")
+    with torch.no_grad():  # scoped: an in-process caller's autograd state is left as it was
+        CLI(evaluate_command, args=argv, prog="lightning-rlhf evaluate")

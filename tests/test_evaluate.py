@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from lightning_rlhf.cli import cli_main
 from lightning_rlhf.evaluate import PolicySamples, evaluate, markdown_table, summarize
@@ -123,6 +124,7 @@ def test_the_command_writes_json_and_markdown_and_prints_the_table(testbed, tmp_
             str(tmp_path / "eval"),
         ]
     )
+    assert torch.is_grad_enabled()  # the command leaves the caller's autograd state alone
     printed = capsys.readouterr().out
     report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert report["summary"][0]["policy"] == policy and len(report["policies"][0]["responses"]) == 12
