@@ -1,5 +1,6 @@
 """lightning_rlhf: reward models, DPO and PPO as PyTorch Lightning modules."""
 
+
 from lightning_rlhf.callbacks import (
     AdvantageNormalization,
     EMAReferenceUpdate,
@@ -7,6 +8,7 @@ from lightning_rlhf.callbacks import (
     RewardCurve,
     SampleTable,
 )
+from lightning_rlhf.console import show_package_logs
 from lightning_rlhf.data.loading import DataError
 from lightning_rlhf.data.preference import PreferenceDataModule
 from lightning_rlhf.data.prompts import PromptDataModule
@@ -27,6 +29,8 @@ from lightning_rlhf.modules.reward import RewardModule
 from lightning_rlhf.modules.sft import SFTModule
 
 __version__ = "0.1.0.dev0"
+
+show_package_logs()  # the package's own lines reach the terminal, as Lightning's do (see console.py)
 
 __all__ = [
     "AdvantageNormalization",

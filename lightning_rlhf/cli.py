@@ -22,6 +22,8 @@ lightning-rlhf also has these commands:
   study        reproduce the paper's findings on the testbed: table, plots and JSON (--fast: a smoke run)
   export       write a checkpoint's trained model as a save_pretrained folder
   evaluate     sample k responses per prompt from policies; scores, win rate, pass@k (--help for flags)
+
+--verbose (any command) shows the third-party warnings the command filters by default.
 """
 
 
@@ -98,8 +100,20 @@ def build_cli(args: list[str] | None = None, *, run: bool = True) -> RLHFCLI:
 
 
 def cli_main(args: list[str] | None = None) -> None:
-    """Entry point of the ``lightning-rlhf`` console script (``args`` defaults to ``sys.argv[1:]``)."""
-    argv = sys.argv[1:] if args is None else list(args)
+    """Entry point of the ``lightning-rlhf`` console script (``args`` defaults to ``sys.argv[1:]``).
+
+    ``--verbose`` anywhere (or ``LIGHTNING_RLHF_VERBOSE=1``) keeps the third-party warnings the command
+    otherwise filters (see ``lightning_rlhf.console``).
+    """
+    from lightning_rlhf.console import quiet_third_party, verbose_requested
+
+    verbose, argv = verbose_requested(sys.argv[1:] if args is None else list(args))
+    if args is None:
+        sys.argv[1:] = argv  # LightningCLI reads sys.argv itself (given args, it warns about both)
+    else:
+        args = argv
+    if not verbose:
+        quiet_third_party()
     if argv and argv[0] == "testbed":
         testbed_main(argv[1:])
     elif argv and argv[0] == "export":

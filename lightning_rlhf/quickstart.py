@@ -11,14 +11,12 @@ import argparse
 import json
 import logging
 import time
-import warnings
 from pathlib import Path
 
-import datasets
 import torch
-import transformers
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from lightning_rlhf.console import quiet_third_party
 from lightning_rlhf.models import load_causal_lm
 from lightning_rlhf.pipeline import (  # noqa: F401  (StageSettings and read_prompts: re-exported)
     StageSettings,
@@ -62,16 +60,9 @@ def run_pipeline(out: Path, settings: StageSettings, *, seed: int) -> dict[str, 
 
 def quiet_training_output() -> None:
     """Silence progress bars, load reports and Trainer banners: each stage announces itself instead."""
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+    quiet_third_party()
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    # Frozen reference and reward models are in eval mode on purpose.
-    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
-    warnings.filterwarnings("ignore", message=".*val_dataloader.*validation_step.*")
-    warnings.filterwarnings("ignore", message=".*Total length of .* across ranks is zero.*")
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
 
 

@@ -139,6 +139,7 @@ class TableDataModule(LightningDataModule):
         stats = {s: dict.fromkeys(self.stat_keys, 0) for s in splits}
         out: dict[str, list[dict]] = {s: [] for s in splits}
         first_skip: dict[str, str] = {}
+        first_cut: dict[str, tuple[int, dict]] = {}
         for i, row in enumerate(table.select_columns(columns)):
             target = "val" if val_rows is not None and i in val_rows else split
             counts = stats[target]
@@ -157,12 +158,16 @@ class TableDataModule(LightningDataModule):
             if isinstance(encoded, str):
                 counts[encoded] += 1
                 continue
-            counts["truncated"] += int(encoded.pop("truncated"))
+            if encoded.pop("truncated"):
+                counts["truncated"] += 1
+                first_cut.setdefault(target, (i, encoded))
             counts["kept"] += 1
             encoded["index"] = len(out[target])
             out[target].append(encoded)
         for s in splits:
             self._report(s, where, stats[s], first_skip.get(s))
+            if s in first_cut:
+                self._report_truncation(s, where, stats[s], *first_cut[s])
             self.datasets[s], self.stats[s] = out[s], stats[s]
 
     def _report(self, split: str, where: str, counts: dict[str, int], first_skip: str | None) -> None:
@@ -186,6 +191,30 @@ class TableDataModule(LightningDataModule):
             )
         else:
             log.info("%s (%s split): %s", where, split, summary)
+
+    def _report_truncation(
+        self, split: str, where: str, counts: dict[str, int], row: int, encoded: dict
+    ) -> None:
+        """Warn how many kept rows were cut, showing what the first one became (the model sees only that)."""
+        ids = encoded.get("input_ids") or [*encoded.get("prompt_ids", []), *encoded.get("chosen_ids", [])]
+        text = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        shown = text if len(text) <= 160 else text[:70] + " ... " + text[-70:]
+        limits = ", ".join(
+            f"{name}={getattr(self.hparams, name)}"
+            for name in ("max_length", "max_prompt_length")
+            if getattr(self.hparams, name, None) is not None
+        )
+        log.warning(
+            "%s (%s split): %d of %d kept rows were truncated (%s); row %d (0-based) became %r. Raise the "
+            "limits if that cuts what the model should see.",
+            where,
+            split,
+            counts["truncated"],
+            counts["kept"],
+            limits or "length limits",
+            row,
+            shown,
+        )
 
     # ----------------------------------------------------------------------------------------- loaders
     def _loader(
