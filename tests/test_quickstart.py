@@ -16,9 +16,9 @@ def report(tmp_path_factory):
 def test_reward_model_is_within_a_tenth_of_the_gold_ceiling(report):
     """Labels are Bradley-Terry draws, so even the gold reward agrees with only ~75% of them: the ceiling.
 
-    The bar is 0.1 below it (about 0.65 on 1000 held-out pairs: 9 standard errors above chance). It was 90 % of
-    the ceiling (0.673), which sat inside the spread of one seed's result: the study measured 0.694 ± 0.032
-    over seeds, and the same code and seed gave 0.699 on one machine image and 0.667 on the next.
+    The bar is 0.1 below it (about 0.65 on 1000 held-out pairs: 9 standard errors above chance). It was
+    90 % of the ceiling (0.673), which sat inside the spread of one seed's result: the study measured
+    0.694 ± 0.032 over seeds, and the same code and seed gave 0.699 on one machine image, 0.667 on the next.
     """
     _, result = report
     assert 0.6 < result["gold_pairwise_accuracy"] < 0.9
