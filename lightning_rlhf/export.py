@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import tempfile
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import torch
 
 # The checkpoint key under which modules record their own class, so a checkpoint alone can be exported.
 MODULE_CLASS_KEY = "lightning_rlhf_module_class"
+# Set in a LoRA checkpoint whose frozen base weights were left out (see modules.base.drop_frozen_weights).
+FROZEN_DROPPED_KEY = "lightning_rlhf_lora_frozen_dropped"
 
 
 def module_class_path(module: object) -> str:
@@ -28,9 +31,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, tokenizer: str
             return export_checkpoint(single, out, tokenizer=tokenizer)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    # Only our own metadata is read here (weights_only: no arbitrary objects are unpickled).
-    meta = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    class_path = meta.get(MODULE_CLASS_KEY)
+    # weights_only: no arbitrary objects are unpickled; mmap: tensors are read from disk only when used, so
+    # the other models' weights in a PPO checkpoint (critic, reward model) are never read into memory.
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    class_path = ckpt.get(MODULE_CLASS_KEY)
     if class_path is None:
         raise ValueError(f"{checkpoint} was not written by a lightning_rlhf module (no {MODULE_CLASS_KEY!r})")
     from lightning_rlhf.models import load_tokenizer
@@ -38,10 +42,39 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, tokenizer: str
 
     # The recorded class is data from the file: only a lightning_rlhf module class is accepted.
     module_class = resolve_class(class_path, HFModelModule, f"{checkpoint} ({MODULE_CLASS_KEY})")
-    module = module_class.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
+    module = build_module(module_class, ckpt.get("hyper_parameters", {}))
+    model = module.build_trained_model()  # only the model this folder gets: no reference, reward or critic
+    load_trained_state(model, ckpt, module.trained_attribute, checkpoint)
+    setattr(module, module.trained_attribute, model)
     if tokenizer is not None:
         module.tokenizer_for_export = lambda: load_tokenizer(tokenizer)
     return module.save_pretrained(out)
+
+
+def build_module(module_class: type, hparams: dict):
+    """The module as the checkpoint's hyperparameters describe it (``__init__`` loads no model)."""
+    accepted = inspect.signature(module_class.__init__).parameters
+    return module_class(**{k: v for k, v in hparams.items() if k in accepted})
+
+
+def load_trained_state(model: torch.nn.Module, ckpt: dict, attribute: str, checkpoint: Path) -> None:
+    """Copy the checkpoint's ``<attribute>.*`` weights into ``model``; every trained weight must be there.
+
+    A LoRA checkpoint leaves out the frozen base weights (``drop_frozen_weights``): those were loaded from the
+    model folder by ``build_trained_model``, exactly as resuming loads them.
+    """
+    prefix = f"{attribute}."
+    state = {k[len(prefix) :]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith(prefix)}
+    result = model.load_state_dict(state, strict=False)
+    frozen_dropped = bool(ckpt.get(FROZEN_DROPPED_KEY))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad or ".lora_" in name}
+    missing = [k for k in result.missing_keys if not frozen_dropped or k in trainable]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"{checkpoint}: its {attribute!r} weights do not fit the model the hyperparameters describe "
+            f"(missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}); was the model folder changed "
+            "after training?"
+        )
 
 
 def consolidate_deepspeed_checkpoint(checkpoint_dir: str | Path) -> dict:

@@ -114,7 +114,7 @@ def test_rollout_batch_must_split_into_mini_batches(testbed, tmp_path):
         quiet(tmp_path, max_steps=1).fit(module, prompts(testbed))
 
 
-def test_adaptive_kl_and_score_statistics_are_checkpointed(testbed, tmp_path):
+def test_adaptive_kl_and_score_statistics_are_checkpointed(testbed, tmp_path, monkeypatch):
     module = PPOModule(
         str(testbed / "init_policy"),
         reward_function=GoldReward(str(testbed)),
@@ -132,9 +132,15 @@ def test_adaptive_kl_and_score_statistics_are_checkpointed(testbed, tmp_path):
     )
     assert loaded.kl_controller.state_dict() == module.kl_controller.state_dict()
     assert loaded.score_moments.state_dict() == module.score_moments.state_dict()
-    # `lightning-rlhf export` works from a PPO checkpoint too (no reward function needed to rebuild it).
+    # `lightning-rlhf export` works from a PPO checkpoint too (no reward function needed to rebuild it), and
+    # loads only the policy it writes: no critic, reference or reward model (#16 item 6).
+    import lightning_rlhf.modules.ppo as ppo_module
     from lightning_rlhf.export import export_checkpoint
 
+    def no_other_model(*args, **kwargs):
+        raise AssertionError("export loaded a critic / reward model")
+
+    monkeypatch.setattr(ppo_module, "load_reward_model", no_other_model)
     exported = AutoModelForCausalLM.from_pretrained(export_checkpoint(checkpoint, tmp_path / "exported"))
     torch.testing.assert_close(exported.lm_head.weight, module.policy.lm_head.weight)
 

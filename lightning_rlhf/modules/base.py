@@ -15,7 +15,7 @@ from lightning import LightningModule
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lightning_rlhf.export import MODULE_CLASS_KEY, module_class_path
+from lightning_rlhf.export import FROZEN_DROPPED_KEY, MODULE_CLASS_KEY, module_class_path
 from lightning_rlhf.lora import LoraSettings, merged_copy
 from lightning_rlhf.models import load_tokenizer
 from lightning_rlhf.modules.rng import collect_rng_states, set_rng_states
@@ -97,7 +97,7 @@ def restore_frozen_reference(module: LightningModule, checkpoint: dict) -> None:
             state.setdefault(f"reference.{key}", value)
 
 
-_FROZEN_DROPPED = "lightning_rlhf_lora_frozen_dropped"
+_FROZEN_DROPPED = FROZEN_DROPPED_KEY
 
 
 def drop_frozen_weights(module: LightningModule, checkpoint: dict) -> None:
@@ -124,6 +124,26 @@ def restore_frozen_weights(module: LightningModule, checkpoint: dict) -> None:
         for name, param in module.named_parameters():
             if not param.requires_grad and ".lora_" not in name:
                 state.setdefault(name, param.detach())
+
+
+def absolute_local_paths(value):
+    """``value`` with every relative string that names an existing local file or folder made absolute.
+
+    Hub names stay as they are (no such local path); a name that is also a local folder was loaded from that
+    folder by transformers, so the absolute path means the same model. Dicts and lists are walked.
+    """
+    if isinstance(value, Mapping):
+        return {k: absolute_local_paths(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(absolute_local_paths(v) for v in value)
+    if isinstance(value, str) and value and "\n" not in value and len(value) < 4096:
+        try:
+            path = Path(value)
+            if not path.is_absolute() and path.exists():
+                return str(path.resolve())
+        except (OSError, ValueError):
+            pass
+    return value
 
 
 def adamw_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -204,8 +224,19 @@ class HFModelModule(LightningModule):
             configure_model._zero3_aware = True
             cls.configure_model = configure_model
 
+    #: The attribute holding the model this stage trains and exports; its checkpoint keys start with it.
+    trained_attribute: str = "policy"
+
     def trained_model(self) -> PreTrainedModel:
         """The model this stage trains and exports (the policy, or the reward model)."""
+        return getattr(self, self.trained_attribute)
+
+    def build_trained_model(self) -> PreTrainedModel:
+        """Load the trained model as ``configure_model`` builds it (weights from ``model``, LoRA applied).
+
+        Only this model: ``export_checkpoint`` fills it from a checkpoint and writes it, without loading the
+        stage's reference, reward or value models. ``configure_model`` uses it too, so the two agree.
+        """
         raise NotImplementedError
 
     def _use_loss(self, loss: object | None, default: object, base: type) -> object:
@@ -331,8 +362,11 @@ class HFModelModule(LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Lets `lightning-rlhf export --checkpoint X.ckpt` rebuild the right module from the file alone.
+        # Lets `lightning-rlhf export --checkpoint X.ckpt` rebuild the right module from the file alone, from
+        # any working directory: relative model / data paths in the hyperparameters are written absolute.
         checkpoint[MODULE_CLASS_KEY] = module_class_path(self)
+        if "hyper_parameters" in checkpoint:
+            checkpoint["hyper_parameters"] = absolute_local_paths(dict(checkpoint["hyper_parameters"]))
         drop_frozen_reference(self, checkpoint)
         drop_frozen_weights(self, checkpoint)
         checkpoint["lightning_rlhf_state"] = {

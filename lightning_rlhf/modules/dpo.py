@@ -138,13 +138,11 @@ class DPOModule(HFModelModule):
     def configure_model(self) -> None:
         hp = self.hparams
         if self.policy is None:
-            self.policy = load_causal_lm(hp.model, trust_remote_code=hp.trust_remote_code)
+            self.policy = self.build_trained_model()
             if hp.disable_dropout:
                 disable_dropout(self.policy)
             if hp.gradient_checkpointing:
                 enable_gradient_checkpointing(self.policy)
-            if self.lora is not None:
-                self.policy = apply_lora(self.policy, self.lora, "causal_lm")
             self.policy.train()
         if self.reference is None and self.needs_live_reference and not self.adapter_reference:
             # Loaded again from disk rather than deep-copied from the policy: under ZeRO-3 the policy's
@@ -165,8 +163,9 @@ class DPOModule(HFModelModule):
         with unpartitioned_loading():
             return freeze(self.load_reference()).to(self.device)
 
-    def trained_model(self) -> PreTrainedModel:
-        return self.policy
+    def build_trained_model(self) -> PreTrainedModel:
+        policy = load_causal_lm(self.hparams.model, trust_remote_code=self.hparams.trust_remote_code)
+        return apply_lora(policy, self.lora, "causal_lm") if self.lora is not None else policy
 
     # ------------------------------------------------------------------ reference log-probs
     def on_fit_start(self) -> None:

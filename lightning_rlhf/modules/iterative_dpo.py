@@ -191,13 +191,9 @@ class IterativeDPOModule(HFModelModule):
         if self.policy is not None:
             return
         remote = {"trust_remote_code": hp.trust_remote_code}
-        self.policy = load_causal_lm(hp.model, **remote)
+        self.policy = self.build_trained_model()
         if hp.disable_dropout:
             disable_dropout(self.policy)
-        if self.lora is not None:
-            self.policy = apply_lora(self.policy, self.lora, "causal_lm")
-            if self.adapter_refresh:
-                add_reference_adapter(self.policy)
         self.policy.train()
         if not self.loss.reference_free and (self.lora is None or hp.reference_model is not None):
             # Loaded from disk, never deep-copied: under ZeRO-3 the policy is already partitioned here.
@@ -223,8 +219,13 @@ class IterativeDPOModule(HFModelModule):
         """Whether the reference is a second LoRA adapter refreshed from the trained one."""
         return self.lora is not None and self.hparams.refresh_reference and not self.loss.reference_free
 
-    def trained_model(self) -> PreTrainedModel:
-        return self.policy
+    def build_trained_model(self) -> PreTrainedModel:
+        policy = load_causal_lm(self.hparams.model, trust_remote_code=self.hparams.trust_remote_code)
+        if self.lora is not None:
+            policy = apply_lora(policy, self.lora, "causal_lm")
+            if self.adapter_refresh:
+                add_reference_adapter(policy)
+        return policy
 
     def setup(self, stage: str) -> None:
         super().setup(stage)

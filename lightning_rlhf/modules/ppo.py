@@ -275,7 +275,7 @@ class PPOModule(HFModelModule):
         if self.policy is not None:
             return
         remote = {"trust_remote_code": hp.trust_remote_code}
-        self.policy = load_causal_lm(hp.model, **remote)
+        self.policy = self.build_trained_model()
         self.critic = load_reward_model(hp.critic_model or hp.reward_model or hp.model, **remote)
         if hp.disable_dropout:
             disable_dropout(self.policy)
@@ -284,7 +284,6 @@ class PPOModule(HFModelModule):
             enable_gradient_checkpointing(self.policy)
             enable_gradient_checkpointing(self.critic)
         if self.lora is not None:
-            self.policy = apply_lora(self.policy, self.lora, "causal_lm")
             self.critic = apply_lora(self.critic, self.lora, "sequence_classification")
         self.policy.train()
         self.critic.train()
@@ -314,8 +313,9 @@ class PPOModule(HFModelModule):
                 groups.append({**group, "lr": lr})
         return adamw(groups)
 
-    def trained_model(self) -> PreTrainedModel:
-        return self.policy
+    def build_trained_model(self) -> PreTrainedModel:
+        policy = load_causal_lm(self.hparams.model, trust_remote_code=self.hparams.trust_remote_code)
+        return apply_lora(policy, self.lora, "causal_lm") if self.lora is not None else policy
 
     # ------------------------------------------------------------------ checkpoint state
     def on_save_checkpoint(self, checkpoint: dict) -> None:

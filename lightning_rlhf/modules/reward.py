@@ -93,17 +93,16 @@ class RewardModule(HFModelModule):
 
     def configure_model(self) -> None:
         if self.reward_model is None:
-            self.reward_model = load_reward_model(
-                self.hparams.model, trust_remote_code=self.hparams.trust_remote_code
-            )
+            self.reward_model = self.build_trained_model()
             if self.hparams.gradient_checkpointing:
                 enable_gradient_checkpointing(self.reward_model)
-            if self.lora is not None:
-                self.reward_model = apply_lora(self.reward_model, self.lora, "sequence_classification")
             self.reward_model.train()
 
-    def trained_model(self) -> PreTrainedModel:
-        return self.reward_model
+    trained_attribute = "reward_model"
+
+    def build_trained_model(self) -> PreTrainedModel:
+        model = load_reward_model(self.hparams.model, trust_remote_code=self.hparams.trust_remote_code)
+        return apply_lora(model, self.lora, "sequence_classification") if self.lora is not None else model
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write the reward model and tokenizer; with a pad token equal to EOS, record a distinct one.

@@ -44,15 +44,14 @@ class SFTModule(HFModelModule):
     def configure_model(self) -> None:
         # Built here, not in __init__, so that strategies such as DeepSpeed ZeRO-3 can shard it at creation.
         if self.policy is None:
-            self.policy = load_causal_lm(self.hparams.model, trust_remote_code=self.hparams.trust_remote_code)
-            if self.lora is not None:
-                self.policy = apply_lora(self.policy, self.lora, "causal_lm")
+            self.policy = self.build_trained_model()
             # transformers may hand the model back in eval mode; fine-tuning runs in train mode (Lightning
             # switches to eval for validation and back).
             self.policy.train()
 
-    def trained_model(self) -> PreTrainedModel:
-        return self.policy
+    def build_trained_model(self) -> PreTrainedModel:
+        policy = load_causal_lm(self.hparams.model, trust_remote_code=self.hparams.trust_remote_code)
+        return apply_lora(policy, self.lora, "causal_lm") if self.lora is not None else policy
 
     def _loss(self, batch: dict[str, Tensor]) -> Tensor:
         logps = next_token_logprobs(self.policy, batch["input_ids"], batch["attention_mask"])
