@@ -140,6 +140,7 @@ def evaluate(
     prompt_field: str = "prompt",
     columns: list[str] | None = None,
     max_prompt_length: int = 256,
+    apply_chat_template: bool | None = None,
     batch_size: int = 64,
     seed: int = 0,
     progress: bool = True,
@@ -166,6 +167,7 @@ def evaluate(
             prompt_field=prompt_field,
             columns=columns,
             max_prompt_length=max_prompt_length,
+            apply_chat_template=apply_chat_template,
             batch_size=batch_size,
             drop_last=False,
         )
@@ -244,6 +246,7 @@ def evaluate_command(
     prompt_field: str = "prompt",
     columns: list[str] | None = None,
     max_prompt_length: int = 256,
+    apply_chat_template: bool | None = None,
     batch_size: int = 64,
     seed: int = 0,
 ) -> None:
@@ -268,6 +271,8 @@ def evaluate_command(
         prompt_field: Column with the prompt.
         columns: Other columns given to the reward functions (default: all).
         max_prompt_length: Longest prompt in tokens (longer ones keep their end).
+        apply_chat_template: Render plain-string prompts as a user turn with the policy's chat template
+            (as PromptDataModule's argument: the policy should see prompts as it was trained on them).
         batch_size: Prompts per generation batch.
         seed: Sampling seed, the same for every policy.
     """
@@ -288,6 +293,7 @@ def evaluate_command(
         prompt_field=prompt_field,
         columns=columns,
         max_prompt_length=max_prompt_length,
+        apply_chat_template=apply_chat_template,
         batch_size=batch_size,
         seed=seed,
     )

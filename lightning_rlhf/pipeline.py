@@ -91,6 +91,7 @@ def preference_data(out: Path, settings: StageSettings, seed: int) -> Preference
         max_length=128,
         batch_size=settings.batch_size,
         seed=seed,
+        apply_chat_template=False,  # the testbed rows are plain text; its chat template is for chat data
     )
 
 
@@ -109,7 +110,11 @@ def train_sft(
     s = settings
     module = SFTModule(str(out / init), learning_rate=s.sft_lr)
     data = SFTDataModule(
-        str(out / "tokenizer"), str(out / train_file), str(out / "sft_eval.jsonl"), batch_size=s.batch_size
+        str(out / "tokenizer"),
+        str(out / train_file),
+        str(out / "sft_eval.jsonl"),
+        batch_size=s.batch_size,
+        apply_chat_template=False,
     )
     fit(module, data, s.sft_epochs, seed, callbacks, validate=validate)
     module.save_pretrained(out / save_as)
@@ -164,7 +169,13 @@ def train_iterative_dpo(
         micro_batch_size=s.batch_size,
         learning_rate=s.iterative_dpo_lr,
     )
-    prompts = PromptDataModule(sft_dir, str(out / "prompts_train.jsonl"), batch_size=s.batch_size, seed=seed)
+    prompts = PromptDataModule(
+        sft_dir,
+        str(out / "prompts_train.jsonl"),
+        batch_size=s.batch_size,
+        seed=seed,
+        apply_chat_template=False,
+    )
     fit(module, prompts, s.iterative_dpo_epochs, seed, callbacks)
     module.save_pretrained(out / "dpo_iter_policy")
 
@@ -200,7 +211,13 @@ def train_ppo(
         learning_rate=s.ppo_lr,
         critic_learning_rate=s.ppo_critic_lr,
     )
-    prompts = PromptDataModule(sft_dir, str(out / "prompts_train.jsonl"), batch_size=rollout_batch, seed=seed)
+    prompts = PromptDataModule(
+        sft_dir,
+        str(out / "prompts_train.jsonl"),
+        batch_size=rollout_batch,
+        seed=seed,
+        apply_chat_template=False,
+    )
     tricks = [AdvantageNormalization()] if normalize_advantages else []
     tricks += [EMAReferenceUpdate(decay=s.ppo_ema_decay)] if ema_reference else []
     fit(module, prompts, s.ppo_epochs, seed, tricks + (callbacks or []))

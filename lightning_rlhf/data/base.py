@@ -18,7 +18,7 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
-from lightning_rlhf.data.formats import RowError
+from lightning_rlhf.data.formats import RowError, check_chat_template
 from lightning_rlhf.data.loading import DataError, load_table
 from lightning_rlhf.data.sampling import ResumableDataLoader, SeededRandomSampler
 from lightning_rlhf.models import load_tokenizer
@@ -66,6 +66,7 @@ class TableDataModule(LightningDataModule):
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.datasets: dict[str, list[dict]] = {}
         self.stats: dict[str, dict[str, int]] = {}
+        self._chat_notice_given = False
 
     def _check_common_args(self, owner: str) -> None:
         hp = self.hparams
@@ -79,6 +80,32 @@ class TableDataModule(LightningDataModule):
                 f"{owner}: val_fraction={hp.val_fraction} carves validation rows out of train_file, so it "
                 "cannot be combined with val_file or val_split; set only one of them"
             )
+
+    def _chat_for_strings(self, table: datasets.Dataset, where: str, fields: list[str]) -> bool:
+        """Whether plain-string (standard-format) rows go through the chat template: ``apply_chat_template``.
+
+        ``None`` (default) means no, as in TRL, whose standard-format strings are used as written (they may
+        already hold a rendered template; wrapping them again would nest two); but when the tokenizer has a
+        chat template, say so once, showing what the model will see, since a chat model then trains on text
+        shaped unlike its chat turns.
+        """
+        setting = self.hparams.apply_chat_template
+        if setting:
+            check_chat_template(self.tokenizer)
+            return True
+        if setting is None and self.tokenizer.chat_template is not None and not self._chat_notice_given:
+            self._chat_notice_given = True
+            first = table[0] if len(table) else {}
+            example = "".join(v for v in (first.get(f) for f in fields) if isinstance(v, str))
+            log.warning(
+                "%s: the rows are plain strings, used as written (no chat template), e.g. %r; the tokenizer "
+                "has a chat template. Set apply_chat_template=true to render each prompt as a user turn and "
+                "each response as the assistant's, use conversational rows (lists of messages), or set "
+                "apply_chat_template=false to silence this.",
+                where,
+                example if len(example) <= 120 else example[:117] + "...",
+            )
+        return False
 
     # ----------------------------------------------------------------------------------------- hooks
     def _prepare(self, table: datasets.Dataset, where: str) -> list[str]:

@@ -121,6 +121,25 @@ def render_conversation(
     return prompt_text, response_text
 
 
+def as_chat(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, responses: Iterable[str], field: str
+) -> tuple[str, list[str]]:
+    """Plain-string ``prompt`` as a user turn and each response as the assistant's, through the chat template.
+
+    Returns ``(prompt_text, [response_text, ...])`` as :func:`render_conversation` renders them.
+    """
+    user = [{"role": "user", "content": prompt}]
+    rendered = [
+        render_conversation(tokenizer, user, [{"role": "assistant", "content": r}], field) for r in responses
+    ]
+    prompt_text = (
+        rendered[0][0]
+        if rendered
+        else tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    )
+    return prompt_text, [text for _, text in rendered]
+
+
 def split_implicit(
     chosen: str, rejected: str, delimiter: str, fields: tuple[str, str] = ("chosen", "rejected")
 ) -> tuple[str, str, str]:
@@ -204,8 +223,9 @@ class PairReader:
         chosen_field: str,
         rejected_field: str,
         delimiter: str,
+        chat: bool = False,
     ) -> None:
-        self.tokenizer, self.format, self.decided = tokenizer, fmt, decided
+        self.tokenizer, self.format, self.decided, self.chat = tokenizer, fmt, decided, chat
         self.prompt_field, self.chosen_field, self.rejected_field = prompt_field, chosen_field, rejected_field
         self.delimiter = delimiter
         if fmt == "conversational":
@@ -231,6 +251,10 @@ class PairReader:
             prompt, chosen, rejected = (
                 text_field(row, f, note) for f in (self.prompt_field, self.chosen_field, self.rejected_field)
             )
+            if self.chat:
+                prompt, (chosen, rejected) = as_chat(
+                    self.tokenizer, prompt, [chosen, rejected], self.chosen_field
+                )
         else:
             chosen, rejected = (
                 text_field(row, self.chosen_field, note),
@@ -274,10 +298,17 @@ class PairReader:
 
 
 def read_prompt(
-    tokenizer: PreTrainedTokenizerBase, row: dict, field: str, fmt: str, decided: str, delimiter: str = ""
+    tokenizer: PreTrainedTokenizerBase,
+    row: dict,
+    field: str,
+    fmt: str,
+    decided: str,
+    delimiter: str = "",
+    chat: bool = False,
 ) -> str:
-    """Prompt text of one row: the string itself, messages rendered with ``add_generation_prompt=True``, or
-    (``implicit``) a transcript cut right after its last ``delimiter`` (HH-RLHF: "\\n\\nAssistant:")."""
+    """Prompt text of one row: the string itself (``chat``: as a user turn through the chat template),
+    messages rendered with ``add_generation_prompt=True``, or (``implicit``) a transcript cut right after its
+    last ``delimiter`` (HH-RLHF: "\\n\\nAssistant:")."""
     if fmt == "implicit":
         text = text_field(row, field)
         cut = text.rfind(delimiter) if delimiter else -1
@@ -291,7 +322,8 @@ def read_prompt(
             f"; this row looks {kind} but the dataset is {fmt} ({decided}): mixed formats are not supported"
         )
     if fmt == "standard":
-        return text_field(row, field, note)
+        text = text_field(row, field, note)
+        return as_chat(tokenizer, text, [], field)[0] if chat else text
     messages = message_field(row, field, note)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 

@@ -57,6 +57,7 @@ class PreferenceDataModule(TableDataModule):
         group_by_length: bool = False,
         seed: int = 0,
         chat_template: str | None = None,
+        apply_chat_template: bool | None = None,
     ) -> None:
         """
         Args:
@@ -83,6 +84,9 @@ class PreferenceDataModule(TableDataModule):
             group_by_length: Batch pairs of similar length together (seeded) to cut padding.
             seed: Seed of the training shuffle, of length grouping and of the val_fraction split.
             chat_template: Jinja chat template replacing the tokenizer's (for base models that ship none).
+            apply_chat_template: Render plain-string rows through the tokenizer's chat template (prompt as
+                a user turn, response as the assistant's). Default None: used as written, as TRL does, with a
+                one-time warning when the tokenizer has a chat template; false: as written, silently.
         """
         super().__init__()
         owner = "PreferenceDataModule"
@@ -121,6 +125,7 @@ class PreferenceDataModule(TableDataModule):
             chosen_field=hp.chosen_field,
             rejected_field=hp.rejected_field,
             delimiter=hp.implicit_prompt_delimiter,
+            chat=fmt == "standard" and self._chat_for_strings(table, where, fields[:2]),
         )
         return fields + ([hp.margin_field] if hp.margin_field else [])
 

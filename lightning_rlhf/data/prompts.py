@@ -54,6 +54,7 @@ class PromptDataModule(TableDataModule):
         implicit_prompt_delimiter: str = "\n\nAssistant:",
         drop_last: bool = True,
         columns: list[str] | None = None,
+        apply_chat_template: bool | None = None,
     ) -> None:
         """
         Args:
@@ -77,6 +78,9 @@ class PromptDataModule(TableDataModule):
             drop_last: Drop the last, short training batch (a PPO rollout batch must split into mini-batches).
             columns: Other dataset columns carried with each prompt to the reward functions (e.g. test
                 cases, a reference answer); None carries every column but prompt_field, [] none.
+            apply_chat_template: Render plain-string rows through the tokenizer's chat template (prompt as
+                a user turn, response as the assistant's). Default None: used as written, as TRL does, with a
+                one-time warning when the tokenizer has a chat template; false: as written, silently.
         """
         super().__init__()
         owner = "PromptDataModule"
@@ -98,6 +102,7 @@ class PromptDataModule(TableDataModule):
         self._init_state(tokenizer)
         self._format: tuple[str, str] = ("standard", "")
         self._extra_columns: list[str] = []
+        self._chat = False
 
     def _prepare(self, table: datasets.Dataset, where: str) -> list[str]:
         field = self.hparams.prompt_field
@@ -112,11 +117,14 @@ class PromptDataModule(TableDataModule):
         )
         if self._format[0] == "conversational":
             check_chat_template(self.tokenizer)
+        self._chat = self._format[0] == "standard" and self._chat_for_strings(table, where, [field])
         return [field, *extra]
 
     def _encode_row(self, row: dict) -> dict | str:
         hp = self.hparams
-        text = read_prompt(self.tokenizer, row, hp.prompt_field, *self._format, hp.implicit_prompt_delimiter)
+        text = read_prompt(
+            self.tokenizer, row, hp.prompt_field, *self._format, hp.implicit_prompt_delimiter, chat=self._chat
+        )
         ids, truncated = encode_prompt(self.tokenizer, text, max_prompt_length=self.hparams.max_prompt_length)
         if not ids:
             return "dropped_empty"  # nothing to condition generation on

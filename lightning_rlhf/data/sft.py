@@ -8,7 +8,7 @@ import datasets
 
 from lightning_rlhf.data.base import OnBadRow, TableDataModule, check_length_args, pad_id
 from lightning_rlhf.data.collate import SFTCollator
-from lightning_rlhf.data.formats import check_chat_template, read_sft_messages, text_field
+from lightning_rlhf.data.formats import as_chat, check_chat_template, read_sft_messages, text_field
 from lightning_rlhf.data.loading import check_columns
 from lightning_rlhf.data.tokenize import encode_prompt_response
 from lightning_rlhf.validation import check_choice
@@ -52,6 +52,7 @@ class SFTDataModule(TableDataModule):
         val_split: str | None = None,
         val_fraction: float = 0.0,
         chat_template: str | None = None,
+        apply_chat_template: bool | None = None,
     ) -> None:
         """
         Args:
@@ -73,6 +74,9 @@ class SFTDataModule(TableDataModule):
             val_split: Validation split: of val_file if set (default its 'train' split), else of train_file.
             val_fraction: Share of train_file rows held out for validation by a seeded split (0 = none).
             chat_template: Jinja chat template replacing the tokenizer's (for base models that ship none).
+            apply_chat_template: Render plain-string rows through the tokenizer's chat template (prompt as
+                a user turn, response as the assistant's). Default None: used as written, as TRL does, with a
+                one-time warning when the tokenizer has a chat template; false: as written, silently.
         """
         super().__init__()
         owner = "SFTDataModule"
@@ -82,6 +86,7 @@ class SFTDataModule(TableDataModule):
         self._check_common_args(owner)
         self._init_state(tokenizer)
         self._format = "prompt_completion"
+        self._chat = False
 
     def _prepare(self, table: datasets.Dataset, where: str) -> list[str]:
         hp = self.hparams
@@ -94,6 +99,7 @@ class SFTDataModule(TableDataModule):
         check_columns(table, fields, where)
         if fmt == "messages":
             check_chat_template(self.tokenizer)
+        self._chat = fmt == "prompt_completion" and self._chat_for_strings(table, where, fields)
         self._format = fmt
         return fields
 
@@ -103,6 +109,8 @@ class SFTDataModule(TableDataModule):
             prompt, completion = read_sft_messages(self.tokenizer, row, hp.messages_field)
         else:
             prompt, completion = text_field(row, hp.prompt_field), text_field(row, hp.completion_field)
+            if self._chat:
+                prompt, (completion,) = as_chat(self.tokenizer, prompt, [completion], hp.completion_field)
         encoded = encode_prompt_response(
             self.tokenizer,
             prompt,
