@@ -95,3 +95,25 @@ def test_a_template_asked_for_without_one_is_named(tmp_path, tokenizer):
     with pytest.raises(DataError, match="no chat_template"):
         setup(SFTDataModule(str(folder), plain, apply_chat_template=True))
     setup(SFTDataModule(str(folder), plain))  # no template and the default: nothing to say
+
+
+def test_hh_transcripts_without_the_blank_line_warn_with_an_example(tmp_path, tokenizer_dir, caplog):
+    """#16 item 7: 'Human: ... Assistant:' without '\\n\\n' falls back to a word boundary, and says so."""
+    rows = [
+        {
+            "chosen": "\n\nHuman: hi\n\nAssistant: hello there",
+            "rejected": "\n\nHuman: hi\n\nAssistant: go away",
+        },
+        {"chosen": "Human: hi Assistant: hello there", "rejected": "Human: hi Assistant: go away"},
+        {"chosen": "Human: yo Assistant: hey you", "rejected": "Human: yo Assistant: bye"},
+    ]
+    dm = PreferenceDataModule(tokenizer_dir, write(tmp_path / "hh.jsonl", rows))
+    with caplog.at_level(logging.WARNING, logger="lightning_rlhf"):
+        dm.setup("fit")
+    (warning,) = [r.getMessage() for r in caplog.records if "implicit-prompt" in r.getMessage()]
+    assert "hh.jsonl: 2 implicit-prompt rows have no '\\n\\nAssistant:'" in warning
+    assert "'Human: hi Assistant:'" in warning and "set implicit_prompt_delimiter" in warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lightning_rlhf"):
+        PreferenceDataModule(tokenizer_dir, write(tmp_path / "ok.jsonl", rows[:1])).setup("fit")
+    assert not [r for r in caplog.records if "implicit-prompt" in r.getMessage()]

@@ -226,6 +226,8 @@ class PairReader:
         chat: bool = False,
     ) -> None:
         self.tokenizer, self.format, self.decided, self.chat = tokenizer, fmt, decided, chat
+        # Implicit rows whose shared start lacks the delimiter (their prompt ends at a word boundary).
+        self.undelimited, self.undelimited_example = 0, ""
         self.prompt_field, self.chosen_field, self.rejected_field = prompt_field, chosen_field, rejected_field
         self.delimiter = delimiter
         if fmt == "conversational":
@@ -264,6 +266,9 @@ class PairReader:
                 raise RowError(self.rejected_field, self._identical)
             fields = (self.chosen_field, self.rejected_field)
             prompt, chosen, rejected = split_implicit(chosen, rejected, self.delimiter, fields)
+            if self.delimiter and self.delimiter not in prompt:
+                self.undelimited += 1
+                self.undelimited_example = self.undelimited_example or prompt
         if chosen == rejected:
             raise RowError(self.rejected_field, self._identical)
         return prompt, chosen, rejected

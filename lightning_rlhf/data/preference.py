@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import struct
 
@@ -16,6 +17,8 @@ from lightning_rlhf.data.loading import DataError, check_columns
 from lightning_rlhf.data.sampling import LengthGroupedSampler
 from lightning_rlhf.data.tokenize import encode_pair
 from lightning_rlhf.validation import check_choice
+
+log = logging.getLogger(__name__)
 
 
 class PreferenceDataModule(TableDataModule):
@@ -128,6 +131,23 @@ class PreferenceDataModule(TableDataModule):
             chat=fmt == "standard" and self._chat_for_strings(table, where, fields[:2]),
         )
         return fields + ([hp.margin_field] if hp.margin_field else [])
+
+    def _encode_table(
+        self, table: datasets.Dataset, where: str, split: str, val_rows: set[int] | None = None
+    ) -> None:
+        super()._encode_table(table, where, split, val_rows)
+        reader = self._reader
+        if reader is not None and reader.undelimited:
+            example = reader.undelimited_example
+            log.warning(
+                "%s: %d implicit-prompt rows have no %r in the common start of chosen and rejected, so their "
+                "prompt ends at a word boundary instead, e.g. %r. If the transcripts use another turn marker "
+                "(e.g. 'Assistant:' without the blank line), set implicit_prompt_delimiter to it.",
+                where,
+                reader.undelimited,
+                reader.delimiter,
+                example if len(example) <= 100 else "..." + example[-97:],
+            )
 
     def _encode_row(self, row: dict) -> dict | str:
         hp = self.hparams
