@@ -6,6 +6,7 @@ from lightning_rlhf.callbacks import (
     EMAReferenceUpdate,
     HFExport,
     RewardCurve,
+    RLHFProgressBar,
     SampleTable,
 )
 from lightning_rlhf.console import show_package_logs
@@ -40,6 +41,7 @@ __all__ = [
     "DPOModule",
     "EMAReferenceUpdate",
     "HFExport",
+    "RLHFProgressBar",
     "HingeDPOLoss",
     "IPOLoss",
     "IterativeDPOModule",

@@ -41,6 +41,20 @@ class RLHFCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.model", "data.init_args.tokenizer", apply_on="parse")
 
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> object:
+        # The package's progress bar (rollouts counted, phases shown) unless the config brings its own bar
+        # or turns the bar off; Lightning's plain bar then stays the fallback when rich is missing.
+        from lightning.pytorch.callbacks import ProgressBar
+        from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+
+        from lightning_rlhf.callbacks.progress import RLHFProgressBar
+
+        given = [*(config.get("callbacks") or []), *callbacks]
+        wanted = config.get("enable_progress_bar") is not False and _RICH_AVAILABLE
+        if wanted and not any(isinstance(c, ProgressBar) for c in given):
+            callbacks = [*callbacks, RLHFProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
+
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         # Checks that need both the model and the data (e.g. PPO's rollout batch vs mini_batch_size): each

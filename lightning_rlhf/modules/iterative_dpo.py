@@ -8,6 +8,7 @@ The pair selection and batch building are pure functions in :mod:`lightning_rlhf
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from lightning_rlhf.callbacks.progress import report_phase
 from lightning_rlhf.data.base import pad_id
 from lightning_rlhf.lora import (
     AdapterReference,
@@ -369,8 +371,18 @@ class IterativeDPOModule(HFModelModule):
         sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
         return dict(zip(_DPO_METRICS, (sums[:-1] / sums[-1].clamp(min=1)).unbind(), strict=True))
 
+    def optimizer_steps_per_batch(self) -> int:
+        """Optimizer steps one batch of prompts makes: ``dpo_epochs`` passes over its mini-batches."""
+        loader = getattr(self._trainer, "train_dataloader", None)
+        prompts = getattr(loader, "batch_size", None) or self.hparams.mini_batch_size
+        return self.hparams.dpo_epochs * -(-prompts // self.hparams.mini_batch_size)
+
     def training_step(self, batch: dict, batch_idx: int) -> None:
+        report_phase(self._trainer, self, "sampling")
+        start = time.perf_counter()
         samples = self.sample(batch)
+        speed = int(samples.response_mask.sum()) / max(time.perf_counter() - start, 1e-9)
+        report_phase(self._trainer, self, f"updating ({speed:,.0f} tok/s)")
         pairs = select_pairs(samples.scores, self.hparams.num_samples)
         metrics: dict[str, Tensor] = {
             "iteration/score_best": pairs.best.mean(),
@@ -389,6 +401,8 @@ class IterativeDPOModule(HFModelModule):
             for key, value in metrics.items()
         }
         size = len(batch["prompt"])
+        on_bar = {"iteration/score_mean": metrics.pop("iteration/score_mean")}
+        self.log_dict(on_bar, batch_size=size, sync_dist=True, prog_bar=True)
         self.log_dict(metrics, batch_size=size, sync_dist=True)
         # Decided on the pair count over all ranks, so that either every rank updates or none does.
         if self.trainer.strategy.reduce(metrics["iteration/pairs"].clone(), reduce_op="sum") > 0:

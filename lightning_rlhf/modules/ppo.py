@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from lightning_rlhf.callbacks.progress import report_phase
 from lightning_rlhf.lora import AdaptersDisabled, LoraSettings, apply_lora, check_dropout
 from lightning_rlhf.losses import entropy_bonus, ppo_policy_loss, ppo_value_loss
 from lightning_rlhf.models import (
@@ -426,9 +427,17 @@ class PPOModule(HFModelModule):
             return {"generation_context": lambda: whole_model_for_generation(self.trainer, self.policy)}
         return {"synced_gpus": self.trainer.world_size > 1}
 
+    def optimizer_steps_per_batch(self) -> int:
+        """Optimizer steps one rollout makes (``ppo_epochs`` x mini-batches; fewer after a KL early stop)."""
+        loader = getattr(self._trainer, "train_dataloader", None)
+        rollout = getattr(loader, "batch_size", None) or self.hparams.mini_batch_size
+        return self.hparams.ppo_epochs * max(rollout // self.hparams.mini_batch_size, 1)
+
     def training_step(self, batch: dict, batch_idx: int) -> None:
+        report_phase(self._trainer, self, "sampling")
         rollout = self.collect(batch)
         n = len(rollout)
+        report_phase(self._trainer, self, f"updating ({describe_rollout_speed(rollout, self._timings)})")
         if n % self.hparams.mini_batch_size:
             raise ValueError(
                 f"the rollout batch ({n} prompts) is not divisible by "
@@ -449,6 +458,7 @@ class PPOModule(HFModelModule):
         )
         self.kl_controller.update(float(totals[0] / totals[1]), int(totals[1]))
         self._log_rollout(rollout, kl_per_sequence, stats)
+        report_phase(self._trainer, self, describe_rollout_speed(rollout, self._timings))
 
     def _update(self, rollout: Rollout) -> dict[str, Tensor]:
         hp = self.hparams
@@ -654,8 +664,14 @@ class PPOModule(HFModelModule):
         if rollout.gold_scores is not None:
             metrics["rollout/gold_score"] = rollout.gold_scores.float().mean()
         metrics.update(reward_source_metrics(self.reward_function, self.gold_function))
-        self.log_dict(
-            {k: torch.as_tensor(v, dtype=torch.float32, device=self.device) for k, v in metrics.items()},
-            batch_size=len(rollout),
-            sync_dist=True,
-        )
+        metrics = {k: torch.as_tensor(v, dtype=torch.float32, device=self.device) for k, v in metrics.items()}
+        on_bar = {k: metrics.pop(k) for k in ("rollout/score", "rollout/kl")}
+        self.log_dict(on_bar, batch_size=len(rollout), sync_dist=True, prog_bar=True)
+        self.log_dict(metrics, batch_size=len(rollout), sync_dist=True)
+
+
+def describe_rollout_speed(rollout: Rollout, timings: dict[str, float]) -> str:
+    """Short enough for a progress bar: '672 tok/s' after sampling, '672 tok/s, update 1.8 s' after it."""
+    tokens = int(rollout.response_mask.sum())
+    text = f"{tokens / timings['generation']:,.0f} tok/s" if timings.get("generation") else f"{tokens} tok"
+    return text + (f", update {timings['update']:.1f} s" if "update" in timings else "")
