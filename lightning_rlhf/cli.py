@@ -15,6 +15,9 @@ import sys
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
+from lightning_rlhf.data.loading import DataError
+from lightning_rlhf.validation import ConfigError
+
 _EXTRA_COMMANDS = """\
 lightning-rlhf also has these commands:
   testbed      write the embedded testbed (data, tokenizer, initial model) to a folder
@@ -128,6 +131,18 @@ def cli_main(args: list[str] | None = None) -> None:
         args = argv
     if not verbose:
         quiet_third_party()
+    try:
+        _run_command(argv, args)
+    except (ConfigError, DataError) as err:
+        # A bad flag, file or row: the message names it and what to do, so a traceback only hides it.
+        if verbose:
+            raise
+        print(f"lightning-rlhf: error: {type(err).__name__}: {err}", file=sys.stderr)
+        print("(run with --verbose for the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _run_command(argv: list[str], args: list[str] | None) -> None:
     if argv and argv[0] == "testbed":
         testbed_main(argv[1:])
     elif argv and argv[0] == "export":

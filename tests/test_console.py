@@ -59,11 +59,13 @@ def test_truncated_rows_warn_with_the_count_the_limits_and_what_the_first_became
         {"prompt": " 3 words about hill:", "completion": " nona"},
         {"prompt": " 3 words about hill, not dotu:", "completion": " nona reko lavo bili"},
     ]
-    dm = SFTDataModule(tokenizer_dir, write_jsonl(tmp_path / "sft.jsonl", rows), max_length=8)
+    dm = SFTDataModule(
+        tokenizer_dir, write_jsonl(tmp_path / "sft.jsonl", rows), max_length=8, apply_chat_template=False
+    )
     with caplog.at_level(logging.INFO, logger="lightning_rlhf"):
         dm.setup("fit")
     assert dm.stats["train"]["truncated"] == 1
-    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    (warning,) = [r for r in caplog.records if "truncated" in r.getMessage() and r.levelno == logging.WARNING]
     text = warning.getMessage()
     assert "1 of 2 kept rows were truncated (max_length=8)" in text and "row 1 (0-based) became" in text
     kept = dm.datasets["train"][1]["input_ids"]
@@ -72,7 +74,9 @@ def test_truncated_rows_warn_with_the_count_the_limits_and_what_the_first_became
 
 def test_an_untruncated_prompt_file_says_nothing_more_than_its_summary(tmp_path, tokenizer_dir, caplog):
     rows = [{"prompt": " 3 words about hill:"}, {"prompt": " 2 words about wood:"}]
-    dm = PromptDataModule(tokenizer_dir, write_jsonl(tmp_path / "p.jsonl", rows), batch_size=1)
+    dm = PromptDataModule(
+        tokenizer_dir, write_jsonl(tmp_path / "p.jsonl", rows), batch_size=1, apply_chat_template=False
+    )
     with caplog.at_level(logging.INFO, logger="lightning_rlhf"):
         dm.setup("fit")
     assert [r.levelno for r in caplog.records] == [logging.INFO]
@@ -140,3 +144,38 @@ def test_the_cli_shows_our_lines_and_filters_third_party_noise(testbed_dir, tmp_
     for noise in ("💡 Tip", "Setting accelerator to CPU"):  # --verbose brings third-party lines back
         assert noise in verbose.stdout + verbose.stderr, noise
     assert "kept rows were truncated" in verbose.stdout + verbose.stderr
+
+
+def test_a_bad_setting_is_one_line_not_a_traceback(capsys):
+    from lightning_rlhf.cli import cli_main
+    from lightning_rlhf.validation import ConfigError
+
+    args = [
+        "fit",
+        "--model=lightning_rlhf.PPOModule",
+        "--model.model=m",
+        "--model.mini_batch_size=8",
+        "--data=lightning_rlhf.PromptDataModule",
+        "--data.train_file=x.jsonl",
+        "--data.batch_size=12",
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "lightning-rlhf: error: ConfigError: the rollout batch (data batch_size=12) is not" in err
+    assert "Traceback" not in err and "--verbose" in err
+    with pytest.raises(ConfigError, match="not divisible"):  # --verbose: the exception itself
+        cli_main([*args, "--verbose"])
+
+
+def test_ppo_and_prompt_defaults_fit_together():
+    """A PPO run with every size left at its default must not stop on the rollout / mini-batch check."""
+    import inspect
+
+    from lightning_rlhf import PPOModule, PromptDataModule
+
+    rollout = inspect.signature(PromptDataModule).parameters["batch_size"].default
+    ppo = inspect.signature(PPOModule).parameters
+    mini, micro = ppo["mini_batch_size"].default, ppo["micro_batch_size"].default
+    assert rollout % mini == 0 and mini % micro == 0

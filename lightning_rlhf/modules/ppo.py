@@ -102,7 +102,7 @@ class PPOModule(HFModelModule):
         top_k: int = 0,
         top_p: float = 1.0,
         ppo_epochs: int = 1,
-        mini_batch_size: int = 64,
+        mini_batch_size: int = 32,
         micro_batch_size: int = 8,
         generation_batch_size: int = 64,
         zero3_generation: Literal["gather", "synced"] = "gather",
@@ -150,7 +150,8 @@ class PPOModule(HFModelModule):
             top_k: Sample only from the k most likely tokens (0 = off).
             top_p: Nucleus sampling mass (1.0 = off).
             ppo_epochs: Passes over each rollout batch.
-            mini_batch_size: Sequences per optimizer step; must divide the rollout batch size.
+            mini_batch_size: Sequences per optimizer step; must divide the rollout batch size (default: one
+                step per PromptDataModule batch of its default 32 prompts per ppo_epoch).
             micro_batch_size: Sequences per forward/backward (accumulated); must divide mini_batch_size.
             generation_batch_size: Prompts per generate call (memory knob; other values draw other samples).
             zero3_generation: Under ZeRO-3, ``gather`` the policy's whole weights once per rollout (fast; one
