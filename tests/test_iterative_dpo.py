@@ -369,7 +369,8 @@ def same_weights(a, b) -> bool:
 def test_run_with_refresh_logs_metrics_and_keeps_reference_at_policy(testbed, tmp_path):
     """With the reference refreshed every iteration, each iteration's single update starts at h = 0: the
     logged loss is -log sigmoid(0) = log 2 and the implicit-reward margin 0, every iteration, while the
-    policy moves. Scores are the gold reward, so gold_score equals score_mean."""
+    policy moves; the *_after_update metrics show the move (#16 item 5: log 2 alone looked broken). Scores
+    are the gold reward, so gold_score equals score_mean."""
     out, _ = testbed
     module, trainer, rows = fit(out, iterations=3, refresh_reference=True)
     assert len(rows) == 3
@@ -377,6 +378,10 @@ def test_run_with_refresh_logs_metrics_and_keeps_reference_at_policy(testbed, tm
         assert set(METRICS) <= set(row)
         assert row["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
         assert row["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+        if row["iteration/pairs"] > 0:  # the step at lr 1e-2 on its own pairs lowers their loss
+            assert row["train/loss_after_update"] < math.log(2) - 1e-3
+            assert row["rewards/margins_after_update"] > 0
+            assert 0 < row["rewards/accuracies_after_update"] <= 1
         assert row["iteration/pairs"] + row["iteration/skipped_ties"] == 4
         assert row["iteration/gold_score"] == pytest.approx(row["iteration/score_mean"])
         assert row["iteration/score_best"] >= row["iteration/score_mean"] >= row["iteration/score_worst"]
@@ -397,7 +402,8 @@ def test_run_with_refresh_logs_metrics_and_keeps_reference_at_policy(testbed, tm
 def test_run_without_refresh_keeps_initial_reference(testbed):
     """A fixed reference: the first update still sees h = 0 (loss log 2); later ones do not."""
     out, _ = testbed
-    module, _, rows = fit(out, iterations=3, refresh_reference=False)
+    module, _, rows = fit(out, iterations=3, refresh_reference=False, log_after_update=False)
+    assert not [k for row in rows for k in row if k.endswith("_after_update")]
     assert rows[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert all(abs(row["train/loss"] - math.log(2)) > 1e-4 for row in rows[1:])
     initial = load_causal_lm(str(out / "init_policy"))

@@ -118,6 +118,7 @@ class IterativeDPOModule(HFModelModule):
         lora: LoraSettings | None = None,
         trust_remote_code: bool = False,
         nonfinite: NonFinitePolicy = "raise",
+        log_after_update: bool = True,
     ) -> None:
         """
         Args:
@@ -148,6 +149,9 @@ class IterativeDPOModule(HFModelModule):
             trust_remote_code: Allow model code shipped with checkpoints to run (off for safety).
             nonfinite: A NaN/inf loss or gradient: 'raise' (naming step and pairs) or 'skip' that mini-batch's
                 optimizer step and count it (train/nonfinite_skipped).
+            log_after_update: Also log the loss, margins and accuracies of the pairs after the update
+                (``*_after_update``; one no-grad forward). With refresh_reference the update's own loss
+                starts at log 2 each iteration (policy == reference), so this shows what the update did.
         """
         super().__init__(learning_rate, weight_decay, nonfinite)
         self.automatic_optimization = False
@@ -369,7 +373,28 @@ class IterativeDPOModule(HFModelModule):
                 optimizer.step()
         # Pair-weighted means over every rank, in one collective that all ranks make whatever their ties.
         sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
-        return dict(zip(_DPO_METRICS, (sums[:-1] / sums[-1].clamp(min=1)).unbind(), strict=True))
+        metrics = dict(zip(_DPO_METRICS, (sums[:-1] / sums[-1].clamp(min=1)).unbind(), strict=True))
+        if hp.log_after_update:
+            metrics.update(self._metrics_after_update(pair_batch, ref_chosen, ref_rejected))
+        return metrics
+
+    @torch.no_grad()
+    def _metrics_after_update(
+        self, pair_batch: dict[str, Tensor], ref_chosen: Tensor | None, ref_rejected: Tensor | None
+    ) -> dict[str, Tensor]:
+        """Loss, accuracy and margin of the valid pairs after the update (pair-weighted, over all ranks)."""
+        names = ("train/loss", "rewards/accuracies", "rewards/margins")
+        valid = pair_batch["valid"]
+        sums = torch.zeros(len(names) + 1, device=self.device)
+        for micro in torch.arange(valid.numel(), device=valid.device).split(self.hparams.micro_batch_size):
+            refs = (None, None) if ref_chosen is None else (ref_chosen[micro], ref_rejected[micro])
+            _, metrics = self.compute_loss(take_pairs(pair_batch, micro), *refs, valid[micro])
+            count = int(valid[micro].sum())
+            if metrics:
+                sums += torch.stack([*(metrics[k] * count for k in names), sums.new_tensor(count)])
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        means = (sums[:-1] / sums[-1].clamp(min=1)).unbind()
+        return {f"{name}_after_update": value for name, value in zip(names, means, strict=True)}
 
     def optimizer_steps_per_batch(self) -> int:
         """Optimizer steps one batch of prompts makes: ``dpo_epochs`` passes over its mini-batches."""
@@ -411,6 +436,9 @@ class IterativeDPOModule(HFModelModule):
             )
             dpo = self.update(pair_batch)
             self.log("train/loss", dpo.pop("train/loss"), prog_bar=True, batch_size=size)
+            if "train/loss_after_update" in dpo:
+                after = dpo.pop("train/loss_after_update")
+                self.log("train/loss_after_update", after, prog_bar=True, batch_size=size)
             self.log_dict(dpo, batch_size=size)  # already reduced over ranks
         if self.hparams.refresh_reference and self.reference is not None:
             self.refresh_reference_weights()
