@@ -32,6 +32,11 @@ NOISY_WARNINGS: tuple[str, ...] = (
     r".*does not have many workers which may be a bottleneck.*",
     r".*LeafSpec.*",  # torch pytree deprecations raised inside Lightning and transformers
 )
+# Deprecations that one library raises about another's API (e.g. PEFT calling transformers'
+# ``is_gradient_checkpointing``): warnings located inside these packages are theirs to fix, not the user's.
+THIRD_PARTY_MODULES = (
+    r"(transformers|peft|lightning|pytorch_lightning|torch|deepspeed|datasets|accelerate)(\.|$)"
+)
 
 # (logger, message regex) of third-party log lines the CLI drops: Lightning's product tips, and DeepSpeed's
 # note on a machine without an accelerator (the trainer's own "GPU available: False" line says it).
@@ -86,6 +91,8 @@ def quiet_third_party() -> None:
     """Filter third-party warnings and progress bars that say nothing to a lightning_rlhf user."""
     for message in NOISY_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=THIRD_PARTY_MODULES)
     # transformers' load reports (e.g. ``score.weight | MISSING`` while a reward model is built from a
     # causal LM: this package initialises that head itself) and shard-writing bars.
     try:

@@ -179,3 +179,18 @@ def test_ppo_and_prompt_defaults_fit_together():
     ppo = inspect.signature(PPOModule).parameters
     mini, micro = ppo["mini_batch_size"].default, ppo["micro_batch_size"].default
     assert rollout % mini == 0 and mini % micro == 0
+
+
+def test_third_party_deprecations_are_filtered_and_the_users_own_kept():
+    import warnings
+
+    from lightning_rlhf.console import quiet_third_party
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_third_party()
+        for module in ("transformers.modeling_utils", "peft.tuners.lora", "my_project.train"):
+            warnings.warn_explicit("`x` is deprecated", FutureWarning, "f.py", 1, module=module)
+        warnings.warn_explicit("Found 66 module(s) in eval mode", UserWarning, "f.py", 2, module="my.code")
+    assert [w.filename for w in caught] == ["f.py"] and len(caught) == 1  # only my_project's deprecation
+    assert caught[0].lineno == 1

@@ -40,5 +40,8 @@ class HFExport(Callback):
             )
         pl_module.save_pretrained(path)  # every rank: under ZeRO-3 the weights are gathered; rank 0 writes
         if trainer.is_global_zero:
-            log.info("exported %s to %s", type(pl_module.trained_model()).__name__, path)
+            model = pl_module.trained_model()
+            # LoRA adapters were merged: the folder holds the base architecture, so name that.
+            written = model.get_base_model() if hasattr(model, "get_base_model") else model
+            log.info("exported %s to %s", type(written).__name__, path)
         trainer.strategy.barrier()
