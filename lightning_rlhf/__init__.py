@@ -28,6 +28,7 @@ from lightning_rlhf.modules.iterative_dpo import IterativeDPOModule
 from lightning_rlhf.modules.ppo import PPOModule
 from lightning_rlhf.modules.reward import RewardModule
 from lightning_rlhf.modules.sft import SFTModule
+from lightning_rlhf.rollout.advantages import GAE, GRPO, RLOO, REINFORCEPlusPlus
 
 __version__ = "0.1.0.dev0"
 
@@ -40,8 +41,12 @@ __all__ = [
     "DPOLoss",
     "DPOModule",
     "EMAReferenceUpdate",
+    "GAE",
+    "GRPO",
     "HFExport",
+    "REINFORCEPlusPlus",
     "RLHFProgressBar",
+    "RLOO",
     "HingeDPOLoss",
     "IPOLoss",
     "IterativeDPOModule",

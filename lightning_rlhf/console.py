@@ -13,11 +13,13 @@ they can act on are filtered. ``--verbose`` (or ``LIGHTNING_RLHF_VERBOSE=1``) ke
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import sys
 import warnings
+from collections.abc import Iterator
 
 PACKAGE_LOGGER = "lightning_rlhf"
 VERBOSE_ENV = "LIGHTNING_RLHF_VERBOSE"
@@ -79,6 +81,18 @@ def show_package_logs() -> None:
     logger.addHandler(handler)
     if logger.level == logging.NOTSET:
         logger.setLevel(logging.INFO)
+
+
+@contextlib.contextmanager
+def package_logs_at(level: int) -> Iterator[None]:
+    """Within the block the package logs at ``level`` and above (the demos print their own summaries)."""
+    logger = logging.getLogger(PACKAGE_LOGGER)
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
 
 
 def verbose_requested(argv: list[str]) -> tuple[bool, list[str]]:

@@ -105,6 +105,8 @@ def test_cli_chain_of_testbed_configs(tmp_path, monkeypatch):
         "iterative_dpo/testbed",
         "ppo/testbed",
         "ppo/paper",
+        "ppo/grpo",
+        "ppo/rloo",
     ):
         cli_main(
             [
@@ -124,6 +126,8 @@ def test_cli_chain_of_testbed_configs(tmp_path, monkeypatch):
         "dpo_iter_policy",
         "ppo_policy",
         "ppo_paper_policy",
+        "grpo_policy",
+        "rloo_policy",
     ):
         assert (tmp_path / "runs/testbed" / folder / "model.safetensors").is_file(), folder
     assert (REPO / "configs/quickstart/run.sh").read_text().count("lightning-rlhf fit --config") >= 4

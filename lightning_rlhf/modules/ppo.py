@@ -30,10 +30,13 @@ from lightning_rlhf.modules.base import (
     NonFinitePolicy,
     adamw,
     adamw_param_groups,
+    build_object,
     enable_gradient_checkpointing,
+    object_spec,
 )
 from lightning_rlhf.ops import masked_mean, masked_var
-from lightning_rlhf.rewards.calling import reward_source_metrics
+from lightning_rlhf.rewards.calling import repeat_columns, reward_source_metrics
+from lightning_rlhf.rollout.advantages import GAE, AdvantageEstimator
 from lightning_rlhf.rollout.collect import (
     ShapingConfig,
     collect_rollout,
@@ -135,6 +138,8 @@ class PPOModule(HFModelModule):
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
         nonfinite: NonFinitePolicy = "raise",
+        advantage: AdvantageEstimator | None = None,
+        num_generations: int = 1,
     ) -> None:
         """
         Args:
@@ -194,10 +199,23 @@ class PPOModule(HFModelModule):
             trust_remote_code: Allow model code shipped with checkpoints to run (off for safety).
             nonfinite: A NaN/inf loss term or gradient: 'raise' (naming step, rows, term) or 'skip' the step
                 and count it (train/nonfinite_skipped).
+            advantage: How advantages are estimated (class_path): GAE with the critic (default, PPO), or
+                critic-free from the num_generations responses to each prompt: GRPO (scale_rewards: false is
+                Dr. GRPO), RLOO, REINFORCEPlusPlus (see lightning_rlhf.rollout.advantages). No critic is
+                built, trained or checkpointed for the critic-free ones.
+            num_generations: Responses sampled per prompt in each rollout (a group); the rollout then holds
+                batch_size x num_generations sequences, and mini_batch_size counts sequences.
         """
         super().__init__(learning_rate, weight_decay, nonfinite)  # checks both, names them
         self.automatic_optimization = False
         owner = "PPOModule"
+        check(owner, "num_generations", num_generations, ge=1, integer=True)
+        estimator = build_object(advantage, AdvantageEstimator) if advantage is not None else GAE()
+        if num_generations < estimator.min_group_size:
+            raise ConfigError(
+                f"{owner}: advantage {estimator!r} compares responses to the same prompt, so it needs "
+                f"num_generations >= {estimator.min_group_size} (got {num_generations})"
+            )
         check_choice(owner, "zero3_generation", zero3_generation, ("gather", "synced"))
         check_choice(owner, "old_logprobs", old_logprobs, ("forward", "sampling"))
         check_choice(owner, "generation_engine", generation_engine, ("hf", "vllm"))
@@ -246,7 +264,9 @@ class PPOModule(HFModelModule):
             raise ConfigError(
                 f"{owner}: kl_coef must be > 0 with target_kl (the controller only rescales it)"
             )
-        self.save_hyperparameters(ignore=["reward_function", "gold_function", "lora", "vllm"])
+        self.save_hyperparameters(ignore=["reward_function", "gold_function", "lora", "vllm", "advantage"])
+        self.advantage = estimator
+        self.hparams["advantage"] = object_spec(estimator)
         self.vllm_settings = VLLMSettings.build(vllm)
         self.hparams["vllm"] = self.vllm_settings.to_dict()
         self.lora = self._use_lora(lora)
@@ -278,17 +298,19 @@ class PPOModule(HFModelModule):
             return
         remote = {"trust_remote_code": hp.trust_remote_code}
         self.policy = self.build_trained_model()
-        self.critic = load_reward_model(hp.critic_model or hp.reward_model or hp.model, **remote)
-        if hp.disable_dropout:
-            disable_dropout(self.policy)
-            disable_dropout(self.critic)
-        if hp.gradient_checkpointing:
-            enable_gradient_checkpointing(self.policy)
-            enable_gradient_checkpointing(self.critic)
-        if self.lora is not None:
+        if self.advantage.needs_critic:  # critic-free estimators hold no value model at all
+            self.critic = load_reward_model(hp.critic_model or hp.reward_model or hp.model, **remote)
+        trained = [m for m in (self.policy, self.critic) if m is not None]
+        for model in trained:
+            if hp.disable_dropout:
+                disable_dropout(model)
+            if hp.gradient_checkpointing:
+                enable_gradient_checkpointing(model)
+        if self.lora is not None and self.critic is not None:
             self.critic = apply_lora(self.critic, self.lora, "sequence_classification")
         self.policy.train()
-        self.critic.train()
+        if self.critic is not None:
+            self.critic.train()
         if self.lora is None or hp.reference_model is not None:  # with LoRA: the policy, adapters off
             # Loaded from disk, never deep-copied: under ZeRO-3 the policy is already partitioned here.
             self.reference = freeze(load_causal_lm(hp.reference_model or hp.model, **remote))
@@ -311,6 +333,8 @@ class PPOModule(HFModelModule):
         hp = self.hparams
         groups = []
         for model, lr in ((self.policy, hp.learning_rate), (self.critic, hp.critic_learning_rate)):
+            if model is None:
+                continue
             for group in adamw_param_groups(model, hp.weight_decay):
                 groups.append({**group, "lr": lr})
         return adamw(groups)
@@ -362,11 +386,15 @@ class PPOModule(HFModelModule):
         Called at fit start, and by the CLI right after parsing so a bad pair of flags fails before loading.
         """
         batch_size = getattr(getattr(datamodule, "hparams", {}), "get", lambda *_: None)("batch_size")
-        if batch_size is not None and batch_size % self.hparams.mini_batch_size:
+        k = self.hparams.num_generations
+        if batch_size is not None and (batch_size * k) % self.hparams.mini_batch_size:
+            sequences = (
+                f"data batch_size={batch_size}" if k == 1 else f"{batch_size} prompts x {k} generations"
+            )
             raise ConfigError(
-                f"the rollout batch (data batch_size={batch_size}) is not divisible by "
-                f"model mini_batch_size={self.hparams.mini_batch_size}; make data.batch_size a multiple of "
-                "model.mini_batch_size"
+                f"the rollout batch ({sequences}) is not divisible by "
+                f"model mini_batch_size={self.hparams.mini_batch_size}; make data.batch_size"
+                f"{' x model.num_generations' if k > 1 else ''} a multiple of model.mini_batch_size"
             )
 
     # ------------------------------------------------------------------ the step
@@ -375,21 +403,25 @@ class PPOModule(HFModelModule):
         timings: dict[str, float] = {}
         placement = self._generation_placement()
         synced = bool(placement.get("synced_gpus"))
+        k = self.hparams.num_generations
+        # A group is k consecutive rows of one prompt, on this rank: group statistics need no collective.
         rollout = collect_rollout(
             policy=self.policy,
             reference=self.reference if self.reference is not None else AdaptersDisabled(self.policy),
             critic=self.critic,
+            advantage=self.advantage,
+            group_size=k,
             tokenizer=self.tokenizer,
-            prompt_ids=batch["input_ids"],
-            prompt_mask=batch["attention_mask"],
-            prompts=list(batch["prompt"]),
+            prompt_ids=batch["input_ids"].repeat_interleave(k, 0),
+            prompt_mask=batch["attention_mask"].repeat_interleave(k, 0),
+            prompts=[p for p in batch["prompt"] for _ in range(k)],
             sampling=self.sampling,
             kl_coef=self.kl_controller.value,
             shaping=self.shaping,
             reward_model=self.reward_model,
             reward_function=self.reward_function,
             gold_function=self.gold_function,
-            columns=batch.get("columns"),
+            columns=repeat_columns(batch.get("columns"), k) if batch.get("columns") else batch.get("columns"),
             moments=self.score_moments,
             micro_batch_size=self.hparams.micro_batch_size,
             generation_batch_size=self.hparams.generation_batch_size,
@@ -431,7 +463,8 @@ class PPOModule(HFModelModule):
     def optimizer_steps_per_batch(self) -> int:
         """Optimizer steps one rollout makes (``ppo_epochs`` x mini-batches; fewer after a KL early stop)."""
         loader = getattr(self._trainer, "train_dataloader", None)
-        rollout = getattr(loader, "batch_size", None) or self.hparams.mini_batch_size
+        prompts = getattr(loader, "batch_size", None)
+        rollout = prompts * self.hparams.num_generations if prompts else self.hparams.mini_batch_size
         return self.hparams.ppo_epochs * max(rollout // self.hparams.mini_batch_size, 1)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
@@ -491,7 +524,11 @@ class PPOModule(HFModelModule):
                     mb = rollout.minibatch(rows)
                     with self._gradient_sync(last):
                         loss, metrics = self._micro_loss(mb)
-                        terms = {k: metrics[f"ppo/{k}"] for k in ("policy_loss", "value_loss", "entropy")}
+                        terms = {
+                            k: metrics[f"ppo/{k}"]
+                            for k in ("policy_loss", "value_loss", "entropy")
+                            if f"ppo/{k}" in metrics
+                        }
                         finite = self.finite_or_skip({**terms, "loss": loss}, {"index": rows})
                         if not finite:
                             break  # nonfinite="skip": this mini-batch makes no optimizer step
@@ -549,24 +586,26 @@ class PPOModule(HFModelModule):
         )
         if self._first_step_pending:
             self._check_first_ratio(logprobs, mb["logprobs"], mask)
-        values = response_values(self.critic, mb["input_ids"], mb["attention_mask"], prompt_len)
         policy = ppo_policy_loss(
             logprobs, mb["logprobs"], mb["advantages"], mask, clip_range=hp.clip_range, dual_clip=hp.dual_clip
         )
-        value = ppo_value_loss(
-            values, mb["values"], mb["returns"], mask, clip_range_value=hp.clip_range_value
-        )
         entropy_mean = entropy_bonus(entropy, mask)
-        loss = policy.loss + hp.value_loss_coef * value.loss - hp.entropy_coef * entropy_mean
+        loss = policy.loss - hp.entropy_coef * entropy_mean
         metrics = {
-            "ppo/loss": loss.detach(),
             "ppo/policy_loss": policy.loss.detach(),
-            "ppo/value_loss": value.loss.detach(),
             "ppo/entropy": entropy_mean.detach(),
             "ppo/clip_fraction": policy.clip_fraction,
-            "ppo/value_clip_fraction": value.clip_fraction,
             "ppo/approx_kl": policy.approx_kl,
         }
+        if self.critic is not None:
+            values = response_values(self.critic, mb["input_ids"], mb["attention_mask"], prompt_len)
+            value = ppo_value_loss(
+                values, mb["values"], mb["returns"], mask, clip_range_value=hp.clip_range_value
+            )
+            loss = loss + hp.value_loss_coef * value.loss
+            metrics["ppo/value_loss"] = value.loss.detach()
+            metrics["ppo/value_clip_fraction"] = value.clip_fraction
+        metrics["ppo/loss"] = loss.detach()
         return loss, metrics
 
     # ------------------------------------------------------------------ validation
@@ -652,12 +691,13 @@ class PPOModule(HFModelModule):
             "rollout/advantage_mean": masked_mean(rollout.advantages, mask, all_reduce=True),
             "rollout/advantage_std": masked_var(rollout.advantages, mask, all_reduce=True).sqrt(),
             "rollout/return_mean": masked_mean(rollout.returns, mask),
-            "rollout/value_mean": masked_mean(rollout.values, mask),
-            "ppo/explained_variance": explained_variance(rollout.values, rollout.returns, mask),
             **{f"time/{k}": v for k, v in self._timings.items()},
             **self._raw_advantage_stats,
             **stats,
         }
+        if self.critic is not None:
+            metrics["rollout/value_mean"] = masked_mean(rollout.values, mask)
+            metrics["ppo/explained_variance"] = explained_variance(rollout.values, rollout.returns, mask)
         if rollout.rm_scores is not None:
             metrics["rollout/reward_model_score"] = rollout.rm_scores.mean()
         if rollout.function_scores is not None:

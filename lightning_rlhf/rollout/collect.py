@@ -19,8 +19,9 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_rlhf.models import response_token_logprobs, response_values, sequence_scores
-from lightning_rlhf.ops import gae, masked_var
+from lightning_rlhf.ops import masked_var
 from lightning_rlhf.rewards.calling import RewardFunction, call_reward_function
+from lightning_rlhf.rollout.advantages import GAE, AdvantageEstimator
 from lightning_rlhf.rollout.generation import (
     SampledLogprobs,
     SamplingConfig,
@@ -239,7 +240,7 @@ def collect_rollout(
     *,
     policy: PreTrainedModel,
     reference: PreTrainedModel,
-    critic: PreTrainedModel,
+    critic: PreTrainedModel | None,
     tokenizer: PreTrainedTokenizerBase,
     prompt_ids: Tensor,
     prompt_mask: Tensor,
@@ -247,6 +248,8 @@ def collect_rollout(
     sampling: SamplingConfig,
     kl_coef: float,
     shaping: ShapingConfig,
+    advantage: AdvantageEstimator | None = None,
+    group_size: int = 1,
     reward_model: PreTrainedModel | None = None,
     reward_function: RewardFunction | None = None,
     gold_function: RewardFunction | None = None,
@@ -267,7 +270,13 @@ def collect_rollout(
     log-probs come from a policy ``forward`` like the update's, or (``"sampling"``) from the logits the
     tokens were sampled from, which saves that forward. ``engine`` and ``seed``: see :func:`sample_and_score`.
     ``timings`` (if given) receives seconds spent in ``generation``, ``scoring`` and ``inference``.
+    ``advantage`` (default :class:`GAE`, which needs the ``critic``) turns the token rewards into advantages;
+    the critic-free ones read ``group_size`` consecutive rows as the responses to one prompt, and with
+    ``critic=None`` the values are zeros.
     """
+    advantage = advantage if advantage is not None else GAE()
+    if advantage.needs_critic and critic is None:
+        raise ValueError(f"advantage {advantage!r} needs a critic (value model); got critic=None")
     if old_logprobs not in ("forward", "sampling"):
         raise ValueError(f"old_logprobs must be 'forward' or 'sampling' (got {old_logprobs!r})")
     timings = timings if timings is not None else {}
@@ -302,9 +311,9 @@ def collect_rollout(
     recompute = samples.logprobs is None
     ref_logprobs, values = (torch.zeros(response_ids.shape, device=response_ids.device) for _ in range(2))
     logprobs = torch.zeros_like(ref_logprobs) if recompute else samples.logprobs
-    modes = {model: model.training for model in (policy, critic)}
-    policy.eval()  # the old log-probs describe the distribution that sampled (no dropout)
-    critic.eval()
+    modes = {model: model.training for model in (policy, critic) if model is not None}
+    for model in modes:
+        model.eval()  # the old log-probs describe the distribution that sampled (no dropout)
     # Rows of similar length together, each group cut to its own longest prompt and response; columns past
     # a group's responses stay 0 (masked out below).
     for rows in length_chunks(prompt_mask, response_mask, micro_batch_size):
@@ -317,7 +326,8 @@ def collect_rollout(
         if recompute:
             logprobs[rows, :width] = response_token_logprobs(policy, *args, temperature=temperature)[0]
         ref_logprobs[rows, :width] = response_token_logprobs(reference, *args, temperature=temperature)[0]
-        values[rows, :width] = response_values(critic, *args)
+        if critic is not None:
+            values[rows, :width] = response_values(critic, *args)
     for model, training in modes.items():
         model.train(training)
     timings["inference"] = time.perf_counter() - start
@@ -334,7 +344,15 @@ def collect_rollout(
         scores, logprobs, ref_logprobs, mask, kl_coef=kl_coef, estimator=shaping.kl_estimator
     )
     values = values * mask
-    advantages, returns = gae(rewards, values, mask, gamma=shaping.gamma, lam=shaping.lam)
+    advantages, returns = advantage(
+        rewards=rewards,
+        values=values if critic is not None else None,
+        mask=mask,
+        scores=scores,
+        group_size=group_size,
+        gamma=shaping.gamma,
+        lam=shaping.lam,
+    )
     return Rollout(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
