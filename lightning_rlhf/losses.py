@@ -300,6 +300,36 @@ class ValueLossOutput(NamedTuple):
     clip_fraction: Tensor  # detached: share of response tokens where the clipped value loss was larger
 
 
+LOSS_AGGREGATIONS = ("token_mean", "sequence_mean", "constant_length_sum")
+
+
+def aggregate_token_losses(
+    losses: Tensor, mask: Tensor, aggregation: str = "token_mean", *, max_length: int | None = None
+) -> Tensor:
+    """One scalar from per-token losses [B, T] over the masked tokens:
+
+    * ``token_mean``: Σ_i Σ_t l_it / Σ_i T_i (every token weighs the same: long responses weigh more);
+    * ``sequence_mean``: (1/B) Σ_i (Σ_t l_it / T_i) (every response weighs the same; GRPO's original form);
+    * ``constant_length_sum``: (1/B) Σ_i Σ_t l_it / L with a fixed ``max_length`` L (Dr. GRPO: no length
+      normalisation bias).
+
+    Masked positions are selected away first; rows with no tokens count as 0 in the sequence forms.
+    """
+    keep = mask.bool()
+    if aggregation == "token_mean":
+        return masked_mean(losses, keep)
+    per_row = torch.where(keep, losses, torch.zeros((), dtype=losses.dtype, device=losses.device)).sum(1)
+    if aggregation == "sequence_mean":
+        per_row = per_row / keep.sum(1).clamp(min=1).to(per_row.dtype)
+    elif aggregation == "constant_length_sum":
+        if max_length is None or max_length < 1:
+            raise ValueError("constant_length_sum needs max_length >= 1 (the generation length)")
+        per_row = per_row / max_length
+    else:
+        raise ValueError(f"aggregation must be one of {LOSS_AGGREGATIONS} (got {aggregation!r})")
+    return per_row.mean() if per_row.numel() else per_row.sum()
+
+
 def ppo_policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -308,12 +338,15 @@ def ppo_policy_loss(
     *,
     clip_range: float = 0.2,
     dual_clip: float | None = None,
+    aggregation: str = "token_mean",
+    max_length: int | None = None,
 ) -> PolicyLossOutput:
     """PPO clipped surrogate (Schulman et al. 2017), optionally dual-clipped (Ye et al. 2020):
 
         r = exp(logp - old),  l = max(-A * r, -A * clip(r, 1 - eps, 1 + eps))
         with dual clip c > 1, for A < 0:  l = min(l, -c * A)
-        loss = masked mean of l over every response token of the batch
+        loss = masked mean of l over every response token of the batch (``aggregation``: see
+               :func:`aggregate_token_losses`)
 
     All inputs are ``[B, T]``; ``mask`` selects response tokens. Masked positions are replaced before any
     arithmetic, so padding may hold anything (even -inf) without producing NaN values or gradients; an
@@ -326,6 +359,8 @@ def ppo_policy_loss(
         mask: ``[B, T]`` 0/1 (or bool) mask of response tokens.
         clip_range: Trust-region half-width eps of the ratio clip; must be > 0.
         dual_clip: Cap c on the loss of negative-advantage tokens, -c * A; must be > 1; None disables it.
+        aggregation: ``token_mean`` (default), ``sequence_mean`` or ``constant_length_sum``.
+        max_length: The constant L of ``constant_length_sum``.
     """
     if not clip_range > 0:
         raise ValueError(f"clip_range must be > 0, got {clip_range}")
@@ -344,7 +379,8 @@ def ppo_policy_loss(
     with torch.no_grad():
         clip_fraction = masked_mean((clipped > unclipped).to(losses.dtype), keep)
         approx_kl = masked_mean((ratio - 1) - log_ratio, keep)
-    return PolicyLossOutput(masked_mean(losses, keep), clip_fraction, approx_kl)
+    loss = aggregate_token_losses(losses, keep, aggregation, max_length=max_length)
+    return PolicyLossOutput(loss, clip_fraction, approx_kl)
 
 
 def ppo_value_loss(

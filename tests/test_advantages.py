@@ -150,3 +150,21 @@ def _two_rank_whitening(rank, world_size, init_file, out_dir):
 
 def test_two_gloo_ranks_equal_one_process(tmp_path):
     run_on_two_gloo_ranks(_two_rank_whitening, tmp_path)
+
+
+def test_loss_aggregations_hand_worked():
+    """losses (1, 2, 3 | 4), lengths 3 and 1: token mean 10/4 = 2.5; sequence mean (6/3 + 4/1)/2 = 3;
+    constant-length sum with L = 4: (6/4 + 4/4)/2 = 1.25. Padding (9s) never counts."""
+    from lightning_rlhf.losses import aggregate_token_losses
+
+    losses = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    assert float(aggregate_token_losses(losses, mask, "token_mean")) == pytest.approx(2.5)
+    assert float(aggregate_token_losses(losses, mask, "sequence_mean")) == pytest.approx(3.0)
+    assert float(aggregate_token_losses(losses, mask, "constant_length_sum", max_length=4)) == pytest.approx(
+        1.25
+    )
+    with pytest.raises(ValueError, match="needs max_length"):
+        aggregate_token_losses(losses, mask, "constant_length_sum")
+    with pytest.raises(ValueError, match="aggregation must be one of"):
+        aggregate_token_losses(losses, mask, "sum")

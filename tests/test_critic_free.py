@@ -173,3 +173,71 @@ def test_grpo_raises_held_out_gold_reward_over_the_sft_policy(testbed, tmp_path)
     after = evaluate_policy(grpo.policy, tokenizer, task, held_out, samples_per_prompt=2, seed=1)
     print("GRPO gold before/after", before["gold_reward"], after["gold_reward"])
     assert after["gold_reward"] > before["gold_reward"] + 0.15, (before, after)
+
+
+class FirstGradients(Callback):
+    grads = None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.grads is None:
+            self.grads = {
+                n: p.grad.clone() for n, p in pl_module.policy.named_parameters() if p.grad is not None
+            }
+
+
+@pytest.mark.parametrize("aggregation", ["sequence_mean", "constant_length_sum"])
+def test_micro_batches_do_not_change_the_gradient_of_each_aggregation(testbed, tmp_path, aggregation):
+    """Each micro-batch is weighted by its share of the mini-batch's sequences, so micro=8 and micro=1 give
+    the same first-step gradient; with the KL as a (k3) loss term, which then has a gradient of its own."""
+    grads = {}
+    for micro in (8, 1):
+        L.seed_everything(0, verbose=False)
+        module = PPOModule(
+            str(testbed / "init_policy"),
+            reward_function=GoldReward(str(testbed)),
+            advantage=GRPO(scale_rewards=False),
+            num_generations=2,
+            kl_penalty="loss",
+            kl_coef=0.5,
+            loss_aggregation=aggregation,
+            mini_batch_size=8,
+            micro_batch_size=micro,
+            max_new_tokens=8,
+            max_grad_norm=None,
+            check_first_step=False,
+        )
+        recorder = FirstGradients()
+        trainer(tmp_path, [recorder], max_steps=1, enable_checkpointing=False).fit(
+            module, prompts(testbed, 4)
+        )
+        grads[micro] = recorder.grads
+    assert grads[8].keys() == grads[1].keys() and grads[8]
+    for name in grads[8]:
+        torch.testing.assert_close(grads[1][name], grads[8][name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_kl_as_a_loss_term_is_logged_and_left_out_of_the_rewards(testbed, tmp_path):
+    keep = KeepRollouts()
+    module = PPOModule(
+        str(testbed / "init_policy"),
+        reward_function=GoldReward(str(testbed)),
+        advantage=GRPO(),
+        num_generations=2,
+        kl_penalty="loss",
+        kl_coef=0.5,
+        mini_batch_size=8,
+        micro_batch_size=8,
+        max_new_tokens=6,
+    )
+    fit = trainer(tmp_path, [keep], max_steps=3, enable_checkpointing=False)
+    fit.fit(module, prompts(testbed, 4))
+    rollout = keep.rollouts[-1]
+    mask = rollout.response_mask.float()
+    # Rewards hold only the score (on the last token): no -kl_coef x KL_t term, though the KL is measured.
+    torch.testing.assert_close(rollout.rewards.sum(1), rollout.scores.float())
+    assert float((rollout.kl * mask).abs().sum()) > 0
+    assert "ppo/kl_loss" in fit.callback_metrics and float(fit.callback_metrics["ppo/kl_loss"]) >= 0
+    with pytest.raises(ValueError, match="kl_penalty must be one of"):
+        PPOModule("m", reward_function=len, kl_penalty="both")
+    with pytest.raises(ValueError, match="loss_aggregation must be one of"):
+        PPOModule("m", reward_function=len, loss_aggregation="sum")

@@ -15,7 +15,13 @@ from transformers import PreTrainedModel
 
 from lightning_rlhf.callbacks.progress import report_phase
 from lightning_rlhf.lora import AdaptersDisabled, LoraSettings, apply_lora, check_dropout
-from lightning_rlhf.losses import entropy_bonus, ppo_policy_loss, ppo_value_loss
+from lightning_rlhf.losses import (
+    LOSS_AGGREGATIONS,
+    aggregate_token_losses,
+    entropy_bonus,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
 from lightning_rlhf.models import (
     disable_dropout,
     freeze,
@@ -34,7 +40,7 @@ from lightning_rlhf.modules.base import (
     enable_gradient_checkpointing,
     object_spec,
 )
-from lightning_rlhf.ops import masked_mean, masked_var
+from lightning_rlhf.ops import kl_k3, masked_mean, masked_var
 from lightning_rlhf.rewards.calling import repeat_columns, reward_source_metrics
 from lightning_rlhf.rollout.advantages import GAE, AdvantageEstimator
 from lightning_rlhf.rollout.collect import (
@@ -140,6 +146,8 @@ class PPOModule(HFModelModule):
         nonfinite: NonFinitePolicy = "raise",
         advantage: AdvantageEstimator | None = None,
         num_generations: int = 1,
+        kl_penalty: Literal["reward", "loss"] = "reward",
+        loss_aggregation: Literal["token_mean", "sequence_mean", "constant_length_sum"] = "token_mean",
     ) -> None:
         """
         Args:
@@ -205,11 +213,19 @@ class PPOModule(HFModelModule):
                 built, trained or checkpointed for the critic-free ones.
             num_generations: Responses sampled per prompt in each rollout (a group); the rollout then holds
                 batch_size x num_generations sequences, and mini_batch_size counts sequences.
+            kl_penalty: Where the KL to the reference goes: 'reward' (PPO: -kl_coef x KL_t in each token's
+                reward, kl_estimator) or 'loss' (GRPO: kl_coef x the k3 estimate of the updated policy's KL,
+                aggregated like the policy loss, added to the loss).
+            loss_aggregation: How token losses make the loss: 'token_mean' over the mini-batch (default),
+                'sequence_mean' (each response weighs the same: GRPO), 'constant_length_sum' (sum over
+                max_new_tokens: Dr. GRPO).
         """
         super().__init__(learning_rate, weight_decay, nonfinite)  # checks both, names them
         self.automatic_optimization = False
         owner = "PPOModule"
         check(owner, "num_generations", num_generations, ge=1, integer=True)
+        check_choice(owner, "kl_penalty", kl_penalty, ("reward", "loss"))
+        check_choice(owner, "loss_aggregation", loss_aggregation, LOSS_AGGREGATIONS)
         estimator = build_object(advantage, AdvantageEstimator) if advantage is not None else GAE()
         if num_generations < estimator.min_group_size:
             raise ConfigError(
@@ -416,7 +432,8 @@ class PPOModule(HFModelModule):
             prompt_mask=batch["attention_mask"].repeat_interleave(k, 0),
             prompts=[p for p in batch["prompt"] for _ in range(k)],
             sampling=self.sampling,
-            kl_coef=self.kl_controller.value,
+            # With kl_penalty='loss' the KL is a loss term instead (_micro_loss); it is still measured.
+            kl_coef=self.kl_controller.value if self.hparams.kl_penalty == "reward" else 0.0,
             shaping=self.shaping,
             reward_model=self.reward_model,
             reward_function=self.reward_function,
@@ -532,7 +549,7 @@ class PPOModule(HFModelModule):
                         finite = self.finite_or_skip({**terms, "loss": loss}, {"index": rows})
                         if not finite:
                             break  # nonfinite="skip": this mini-batch makes no optimizer step
-                        self.manual_backward(loss * (mb["response_mask"].sum() / mini_tokens))
+                        self.manual_backward(loss * self._micro_weight(mb, mini_tokens, len(step_rows)))
                     approx_kls.append(metrics["ppo/approx_kl"])
                     for key, value in metrics.items():
                         totals.setdefault(key, []).append(value)
@@ -555,6 +572,13 @@ class PPOModule(HFModelModule):
         out = {key: torch.stack(values).mean() for key, values in totals.items() if values}
         out["ppo/early_stopped"] = torch.tensor(stopped)
         return out
+
+    def _micro_weight(self, mb: dict[str, Tensor], mini_tokens: Tensor, mini_rows: int) -> Tensor | float:
+        """A micro-batch's share of its mini-batch: of the tokens (token_mean) or of the sequences (the
+        per-sequence aggregations), so the step's loss is the mini-batch's whatever micro_batch_size is."""
+        if self.hparams.loss_aggregation == "token_mean":
+            return mb["response_mask"].sum() / mini_tokens
+        return mb["response_mask"].shape[0] / mini_rows
 
     def _gradient_sync(self, last_micro_batch: bool) -> AbstractContextManager:
         """DDP all-reduces gradients only after the last micro-batch of a mini-batch (``no_sync`` before).
@@ -586,8 +610,15 @@ class PPOModule(HFModelModule):
         )
         if self._first_step_pending:
             self._check_first_ratio(logprobs, mb["logprobs"], mask)
+        aggregation = {"aggregation": hp.loss_aggregation, "max_length": hp.max_new_tokens}
         policy = ppo_policy_loss(
-            logprobs, mb["logprobs"], mb["advantages"], mask, clip_range=hp.clip_range, dual_clip=hp.dual_clip
+            logprobs,
+            mb["logprobs"],
+            mb["advantages"],
+            mask,
+            clip_range=hp.clip_range,
+            dual_clip=hp.dual_clip,
+            **aggregation,
         )
         entropy_mean = entropy_bonus(entropy, mask)
         loss = policy.loss - hp.entropy_coef * entropy_mean
@@ -597,6 +628,13 @@ class PPOModule(HFModelModule):
             "ppo/clip_fraction": policy.clip_fraction,
             "ppo/approx_kl": policy.approx_kl,
         }
+        if hp.kl_penalty == "loss":
+            # GRPO's form: the k3 estimate of KL(policy || reference) at the sampled tokens, with gradient.
+            kl = aggregate_token_losses(
+                kl_k3(logprobs.float(), mb["ref_logprobs"].float()), mask, **aggregation
+            )
+            loss = loss + self.kl_controller.value * kl
+            metrics["ppo/kl_loss"] = kl.detach()
         if self.critic is not None:
             values = response_values(self.critic, mb["input_ids"], mb["attention_mask"], prompt_len)
             value = ppo_value_loss(

@@ -83,6 +83,7 @@ class Rollout:
             "attention_mask": attention_mask,
             "response_mask": self.response_mask[index, :width],
             "logprobs": self.logprobs[index, :width],
+            "ref_logprobs": self.ref_logprobs[index, :width],
             "values": self.values[index, :width],
             "advantages": self.advantages[index, :width],
             "returns": self.returns[index, :width],
