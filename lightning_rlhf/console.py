@@ -30,6 +30,7 @@ NOISY_WARNINGS: tuple[str, ...] = (
     r".*(tensorboardX|litlogger|LitLogger).*",  # Lightning's advertisements for optional loggers
     r".*module\(s\) in eval mode.*",  # frozen reference, reward and critic models are in eval mode on purpose
     r".*`validation_step` but have no `val_dataloader`.*",
+    r".*`val_dataloader` but have no `validation_step`.*",  # DPO-Iter given a datamodule with val prompts
     r".*Total length of .* across ranks is zero.*",
     r".*does not have many workers which may be a bottleneck.*",
     r".*LeafSpec.*",  # torch pytree deprecations raised inside Lightning and transformers
