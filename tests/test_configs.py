@@ -105,8 +105,8 @@ def test_cli_chain_of_testbed_configs(tmp_path, monkeypatch):
         "iterative_dpo/testbed",
         "ppo/testbed",
         "ppo/paper",
-        "ppo/grpo",
-        "ppo/rloo",
+        "grpo/testbed",
+        "rloo/testbed",
     ):
         cli_main(
             [
