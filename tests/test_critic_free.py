@@ -241,3 +241,72 @@ def test_kl_as_a_loss_term_is_logged_and_left_out_of_the_rewards(testbed, tmp_pa
         PPOModule("m", reward_function=len, kl_penalty="both")
     with pytest.raises(ValueError, match="loss_aggregation must be one of"):
         PPOModule("m", reward_function=len, loss_aggregation="sum")
+
+
+def test_grpo_composes_with_the_paper_callbacks_and_resumes(testbed, tmp_path):
+    """GRPO with AdvantageNormalization, EMAReferenceUpdate and SampleTable, checkpointed and resumed: the
+    callbacks act (the reference moves, samples are kept), the first-step guard passes, and a resumed run
+    continues from the checkpoint's step with the same estimator (#13 item 3, in part)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_rlhf import AdvantageNormalization, EMAReferenceUpdate, SampleTable
+
+    def build():
+        return PPOModule(
+            str(testbed / "init_policy"),
+            reward_function=GoldReward(str(testbed)),
+            advantage=GRPO(),
+            num_generations=2,
+            mini_batch_size=8,
+            micro_batch_size=4,
+            max_new_tokens=6,
+        )
+
+    L.seed_everything(0, verbose=False)
+    module, table = build(), SampleTable(every_n_steps=1, num_samples=2)
+    callbacks = [
+        AdvantageNormalization(),
+        EMAReferenceUpdate(decay=0.5),
+        table,
+        ModelCheckpoint(tmp_path / "ckpt", filename="last", every_n_train_steps=1),
+    ]
+    fit = trainer(tmp_path, callbacks, max_steps=2, enable_checkpointing=True)
+    fit.fit(module, prompts(testbed, 4))
+    assert module.critic is None and fit.global_step == 2
+    initial = PPOModule(str(testbed / "init_policy"), reward_function=len)
+    initial.configure_model()
+    moved = [
+        not torch.equal(a, b)
+        for a, b in zip(module.reference.parameters(), initial.reference.parameters(), strict=True)
+    ]
+    assert any(moved), "EMAReferenceUpdate did not move the reference"
+    samples = (tmp_path / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 4  # 2 rollouts x num_samples 2
+    resumed = build()
+    keep = KeepRollouts()
+    fit2 = trainer(
+        tmp_path / "again", [AdvantageNormalization(), EMAReferenceUpdate(decay=0.5), keep], max_steps=3
+    )
+    fit2.fit(resumed, prompts(testbed, 4), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert fit2.global_step == 3 and len(keep.rollouts) == 1  # continued from step 2, one more rollout
+    assert resumed.critic is None and resumed.advantage == GRPO()
+
+
+def test_grpo_with_lora_holds_neither_a_critic_nor_a_reference_copy(testbed, tmp_path):
+    from lightning_rlhf import LoraSettings
+
+    module = PPOModule(
+        str(testbed / "init_policy"),
+        reward_function=GoldReward(str(testbed)),
+        advantage=RLOO(),
+        num_generations=2,
+        mini_batch_size=8,
+        micro_batch_size=8,
+        max_new_tokens=6,
+        lora=LoraSettings(r=4, alpha=8),
+    )
+    fit = trainer(tmp_path, max_steps=2, enable_checkpointing=False)
+    fit.fit(module, prompts(testbed, 4))
+    assert module.critic is None and module.reference is None  # the reference is the policy, adapters off
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
