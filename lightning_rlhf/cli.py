@@ -81,10 +81,22 @@ def testbed_main(argv: list[str]) -> None:
         default=TaskConfig.behaviour_shift,
         help="distance of the preference data's behaviour distribution from the SFT data",
     )
+    parser.add_argument(
+        "--task",
+        choices=("words", "programs"),
+        default="words",
+        help="words: the word task with a gold reward; programs: list-program synthesis with exact tests",
+    )
     args = parser.parse_args(argv)
-    config = TaskConfig(seed=args.seed, behaviour_shift=args.behaviour_shift)
-    write_testbed(args.out, config, SplitSizes(), model_size=args.model_size)
-    print(f"testbed written to {args.out}")
+    if args.task == "programs":
+        from lightning_rlhf.testbed.files import write_program_testbed
+        from lightning_rlhf.testbed.programs import ProgramsConfig
+
+        write_program_testbed(args.out, ProgramsConfig(seed=args.seed), model_size=args.model_size)
+    else:
+        config = TaskConfig(seed=args.seed, behaviour_shift=args.behaviour_shift)
+        write_testbed(args.out, config, SplitSizes(), model_size=args.model_size)
+    print(f"{args.task} testbed written to {args.out}")
 
 
 def export_main(argv: list[str]) -> None:

@@ -11,16 +11,30 @@ Layout of ``out_dir``::
     prompts_train.jsonl        {"prompt"}   for PPO and iterative DPO
     prompts_eval.jsonl         held-out prompts, disjoint from every training prompt
     task.json                  the hidden utilities, topics and knobs (for analysis, never for training)
+
+:func:`write_program_testbed` writes the list-program task (:mod:`lightning_rlhf.testbed.programs`) in the
+same layout; its prompt files also carry the rows' ``tests`` (hidden), ``public_tests`` and ``tier``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from lightning_rlhf.testbed.models import build_causal_lm
+from lightning_rlhf.testbed.programs import (
+    OPS,
+    TIERS,
+    ProgramProblem,
+    ProgramsConfig,
+    ProgramTask,
+    fingerprint,
+    passes,
+)
 from lightning_rlhf.testbed.task import _TEMPLATES, TaskConfig, WordTask
 from lightning_rlhf.testbed.tokenizer import train_tokenizer
 
@@ -127,3 +141,109 @@ def load_task(out_dir: str | Path) -> WordTask:
             f"{path} not found: generate the testbed first (lightning-rlhf testbed --out DIR)"
         )
     return WordTask(TaskConfig(**json.loads(path.read_text())["config"]))
+
+
+# --------------------------------------------------------------------------------------- the program task
+@dataclass(frozen=True)
+class ProgramSplitSizes:
+    """How many rows each file of the program testbed gets (eval prompts: split evenly over the tiers)."""
+
+    sft_train: int = 3000
+    sft_eval: int = 150
+    pairs_train: int = 2000
+    pairs_eval: int = 300
+    prompts_train: int = 1024
+    prompts_eval: int = 150
+
+
+def program_tokenizer_corpus(task: ProgramTask) -> list[str]:
+    """Prompt scaffolding, every digit list shape and every op, in a fixed order (one token per op)."""
+    rng = random.Random(f"program-corpus-{task.config.seed}")
+    corpus = [" " + " ".join(ops) for ops in itertools.permutations(OPS, 2)]
+    corpus += [task.sample(tier, rng).prompt for tier in TIERS for _ in range(40)]
+    return corpus
+
+
+def _mutant(problem: ProgramProblem, rng: random.Random) -> tuple[str, ...]:
+    """The reference program with one operation replaced, failing the row's hidden tests."""
+    for _ in range(1000):
+        program = list(problem.program)
+        program[rng.randrange(len(program))] = rng.choice(list(OPS))
+        if not passes(program, problem.tests):
+            return tuple(program)
+    raise ValueError(f"no failing one-operation mutant of {problem.program}")  # pragma: no cover
+
+
+def _program_text(program: tuple[str, ...]) -> str:
+    return " " + " ".join(program)
+
+
+def write_program_testbed(
+    out_dir: str | Path,
+    config: ProgramsConfig | None = None,
+    sizes: ProgramSplitSizes | None = None,
+    *,
+    model_size: str = "tiny",
+) -> ProgramTask:
+    """Write the list-program task as ordinary files (same layout as :func:`write_testbed`).
+
+    ``sft_*``: prompt / completion (the reference program); ``pairs_*``: the reference program against a
+    one-operation mutant that fails the hidden tests; ``prompts_*``: prompt + ``tests`` (hidden, APPS-form
+    JSON) + ``public_tests`` + ``tier``, the columns row-aware rewards read. The held-out prompts' programs
+    (by semantics) appear in no training file, so evaluation asks for programs never demonstrated.
+    """
+    config = config or ProgramsConfig()
+    sizes = sizes or ProgramSplitSizes()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    task = ProgramTask(config)
+    rng = random.Random(f"program-task-data-{config.seed}")
+    tiers = list(TIERS)
+
+    held_out: set = set()
+    eval_problems = [
+        task.sample(tiers[i % len(tiers)], rng, seen=held_out) for i in range(sizes.prompts_eval)
+    ]
+
+    def train_problems(count: int) -> list[ProgramProblem]:
+        problems = []
+        while len(problems) < count:
+            problem = task.sample(tiers[len(problems) % len(tiers)], rng)
+            if fingerprint(problem.program) not in held_out:
+                problems.append(problem)
+        return problems
+
+    def prompt_row(problem: ProgramProblem) -> dict:
+        return {
+            "prompt": problem.prompt,
+            "tests": json.dumps(problem.tests),
+            "public_tests": json.dumps(problem.public_tests),
+            "tier": problem.tier,
+        }
+
+    sft = [
+        {"prompt": p.prompt, "completion": _program_text(p.program)} for p in train_problems(sizes.sft_train)
+    ]
+    sft_eval = [
+        {"prompt": p.prompt, "completion": _program_text(p.program)} for p in train_problems(sizes.sft_eval)
+    ]
+    pairs = [
+        {"prompt": p.prompt, "chosen": _program_text(p.program), "rejected": _program_text(_mutant(p, rng))}
+        for p in train_problems(sizes.pairs_train + sizes.pairs_eval)
+    ]
+    _write_jsonl(out / "sft_train.jsonl", sft)
+    _write_jsonl(out / "sft_eval.jsonl", sft_eval)
+    _write_jsonl(out / "pairs_train.jsonl", pairs[: sizes.pairs_train])
+    _write_jsonl(out / "pairs_eval.jsonl", pairs[sizes.pairs_train :])
+    _write_jsonl(out / "prompts_train.jsonl", [prompt_row(p) for p in train_problems(sizes.prompts_train)])
+    _write_jsonl(out / "prompts_eval.jsonl", [prompt_row(p) for p in eval_problems])
+    (out / "task.json").write_text(
+        json.dumps({"task": "programs", **dataclasses.asdict(config)}, indent=1, sort_keys=True) + "\n"
+    )
+
+    tokenizer = train_tokenizer(program_tokenizer_corpus(task), alphanumeric_words=True)
+    tokenizer.save_pretrained(out / "tokenizer")
+    policy = build_causal_lm(model_size, tokenizer, seed=config.seed)
+    policy.save_pretrained(out / "init_policy")
+    tokenizer.save_pretrained(out / "init_policy")
+    return task

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 PAD_TOKEN = "<pad>"
@@ -27,14 +27,24 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(corpus: Iterable[str], *, vocab_size: int = 512) -> PreTrainedTokenizerFast:
+def train_tokenizer(
+    corpus: Iterable[str], *, vocab_size: int = 512, alphanumeric_words: bool = False
+) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on ``corpus`` and wrap it with pad/eos tokens and a chat template.
 
     Training is deterministic for a given corpus order, so the saved files are identical run to run.
+    ``alphanumeric_words``: split words at spaces and punctuation only, so a name like ``add1`` can become
+    one token (GPT-2's split separates letters from digits); the program task's operations need that.
     """
     special = [PAD_TOKEN, EOS_TOKEN, *ROLE_TOKENS]
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if alphanumeric_words:
+        words = pre_tokenizers.Split(Regex(r" ?[A-Za-z0-9]+|\s+|[^\sA-Za-z0-9]+"), behavior="isolated")
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [words, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
+    else:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
