@@ -328,9 +328,33 @@ class _FirstGradientsToFile(L.Callback):
             torch.save(grads, self.path)
 
 
+class _CountAllReduces(L.Callback):
+    """Counts DDP's gradient all-reduces (bucket by bucket, through a comm hook) up to the first optimizer
+    step, and saves rank 0's count: without no_sync every micro-batch's backward would all-reduce."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.calls = 0
+
+    def on_train_start(self, trainer, pl_module):
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def counting_hook(state, bucket):
+            self.calls += 1
+            return allreduce_hook(state, bucket)
+
+        trainer.strategy.model.register_comm_hook(state=None, hook=counting_hook)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_rank == 0 and trainer.global_step == 0:
+            torch.save(self.calls, self.path)
+
+
 def test_ddp_skips_the_all_reduce_before_the_last_micro_batch_with_the_same_gradient(testbed, tmp_path):
     """2 gloo ranks: with micro-batches, backward runs under DDP's no_sync until the last micro-batch of a
-    mini-batch; the synchronised gradient must equal the one of a single micro-batch (one backward)."""
+    mini-batch, so the first step makes as many all-reduces with 2 micro-batches as with 1 (counted by a
+    comm hook: without no_sync it would be twice as many), and the synchronised gradient equals the one of a
+    single micro-batch (one backward)."""
     for micro in (4, 2):
         L.seed_everything(0, verbose=False)
         module = PPOModule(
@@ -351,9 +375,14 @@ def test_ddp_skips_the_all_reduce_before_the_last_micro_batch_with_the_same_grad
             enable_model_summary=False,
             enable_checkpointing=False,
             default_root_dir=tmp_path,
-            callbacks=[_FirstGradientsToFile(str(tmp_path / f"grads{micro}.pt"))],
+            callbacks=[
+                _FirstGradientsToFile(str(tmp_path / f"grads{micro}.pt")),
+                _CountAllReduces(str(tmp_path / f"reduces{micro}.pt")),
+            ],
         )
         fit.fit(module, prompts(testbed, batch_size=4))
+    one_backward, two_backwards = torch.load(tmp_path / "reduces4.pt"), torch.load(tmp_path / "reduces2.pt")
+    assert one_backward > 0 and two_backwards == one_backward, (one_backward, two_backwards)
     whole, split = torch.load(tmp_path / "grads4.pt"), torch.load(tmp_path / "grads2.pt")
     assert whole.keys() == split.keys() and whole
     for name in whole:
