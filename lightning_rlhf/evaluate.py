@@ -25,9 +25,9 @@ from typing import Any
 import torch
 
 from lightning_rlhf.data.prompts import PromptDataModule
-from lightning_rlhf.metrics import mean_pass_at_k, win_rate
+from lightning_rlhf.metrics import Submission, mean_pass_at_k, n_at_k, win_rate
 from lightning_rlhf.models import load_causal_lm, load_reward_model, load_tokenizer
-from lightning_rlhf.rewards.calling import call_reward_function, repeat_columns
+from lightning_rlhf.rewards.calling import call_reward_function, repeat_columns, select_columns
 from lightning_rlhf.rollout.generation import SamplingConfig, generate_texts
 from lightning_rlhf.rollout.scoring import score_texts
 from lightning_rlhf.validation import ConfigError
@@ -44,6 +44,7 @@ class PolicySamples:
     ended: list[bool]
     lengths: list[int]
     scores: dict[str, list[float]] = field(default_factory=dict)
+    submissions: list[Submission] | None = None  # for n@k, from a reward function's ``submissions``
 
 
 def summarize(
@@ -54,9 +55,10 @@ def summarize(
     pass_scorer: str | None = None,
     pass_threshold: float | None = None,
     win_scorer: str | None = None,
+    n_at_k_pairs: Sequence[tuple[int, int]] = (),
 ) -> list[dict[str, float | str]]:
-    """One row per policy: ``score/<scorer>``, ``win_rate`` (vs the first policy), ``pass@k``, ``eos_rate``,
-    ``response_tokens``. Pure: the numbers come only from ``samples``."""
+    """One row per policy: ``score/<scorer>``, ``win_rate`` (vs the first policy), ``pass@k``, ``n@k``,
+    ``eos_rate``, ``response_tokens``. Pure: the numbers come only from ``samples``."""
     rows = []
     for policy in samples:
         row: dict[str, float | str] = {"policy": policy.name}
@@ -72,6 +74,11 @@ def summarize(
             ]
             for k in pass_k:
                 row[f"pass@{k}"] = mean_pass_at_k([num_samples] * len(correct), correct, k)
+        if n_at_k_pairs:
+            subs = policy.submissions or []
+            problems = [subs[i : i + num_samples] for i in range(0, len(subs), num_samples)]
+            for n, k in n_at_k_pairs:
+                row[f"{n}@{k}"] = n_at_k(problems, n, k)
         row["eos_rate"] = sum(policy.ended) / len(policy.ended)
         row["response_tokens"] = sum(policy.lengths) / len(policy.lengths)
         rows.append(row)
@@ -136,6 +143,8 @@ def evaluate(
     pass_scorer: str | None = None,
     pass_threshold: float | None = None,
     win_scorer: str | None = None,
+    n_at_k: Sequence[str] = (),
+    submission_scorer: str | None = None,
     sampling: SamplingConfig | None = None,
     prompt_field: str = "prompt",
     columns: list[str] | None = None,
@@ -155,6 +164,11 @@ def evaluate(
     pass_scorer, win_scorer = _check_settings(
         policies, scorers, num_samples, pass_k, pass_scorer, pass_threshold, win_scorer
     )
+    n_at_k_pairs = parse_n_at_k(n_at_k, num_samples)
+    submitter = None
+    if n_at_k_pairs:
+        submission_scorer = _submission_scorer(functions, submission_scorer)
+        submitter = functions[submission_scorer].submissions
     sampling = sampling or SamplingConfig()
     rm = load_reward_model(reward_model) if reward_model else None
     rm_tokenizer = load_tokenizer(reward_model) if reward_model else None
@@ -189,6 +203,11 @@ def evaluate(
         for name, fn in functions.items():
             values = call_reward_function(fn, texts, out.texts, row_columns, f"reward_functions[{name!r}]")
             result.scores[name] = values.tolist()
+        if submitter is not None:
+            what = f"reward_functions[{submission_scorer!r}].submissions"
+            result.submissions = list(
+                submitter(texts, out.texts, **select_columns(submitter, row_columns, what))
+            )
         results.append(result)
         rendered = rendered or texts[::num_samples]
     summary = summarize(
@@ -198,8 +217,45 @@ def evaluate(
         pass_scorer=pass_scorer,
         pass_threshold=pass_threshold,
         win_scorer=win_scorer,
+        n_at_k_pairs=n_at_k_pairs,
     )
     return summary, results, rendered
+
+
+def parse_n_at_k(values: Sequence[str], num_samples: int) -> list[tuple[int, int]]:
+    """``["10@64", ...]`` -> ``[(10, 64), ...]``, each with 1 <= n <= k <= num_samples."""
+    pairs = []
+    for value in values:
+        n_text, _, k_text = str(value).partition("@")
+        if not (n_text.isdigit() and k_text.isdigit()):
+            raise ConfigError(
+                f"evaluate: n_at_k entries look like '10@64' (n submissions of k samples); got {value!r}"
+            )
+        n, k = int(n_text), int(k_text)
+        if not 1 <= n <= k <= num_samples:
+            raise ConfigError(
+                f"evaluate: n_at_k {value!r} needs 1 <= n <= k <= num_samples ({num_samples}); "
+                "raise num_samples"
+            )
+        pairs.append((n, k))
+    return pairs
+
+
+def _submission_scorer(functions: Mapping[str, Callable[..., Any]], name: str | None) -> str:
+    """The reward function that gives n@k its submissions: ``name``, else the last one that can."""
+    able = [key for key, fn in functions.items() if callable(getattr(fn, "submissions", None))]
+    if name is None:
+        if not able:
+            raise ConfigError(
+                "evaluate: n_at_k needs a reward function with a submissions() method (public tests, a "
+                "behaviour cluster and hidden tests per response), e.g. the program testbed's ProgramReward"
+            )
+        return able[-1]
+    if name not in able:
+        raise ConfigError(
+            f"evaluate: submission_scorer {name!r} has no submissions() method (those that do: {able})"
+        )
+    return name
 
 
 def write_report(
@@ -218,6 +274,15 @@ def write_report(
                 "ended": s.ended,
                 "lengths": s.lengths,
                 "scores": s.scores,
+                **(
+                    {
+                        "submissions": [
+                            {"public": x.passes_public, "hidden": x.passes_hidden} for x in s.submissions
+                        ]
+                    }
+                    if s.submissions is not None
+                    else {}
+                ),
             }
             for s in samples
         ],
@@ -239,6 +304,8 @@ def evaluate_command(
     pass_scorer: str | None = None,
     pass_threshold: float | None = None,
     win_scorer: str | None = None,
+    n_at_k: list[str] | None = None,
+    submission_scorer: str | None = None,
     max_new_tokens: int = 64,
     temperature: float = 1.0,
     top_k: int = 0,
@@ -264,6 +331,11 @@ def evaluate_command(
         pass_scorer: Scorer that decides a pass (default: the last reward function).
         pass_threshold: Score at which a response passes (e.g. 10 for CodeExecutionReward's pass_score).
         win_scorer: Scorer of the win rate (default: the reward model, else the first reward function).
+        n_at_k: AlphaCode's n@k to report, as 'n@k' strings (e.g. 10@64; k <= num_samples): of each prompt's
+            first k samples, keep those passing the public tests, cluster them by behaviour, submit one from
+            each of the n largest clusters; solved if one passes the hidden tests.
+        submission_scorer: The reward function whose submissions() gives n@k its public / cluster / hidden
+            verdicts (default: the last one that has it, e.g. the program testbed's ProgramReward).
         max_new_tokens: Longest response in tokens.
         temperature: Sampling temperature (0 = greedy).
         top_k: Top-k sampling (0 = off).
@@ -289,6 +361,8 @@ def evaluate_command(
         pass_scorer=pass_scorer,
         pass_threshold=pass_threshold,
         win_scorer=win_scorer,
+        n_at_k=n_at_k or (),
+        submission_scorer=submission_scorer,
         sampling=sampling,
         prompt_field=prompt_field,
         columns=columns,

@@ -150,3 +150,69 @@ def test_the_command_writes_json_and_markdown_and_prints_the_table(testbed, tmp_
 def test_bad_flags_are_named_before_any_model_loads(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         evaluate(["no/such/policy"], "no_such.jsonl", **kwargs)
+
+
+def test_n_at_k_in_the_summary_is_hand_computed():
+    """2 prompts x 3 samples. Prompt 0: samples (public ok, cluster A, hidden ok), (ok, B, no), (ok, B, no):
+    B is the largest cluster, so 1@3 submits B -> unsolved; 2@3 submits B and A -> solved. Prompt 1: no
+    sample passes the public tests -> unsolved. 1@3 = 0/2, 2@3 = 1/2; 1@1 sees only the first sample."""
+    from lightning_rlhf.metrics import Submission as S
+
+    subs = [S(True, "A", True), S(True, "B", False), S(True, "B", False)] + [S(False, "C", True)] * 3
+    policy = PolicySamples("p", ["x"] * 6, [True] * 6, [1] * 6, {"f": [0.0] * 6}, submissions=subs)
+    (row,) = summarize([policy], num_samples=3, n_at_k_pairs=[(1, 3), (2, 3), (1, 1)])
+    assert (row["1@3"], row["2@3"], row["1@1"]) == (0.0, 0.5, 0.5)
+
+
+def test_program_reward_submissions_hand_checked():
+    from lightning_rlhf.testbed.programs import ProgramReward, fingerprint
+
+    tests = {"inputs": ["3 1 2\n"], "outputs": ["1 2 3\n"]}
+    public = {"inputs": ["2 1\n"], "outputs": ["1 2\n"]}
+    reward = ProgramReward()
+    out = reward.submissions(
+        ["p"] * 3, [" sort", " rev", " zzz"], tests=[tests] * 3, public_tests=[public] * 3
+    )
+    assert [(s.passes_public, s.passes_hidden) for s in out] == [(True, True), (True, False), (False, False)]
+    assert (
+        out[0].cluster == fingerprint(["sort"]) and out[2].cluster is None
+    )  # rev also maps [2, 1] -> [1, 2]
+
+
+def test_evaluate_reports_n_at_k_from_program_submissions(tmp_path):
+    """End to end on the program testbed: the reported 1@2 and 2@2 equal n_at_k over the submissions it
+    returns, and those agree with ProgramReward's scores on the hidden tests."""
+    from lightning_rlhf.metrics import n_at_k
+    from lightning_rlhf.testbed.files import ProgramSplitSizes, write_program_testbed
+    from lightning_rlhf.testbed.programs import ProgramReward
+
+    sizes = ProgramSplitSizes(
+        sft_train=6, sft_eval=3, pairs_train=3, pairs_eval=3, prompts_train=3, prompts_eval=6
+    )
+    write_program_testbed(tmp_path, sizes=sizes, model_size="nano")
+    summary, samples, _ = evaluate(
+        [str(tmp_path / "init_policy")],
+        str(tmp_path / "prompts_eval.jsonl"),
+        reward_functions={"tests": ProgramReward()},
+        num_samples=2,
+        n_at_k=["1@2", "2@2"],
+        progress=False,
+    )
+    subs = samples[0].submissions
+    assert len(subs) == 12
+    assert [10.0 if s.passes_hidden else 0.0 for s in subs] == samples[0].scores["tests"]
+    problems = [subs[i : i + 2] for i in range(0, 12, 2)]
+    assert summary[0]["1@2"] == n_at_k(problems, 1, 2) and summary[0]["2@2"] == n_at_k(problems, 2, 2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"n_at_k": ["10-64"]}, "n_at_k entries look like '10@64'"),
+        ({"n_at_k": ["3@2"]}, r"needs 1 <= n <= k <= num_samples \(2\)"),
+        ({"n_at_k": ["1@2"]}, "needs a reward function with a submissions"),
+    ],
+)
+def test_bad_n_at_k_flags_are_named(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        evaluate(["p"], "x.jsonl", reward_functions={"len": len}, num_samples=2, **kwargs)

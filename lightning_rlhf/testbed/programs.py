@@ -304,3 +304,30 @@ class ProgramReward:
     def metrics(self) -> dict[str, float]:
         """``pass_rate`` and ``parse_rate`` of the last call (empty before the first)."""
         return dict(self._last)
+
+    def submissions(
+        self,
+        prompts: list[str],
+        responses: list[str],
+        tests: list | None = None,
+        public_tests: list | None = None,
+        **columns: object,
+    ) -> list:
+        """Each response as n@k sees it (:class:`lightning_rlhf.metrics.Submission`): passes the row's
+        ``public_tests`` (all pass the filter when the rows have none), its cluster (its outputs on the fixed
+        probe inputs: equivalent programs share one) and whether it passes the hidden ``tests``. A response
+        that does not parse passes nothing."""
+        from lightning_rlhf.metrics import Submission
+
+        if tests is None:
+            raise ValueError("ProgramReward.submissions needs the rows' 'tests' column")
+        public = public_tests if public_tests is not None else [None] * len(responses)
+        out = []
+        for response, hidden, shown in zip(responses, tests, public, strict=True):
+            program = parse_program(response, self.eos_token)
+            if program is None:
+                out.append(Submission(passes_public=False, cluster=None, passes_hidden=False))
+                continue
+            ok_public = True if shown is None else passes(program, shown)
+            out.append(Submission(ok_public, fingerprint(program), passes(program, hidden)))
+        return out
