@@ -151,3 +151,21 @@ def test_the_sandboxed_runner_agrees_with_the_in_process_checker():
     )
     assert list(map(float, sandboxed)) == list(map(float, in_process))
     assert 10.0 in in_process and 0.0 in in_process  # both outcomes occur, so agreement is not vacuous
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (None, r"row 1 of the batch: column 'tests' must be"),
+        ("{not json", r"row 1 of the batch: column 'tests' is not valid JSON"),
+        ({"inputs": ["1 2\n"], "outputs": []}, r"row 1 of the batch: column 'tests' needs as many outputs"),
+        ({"inputs": ["1 2\n"], "outputs": ["\x00\x01"]}, r"row 1 .*outputs\[0\] must be a line of"),
+    ],
+)
+def test_program_reward_names_the_bad_row_instead_of_scoring_zero(bad, message):
+    """A malformed row fails with its row and column, even when the response would not parse anyway."""
+    from lightning_rlhf.testbed.programs import ProgramReward
+
+    good = {"inputs": ["3 1\n"], "outputs": ["1 3\n"]}
+    with pytest.raises(ValueError, match=message):
+        ProgramReward()(["p", "q"], [" sort", " garbage"], tests=[good, bad])

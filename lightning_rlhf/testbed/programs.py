@@ -142,6 +142,13 @@ def load_tests(tests: object, what: str = "tests") -> tuple[list[str], list[str]
         raise ValueError(
             f"column {what!r} needs as many outputs as inputs (>= 1); got {len(inputs)} / {len(outputs)}"
         )
+    for field, values in (("inputs", inputs), ("outputs", outputs)):
+        for i, value in enumerate(values):
+            if not isinstance(value, str) or not all(tok.isdigit() for tok in value.split()):
+                raise ValueError(
+                    f"column {what!r}, {field}[{i}] must be a line of space-separated digits, "
+                    f"got {value!r:.40}"
+                )
     return inputs, outputs
 
 
@@ -292,6 +299,7 @@ class ProgramReward:
             raise ValueError("ProgramReward needs the rows' 'tests' column (keep it in the prompts file)")
         if len(tests) != len(responses):
             raise ValueError(f"got {len(responses)} responses but {len(tests)} 'tests' values")
+        _check_rows(tests, "tests")
         programs = [parse_program(r, self.eos_token) for r in responses]
         ok = [passes(p, t) for p, t in zip(programs, tests, strict=True)]
         n = max(len(responses), 1)
@@ -321,6 +329,9 @@ class ProgramReward:
 
         if tests is None:
             raise ValueError("ProgramReward.submissions needs the rows' 'tests' column")
+        _check_rows(tests, "tests")
+        if public_tests is not None:
+            _check_rows(public_tests, "public_tests")
         public = public_tests if public_tests is not None else [None] * len(responses)
         out = []
         for response, hidden, shown in zip(responses, tests, public, strict=True):
@@ -331,3 +342,14 @@ class ProgramReward:
             ok_public = True if shown is None else passes(program, shown)
             out.append(Submission(ok_public, fingerprint(program), passes(program, hidden)))
         return out
+
+
+def _check_rows(column: list, name: str) -> None:
+    """Validate every row's tests before scoring any, so a bad row is named instead of scoring 0."""
+    for row, tests in enumerate(column):
+        try:
+            load_tests(tests, name)
+        except ValueError as err:
+            raise ValueError(
+                f"ProgramReward: row {row} of the batch: {err}; fix the prompt file's row"
+            ) from None
