@@ -161,8 +161,8 @@ class AdaptersDisabled:
         finally:
             self.model.train(training)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return base_state_dict(self.model)
+    def state_dict(self, keep_vars: bool = False) -> dict[str, torch.Tensor]:
+        return base_state_dict(self.model, keep_vars=keep_vars)
 
     @property
     def config(self):
@@ -215,11 +215,11 @@ class AdapterReference(AdaptersDisabled):
             self.model.set_adapter(active)  # trainable again; the reference adapter frozen
             self.model.train(training)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def state_dict(self, keep_vars: bool = False) -> dict[str, torch.Tensor]:
         raise NotImplementedError("a reference adapter changes during training; it is never fingerprinted")
 
 
-def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def base_state_dict(model: nn.Module, keep_vars: bool = False) -> dict[str, torch.Tensor]:
     """The weights a PEFT model computes with its adapters off, under the plain transformers names.
 
     Equal, name for name, to the ``state_dict()`` of the model before it was wrapped: so a fingerprint of
@@ -227,9 +227,9 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     train.
     """
     if not is_peft_model(model):
-        return model.state_dict()
+        return model.state_dict(keep_vars=keep_vars)
     state = {}
-    for name, tensor in model.get_base_model().state_dict().items():
+    for name, tensor in model.get_base_model().state_dict(keep_vars=keep_vars).items():
         if ".lora_" in name or ".modules_to_save." in name:
             continue
         state[name.replace(".base_layer.", ".").replace(".original_module.", ".")] = tensor

@@ -56,10 +56,15 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
 LOAD_DTYPE = torch.float32
 
 
-def load_causal_lm(name_or_path: str, *, trust_remote_code: bool = False) -> PreTrainedModel:
-    """A causal LM from a hub name or a local folder (``trust_remote_code`` stays off unless asked for)."""
+def load_causal_lm(
+    name_or_path: str, *, trust_remote_code: bool = False, dtype: torch.dtype = LOAD_DTYPE
+) -> PreTrainedModel:
+    """A causal LM from a hub name or a local folder (``trust_remote_code`` stays off unless asked for).
+
+    ``dtype`` other than float32 only for frozen models that are never trained (see LOAD_DTYPE).
+    """
     return _load(
-        AutoModelForCausalLM, name_or_path, "model", trust_remote_code=trust_remote_code, dtype=LOAD_DTYPE
+        AutoModelForCausalLM, name_or_path, "model", trust_remote_code=trust_remote_code, dtype=dtype
     )
 
 
@@ -435,12 +440,16 @@ def sequence_scores(model: PreTrainedModel, input_ids: Tensor, attention_mask: T
 def weights_fingerprint(model: torch.nn.Module) -> str:
     """sha256 over parameter names, shapes, dtypes and values (keys caches to the exact weights).
 
-    ``model`` is anything with a ``state_dict()``: for a LoRA reference, ``lora.AdaptersDisabled``.
+    ``model`` is anything with a ``state_dict()``: for a LoRA reference, ``lora.AdaptersDisabled``. ZeRO-3
+    shards are gathered one tensor at a time, so a partitioned model is never whole on a rank.
     """
+    from lightning_rlhf.zero import gathered_tensors
+
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    for name, tensor in sorted(model.state_dict(keep_vars=True).items()):
+        with gathered_tensors([tensor]):
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -463,6 +472,15 @@ def disable_dropout(model: torch.nn.Module) -> None:
         for key, value in list(config.to_dict().items()):
             if ("dropout" in key or key.endswith("pdrop")) and isinstance(value, float):
                 setattr(config, key, 0.0)
+
+
+def parameter_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype ``model`` computes in: its first floating parameter's (a ZeRO-3 shard's when partitioned)."""
+    for param in model.parameters():
+        tensor = getattr(param, "ds_tensor", param)
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return LOAD_DTYPE
 
 
 def freeze(model: PreTrainedModel) -> PreTrainedModel:

@@ -9,8 +9,9 @@ until DeepSpeed gathers it for a forward. Code that reads or writes weights outs
 from __future__ import annotations
 
 import contextlib
+import copy
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -73,6 +74,44 @@ def unpartitioned_loading() -> Iterator[None]:
     """
     with _transformers_zero3_flag(None):
         yield
+
+
+def inference_config(config: dict) -> dict:
+    """A copy of a training DeepSpeed ``config`` for a frozen ZeRO-3 model: same precision, partitioning and
+    parameter offload, no optimizer, scheduler or optimizer offload."""
+    config = copy.deepcopy(config)
+    for key in ("optimizer", "scheduler", "zero_force_ds_cpu_optimizer", "gradient_clipping"):
+        config.pop(key, None)
+    zero = config.setdefault("zero_optimization", {})
+    zero["stage"] = 3
+    zero.pop("offload_optimizer", None)
+    return config
+
+
+@contextlib.contextmanager
+def partitioned_frozen_model(trainer, load: Callable[[], nn.Module]) -> Iterator[nn.Module]:
+    """A frozen model that ``load()`` builds straight into ZeRO-3 shards, runnable inside the block.
+
+    For a model needed for a one-off pass outside ``configure_model`` (DPO's reference for its log-prob
+    cache): the training engine registered its parameter-gathering hooks on the LightningModule's own
+    submodules only, so the newcomer gets a ZeRO-3 engine of its own, with no optimizer (as TRL and OpenRLHF
+    hold their reference models). Each rank then holds 1/world of the weights, in the training dtype, and a
+    forward gathers one layer at a time. The engine and its shards are released on exit.
+    """
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    config = inference_config(trainer.strategy.config)
+    with _transformers_zero3_flag(HfDeepSpeedConfig(config)):
+        model = load()
+    model.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    try:
+        yield engine.module
+    finally:
+        engine.destroy()  # removes its hooks; the shards go with the last reference to the model
+        del engine, model
 
 
 @contextlib.contextmanager

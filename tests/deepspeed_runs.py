@@ -34,6 +34,7 @@ class Run:
     head_recompute: bool = False  # LM head chunked and recomputed in backward at any size
     module_kwargs: dict = field(default_factory=dict)
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on the CPU
+    precision: str = "32-true"
 
 
 def free_port() -> int:
@@ -139,9 +140,13 @@ def _fit(run: Run, rank: int, world_size: int, testbed: Path, out_dir: Path) -> 
         default_root_dir=out_dir / run.tag,
         deterministic=True,
         callbacks=callbacks,
+        precision=run.precision,
     )
     import lightning_rlhf.models as models
 
+    cache_reference = {}
+    if run.precompute_reference:
+        _record_cache_reference(module, cache_reference)
     threshold = models.HEAD_RECOMPUTE_ELEMENTS
     models.HEAD_RECOMPUTE_ELEMENTS = 0 if run.head_recompute else threshold
     try:
@@ -156,10 +161,32 @@ def _fit(run: Run, rank: int, world_size: int, testbed: Path, out_dir: Path) -> 
                 weights[name] = sum(float(p.double().pow(2).sum()) for p in model.parameters())
     if rank == 0:
         record = {"steps": steps, "weights": weights, "global_step": trainer.global_step}
+        record["cache_reference"] = cache_reference
         if hasattr(module, "kl_controller"):
             record["kl_coef"] = float(module.kl_controller.value)
         (out_dir / f"{run.tag}.json").write_text(json.dumps(record))
     trainer.strategy.barrier()
+
+
+def _record_cache_reference(module, record: dict) -> None:
+    """Note what DPO's one-off cache reference held on this rank: its dtype, and elements held / in all."""
+    import contextlib
+
+    from lightning_rlhf.models import parameter_dtype
+    from lightning_rlhf.zero import local_shards
+
+    original = module.cache_reference
+
+    @contextlib.contextmanager
+    def recording():
+        with original() as reference:
+            model = getattr(reference, "model", reference)
+            record["dtype"] = str(parameter_dtype(model))
+            record["held"] = sum(t.numel() for _, t in local_shards(model))
+            record["total"] = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+            yield reference
+
+    module.cache_reference = recording
 
 
 _KEYS = {"train", "ppo", "rollout", "rewards", "logps", "time"}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -12,11 +14,18 @@ from transformers import PreTrainedModel
 
 from lightning_rlhf.lora import AdaptersDisabled, LoraSettings, apply_lora, check_dropout
 from lightning_rlhf.losses import DPOLoss, DPOLossOutput, SigmoidDPOLoss
-from lightning_rlhf.models import disable_dropout, freeze, load_causal_lm, response_logps
+from lightning_rlhf.models import (
+    LOAD_DTYPE,
+    disable_dropout,
+    freeze,
+    load_causal_lm,
+    parameter_dtype,
+    response_logps,
+)
 from lightning_rlhf.modules.base import HFModelModule, NonFinitePolicy, enable_gradient_checkpointing
 from lightning_rlhf.modules.reference_cache import ReferenceLogps, precompute_reference_logps
 from lightning_rlhf.validation import check
-from lightning_rlhf.zero import unpartitioned_loading
+from lightning_rlhf.zero import partitioned_frozen_model, unpartitioned_loading, zero_stage
 
 log = logging.getLogger(__name__)
 
@@ -149,19 +158,34 @@ class DPOModule(HFModelModule):
             # parameters are partitioned at this point and a deepcopy would copy empty shards.
             self.reference = freeze(self.load_reference())
 
-    def load_reference(self) -> PreTrainedModel:
+    def load_reference(self, dtype: torch.dtype = LOAD_DTYPE) -> PreTrainedModel:
         hp = self.hparams
-        model = load_causal_lm(hp.reference_model or hp.model, trust_remote_code=hp.trust_remote_code)
+        model = load_causal_lm(
+            hp.reference_model or hp.model, trust_remote_code=hp.trust_remote_code, dtype=dtype
+        )
         disable_dropout(model)
         return model
 
-    def cache_reference(self) -> PreTrainedModel | AdaptersDisabled:
-        """The frozen reference on this module's device, for computing the reference log-prob cache."""
+    @contextlib.contextmanager
+    def cache_reference(self) -> Iterator[PreTrainedModel | AdaptersDisabled]:
+        """The frozen reference for the one-off log-prob pass, in the training dtype, released on exit.
+
+        With LoRA, the policy with its adapters off. Under ZeRO-3 it is loaded into shards with an engine of
+        its own (1/world of the weights per rank, :func:`~lightning_rlhf.zero.partitioned_frozen_model`);
+        otherwise whole on every rank, each rank scoring its share of the batches.
+        """
         if self.adapter_reference:
-            return AdaptersDisabled(self.policy)
+            yield AdaptersDisabled(self.policy)
+            return
+        dtype = parameter_dtype(self.policy)  # what the live reference would hold (bf16 under DeepSpeed bf16)
+        if zero_stage(self.trainer) == 3:
+            with partitioned_frozen_model(self.trainer, self.load_reference) as reference:
+                yield reference
+            return
         # Whole, not ZeRO-3 partitioned: no engine hooks would gather a model loaded outside configure_model.
         with unpartitioned_loading():
-            return freeze(self.load_reference()).to(self.device)
+            reference = freeze(self.load_reference(dtype)).to(self.device)
+        yield reference
 
     def build_trained_model(self) -> PreTrainedModel:
         policy = load_causal_lm(self.hparams.model, trust_remote_code=self.hparams.trust_remote_code)

@@ -17,8 +17,7 @@ import torch
 from lightning import LightningDataModule
 from torch import Tensor
 
-from lightning_rlhf.models import response_logps, weights_fingerprint
-from lightning_rlhf.zero import gathered
+from lightning_rlhf.models import parameter_dtype, response_logps, weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -89,39 +88,37 @@ def _load_cache(path: Path, n: int) -> dict[str, Tensor] | None:
 def precompute_reference_logps(
     module, datamodule: LightningDataModule, splits: list[str], cache_dir: Path, *, average: bool
 ) -> dict[str, ReferenceLogps]:
-    """Load or compute the reference log-probs of ``splits``; ``module`` provides ``cache_reference()``.
+    """Load or compute the reference log-probs of ``splits``; ``module.cache_reference()`` gives the model.
 
     With LoRA that reference is the policy with its adapters off, and the fingerprint covers exactly those
     base weights (under their plain names): a cache written with or without LoRA serves both.
     """
     trainer = module.trainer
-    reference = module.cache_reference()
-    model = getattr(reference, "model", reference)  # AdaptersDisabled wraps the policy
-    with gathered(model):  # whole weights under ZeRO-3 (a no-op otherwise)
+    with module.cache_reference() as reference:
+        # One tensor gathered at a time under ZeRO-3: the reference is never whole on a rank.
         weights = weights_fingerprint(reference)
-
-    results = {}
-    for split in splits:
+        model = getattr(reference, "model", reference)  # AdaptersDisabled wraps the policy
         # Everything that changes the numbers: data, weights, averaging, and how the forward runs — a
         # bf16-mixed pass differs from an fp32 one by up to nats, so the two must never share a file.
-        numerics = f"precision={trainer.precision}|dtype={next(model.parameters()).dtype}"
-        key = hashlib.sha256(
-            f"{datamodule.fingerprint(split)}|{weights}|average={average}|{numerics}".encode()
-        ).hexdigest()
-        path = cache_dir / f"{split}-{key[:32]}.pt"
-        data = _load_cache(path, len(datamodule.datasets[split])) if path.is_file() else None
-        if data is not None:
-            log.info("reusing reference log-probs from %s", path)
-        else:
-            table = _compute_split(module, reference, datamodule, split, average=average)
-            data = {"chosen": table[0], "rejected": table[1]}
-            if trainer.is_global_zero:
-                cache_dir.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                torch.save(data, tmp)
-                tmp.replace(path)  # atomic: a crash mid-write never leaves a truncated cache behind
-                log.info("cached reference log-probs of %d pairs in %s", table.shape[1], path)
-            trainer.strategy.barrier()
-        results[split] = ReferenceLogps(data["chosen"], data["rejected"])
-    del reference
+        numerics = f"precision={trainer.precision}|dtype={parameter_dtype(model)}"
+        results = {}
+        for split in splits:
+            key = hashlib.sha256(
+                f"{datamodule.fingerprint(split)}|{weights}|average={average}|{numerics}".encode()
+            ).hexdigest()
+            path = cache_dir / f"{split}-{key[:32]}.pt"
+            data = _load_cache(path, len(datamodule.datasets[split])) if path.is_file() else None
+            if data is not None:
+                log.info("reusing reference log-probs from %s", path)
+            else:
+                table = _compute_split(module, reference, datamodule, split, average=average)
+                data = {"chosen": table[0], "rejected": table[1]}
+                if trainer.is_global_zero:
+                    cache_dir.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_suffix(".tmp")
+                    torch.save(data, tmp)
+                    tmp.replace(path)  # atomic: a crash mid-write never leaves a truncated cache behind
+                    log.info("cached reference log-probs of %d pairs in %s", table.shape[1], path)
+                trainer.strategy.barrier()
+            results[split] = ReferenceLogps(data["chosen"], data["rejected"])
     return results
