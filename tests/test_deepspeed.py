@@ -32,9 +32,7 @@ def testbed(tmp_path_factory):
     return root
 
 
-def assert_same_steps(
-    a: dict, b: dict, keys: list[str], tol: float = TOL, weights_rel: float = 1e-5
-) -> None:
+def assert_same_steps(a: dict, b: dict, keys: list[str], tol: float = TOL, weights_rel: float = 1e-5) -> None:
     assert len(a["steps"]) == len(b["steps"]) > 0
     for i, (x, y) in enumerate(zip(a["steps"], b["steps"], strict=True)):
         for key in keys:
