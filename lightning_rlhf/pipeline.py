@@ -167,6 +167,7 @@ def train_iterative_dpo(
         max_new_tokens=s.max_new_tokens,
         mini_batch_size=s.batch_size,
         micro_batch_size=s.batch_size,
+        generation_batch_size=4 * s.batch_size,  # one generate call per iteration
         learning_rate=s.iterative_dpo_lr,
     )
     prompts = PromptDataModule(

@@ -118,10 +118,10 @@ def test_ppo_refuses_vllm_under_zero3_at_setup(monkeypatch):
     from types import SimpleNamespace
 
     from lightning_rlhf import PPOModule
-    from lightning_rlhf.modules import ppo
+    from lightning_rlhf.modules import on_policy
     from lightning_rlhf.validation import ConfigError
 
-    monkeypatch.setattr(ppo, "configure_for_manual_accumulation", lambda *args: None)
+    monkeypatch.setattr(on_policy, "configure_for_manual_accumulation", lambda *args: None)
     module = PPOModule("some/model", reward_function=lambda p, r: r, generation_engine="vllm")
     module._trainer = SimpleNamespace(strategy=SimpleNamespace(config={"zero_optimization": {"stage": 3}}))
     with pytest.raises(ConfigError, match="generation_engine='vllm' does not support ZeRO-3"):

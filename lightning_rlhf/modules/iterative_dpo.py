@@ -21,34 +21,23 @@ from lightning_rlhf.data.base import pad_id
 from lightning_rlhf.lora import (
     AdapterReference,
     AdaptersDisabled,
-    LoraSettings,
     add_reference_adapter,
     apply_lora,
-    check_dropout,
     copy_into_reference_adapter,
 )
 from lightning_rlhf.losses import DPOLoss, SigmoidDPOLoss
 from lightning_rlhf.models import (
-    disable_dropout,
-    freeze,
     load_causal_lm,
-    load_reward_model,
-    load_tokenizer,
     response_logps,
-    sequence_scores,
 )
-from lightning_rlhf.modules.base import HFModelModule, NonFinitePolicy
 from lightning_rlhf.modules.dpo import DPO_METRIC_NAMES, dpo_metrics
-from lightning_rlhf.rewards.calling import call_reward_function, repeat_columns, reward_source_metrics
-from lightning_rlhf.rollout.generation import SamplingConfig, decode_responses, generate_responses
+from lightning_rlhf.modules.on_policy import MicroStep, OnPolicyModule
+from lightning_rlhf.rewards.calling import repeat_columns, reward_source_metrics
+from lightning_rlhf.rollout.collect import sample_and_score
 from lightning_rlhf.rollout.pairs import Samples, build_pair_batch, select_pairs, take_pairs
-from lightning_rlhf.validation import check, check_callable, check_divides
+from lightning_rlhf.validation import check
 from lightning_rlhf.zero import (
-    configure_for_manual_accumulation,
     gathered_tensors,
-    start_micro_batch,
-    whole_model_for_generation,
-    zero_stage,
 )
 
 RewardFn = Callable[[list[str], list[str]], Any]
@@ -60,7 +49,7 @@ def _slices(n: int, size: int) -> list[slice]:
     return [slice(start, start + size) for start in range(0, n, size)]
 
 
-class IterativeDPOModule(HFModelModule):
+class IterativeDPOModule(OnPolicyModule):
     """DPO-Iter: each training step samples, labels and learns from fresh pairs of the current policy.
 
     A step takes a batch of prompts (from :class:`~lightning_rlhf.PromptDataModule`) and
@@ -91,134 +80,58 @@ class IterativeDPOModule(HFModelModule):
 
     batch_keys = ("prompt", "input_ids", "attention_mask", "index")
     data_module = "PromptDataModule"
+    hparams_ignore = ("loss",)
 
     def __init__(
         self,
         model: str,
-        reward_model: str | None = None,
-        reward_function: RewardFn | None = None,
-        gold_function: RewardFn | None = None,
-        reference_model: str | None = None,
         loss: DPOLoss | None = None,
         num_samples: int = 4,
-        max_new_tokens: int = 64,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        missing_eos_penalty: float | None = None,
         dpo_epochs: int = 1,
-        mini_batch_size: int = 32,
-        micro_batch_size: int = 8,
         refresh_reference: bool = True,
         average_log_probs: bool = False,
-        learning_rate: float = 1e-6,
-        weight_decay: float = 0.0,
-        max_grad_norm: float | None = 1.0,
-        disable_dropout: bool = True,
-        lora: LoraSettings | None = None,
-        trust_remote_code: bool = False,
-        nonfinite: NonFinitePolicy = "raise",
         log_after_update: bool = True,
+        **kwargs: Any,
     ) -> None:
         """
         Args:
             model: The policy to train: hub name or ``save_pretrained`` folder (usually the SFT model).
-            reward_model: A reward model (scalar head; e.g. from RewardModule) scoring prompt + response.
-            reward_function: ``f(prompts, responses, **columns) -> scores`` (import path or class_path),
-                given the prompt data's columns that its signature names; adds to the RM.
-            gold_function: Like reward_function but only logged (``iteration/gold_score``), never trained on.
-            reference_model: Fixed reference weights (only with refresh_reference=false; default: the policy).
+                The shared settings (reward sources, sampling, batch sizes, optimizer, LoRA, ...) are
+                :class:`~lightning_rlhf.modules.on_policy.OnPolicyModule`'s, listed with it; here
+                ``mini_batch_size`` and ``micro_batch_size`` count pairs (the last mini-batch of an
+                iteration may be smaller), and ``reference_model`` is only used with
+                refresh_reference=false. With ``lora`` a refreshed reference is a copy of the trained adapter.
             loss: The DPO variant and its beta (default SigmoidDPOLoss(beta=0.1)); class_path in YAML.
             num_samples: Responses sampled per prompt (k >= 2); the best and worst of them form the pair.
-            max_new_tokens: Longest sampled response, in tokens.
-            temperature: Sampling temperature (> 0: greedy samples would all be the same).
-            top_k: Sample only from the k most likely tokens (0 = off).
-            top_p: Nucleus sampling mass (1.0 = off).
-            missing_eos_penalty: Subtracted from the score of responses that never emit EOS (None = off).
             dpo_epochs: Passes of DPO updates over each iteration's pairs.
-            mini_batch_size: Pairs per optimizer step (the last mini-batch of an iteration may be smaller).
-            micro_batch_size: Pairs per forward/backward (accumulated); must divide mini_batch_size.
             refresh_reference: Copy the policy into the reference after each iteration (else keep it fixed).
             average_log_probs: Use per-token mean log-probs instead of sums (usual for IPO).
-            learning_rate: AdamW learning rate (the paper's DPO uses 1e-6 at 7B scale).
-            weight_decay: AdamW weight decay (biases and norms excluded).
-            max_grad_norm: Clip gradients to this global norm (None = off).
-            disable_dropout: Turn dropout off in the policy so policy and reference log-probs are comparable.
-            lora: Train LoRA adapters only; the reference is the policy with adapters off, or with a refreshed
-                copy of its adapter (refresh_reference). Needs the ``peft`` extra.
-            trust_remote_code: Allow model code shipped with checkpoints to run (off for safety).
-            nonfinite: A NaN/inf loss or gradient: 'raise' (naming step and pairs) or 'skip' that mini-batch's
-                optimizer step and count it (train/nonfinite_skipped).
             log_after_update: Also log the loss, margins and accuracies of the pairs after the update
                 (``*_after_update``; one no-grad forward). With refresh_reference the update's own loss
                 starts at log 2 each iteration (policy == reference), so this shows what the update did.
         """
-        super().__init__(learning_rate, weight_decay, nonfinite)
-        self.automatic_optimization = False
         owner = "IterativeDPOModule"
         check(owner, "num_samples", num_samples, ge=2, integer=True)  # a pair needs two samples
-        check(owner, "temperature", temperature, gt=0)  # greedy samples would all tie
-        for name, value in (
-            ("dpo_epochs", dpo_epochs),
-            ("mini_batch_size", mini_batch_size),
-            ("micro_batch_size", micro_batch_size),
-        ):
-            check(owner, name, value, ge=1, integer=True)
-        check_divides(owner, ("micro_batch_size", micro_batch_size), ("mini_batch_size", mini_batch_size))
-        check(owner, "max_grad_norm", max_grad_norm, gt=0, optional=True)
-        check(owner, "missing_eos_penalty", missing_eos_penalty, ge=0, optional=True)
-        try:
-            self.sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p)
-        except ValueError as err:
-            raise ValueError(f"{owner}: {err}") from err
-        check_callable(owner, "reward_function", reward_function)
-        check_callable(owner, "gold_function", gold_function)
-        self.save_hyperparameters(ignore=["loss", "reward_function", "gold_function", "lora"])
+        check(owner, "dpo_epochs", dpo_epochs, ge=1, integer=True)
+        super().__init__(model, **kwargs)
         self.loss = self._use_loss(loss, SigmoidDPOLoss(), DPOLoss)
-        self.lora = self._use_lora(lora)
-        check_dropout(owner, self.lora, disable_dropout)
-        if reference_model is not None and (refresh_reference or self.loss.reference_free):
+        if self.hparams.reference_model is not None and (refresh_reference or self.loss.reference_free):
             raise ValueError(
                 f"{owner}: reference_model is only used with refresh_reference=false and a loss that is not "
                 "reference_free; unset it (the reference then starts as the policy's own weights)"
             )
         # A refreshed reference changes every iteration: checkpoints must carry it (a fixed one is reloaded).
         self.reference_in_checkpoint = refresh_reference
-        self.reward_function = reward_function
-        self.gold_function = gold_function
-        self.policy: PreTrainedModel | None = None
-        self.reference: PreTrainedModel | None = None
-        self.reward_model: PreTrainedModel | None = None
-        self.tokenizer = None
 
     # ------------------------------------------------------------------ models
     def configure_model(self) -> None:
         hp = self.hparams
         if self.policy is not None:
             return
-        remote = {"trust_remote_code": hp.trust_remote_code}
-        self.policy = self.build_trained_model()
-        if hp.disable_dropout:
-            disable_dropout(self.policy)
-        self.policy.train()
+        self.policy = self.prepare_trained(self.build_trained_model())
         if not self.loss.reference_free and (self.lora is None or hp.reference_model is not None):
-            # Loaded from disk, never deep-copied: under ZeRO-3 the policy is already partitioned here.
-            self.reference = freeze(load_causal_lm(hp.reference_model or hp.model, **remote))
-            disable_dropout(self.reference)
-        if hp.reward_model is not None:
-            self.reward_model = freeze(load_reward_model(hp.reward_model, **remote))
-            disable_dropout(self.reward_model)  # a pair's label must not depend on a dropout draw
-            sizes = (self.reward_model.config.vocab_size, self.policy.config.vocab_size)
-            if sizes[0] != sizes[1]:
-                raise ValueError(
-                    f"IterativeDPOModule: the reward_model has vocabulary size {sizes[0]} but the policy has "
-                    f"{sizes[1]}; it must share the policy's tokenizer"
-                )
-        self.tokenizer = load_tokenizer(hp.model, trust_remote_code=hp.trust_remote_code)
-        if self.tokenizer.eos_token_id is None:
-            raise ValueError(
-                f"the tokenizer of {hp.model} has no eos_token: cannot tell when a response ends"
-            )
+            self.reference = self.load_frozen_reference()
+        self.load_reward_sources()
 
     @property
     def adapter_refresh(self) -> bool:
@@ -232,17 +145,6 @@ class IterativeDPOModule(HFModelModule):
             if self.adapter_refresh:
                 add_reference_adapter(policy)
         return policy
-
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        # Checked here, not in __init__: a checkpoint does not store the reward function (an arbitrary
-        # object), and `lightning-rlhf export` must still rebuild the module from it.
-        if stage == "fit" and self.hparams.reward_model is None and self.reward_function is None:
-            raise ValueError("IterativeDPOModule: give a reward_model, a reward_function, or both")
-        if zero_stage(self._trainer) is not None:
-            configure_for_manual_accumulation(
-                self._trainer.strategy.config, self.hparams.max_grad_norm, "IterativeDPOModule"
-            )
 
     @torch.no_grad()
     def refresh_reference_weights(self) -> None:
@@ -264,42 +166,29 @@ class IterativeDPOModule(HFModelModule):
     @torch.no_grad()
     def sample(self, batch: dict) -> Samples:
         """``num_samples`` responses per prompt of the batch from the current policy, scored."""
-        k, hp = self.hparams.num_samples, self.hparams
-        eos, pad = self.tokenizer.eos_token_id, pad_id(self.tokenizer)
+        k = self.hparams.num_samples
         prompt_ids = batch["input_ids"].repeat_interleave(k, 0)
         prompt_mask = batch["attention_mask"].repeat_interleave(k, 0)
-        prompts = [p for p in batch["prompt"] for _ in range(k)]
-        columns = repeat_columns(batch.get("columns"), k)
-        # Generation keeps no activations for backward, so it can take bigger chunks than a training forward.
-        chunks = _slices(len(prompts), 8 * hp.micro_batch_size)
-        tokens = {"eos_token_id": eos, "pad_token_id": pad}
-        with whole_model_for_generation(self._trainer, self.policy):
-            pieces = [
-                generate_responses(self.policy, prompt_ids[c], prompt_mask[c], self.sampling, **tokens)
-                for c in chunks
-            ]
-        width = max(ids.shape[1] for ids, _ in pieces)
-        pad_to = torch.nn.functional.pad
-        response_ids = torch.cat([pad_to(ids, (0, width - ids.shape[1]), value=pad) for ids, _ in pieces])
-        response_mask = torch.cat([pad_to(m, (0, width - m.shape[1]), value=0) for _, m in pieces])
-        decoded = decode_responses(self.tokenizer, response_ids, response_mask)
-        ended = torch.tensor(decoded.ended, device=self.device)
-        scores = torch.zeros(len(prompts), device=self.device)
-        if self.reward_model is not None:  # scored as PPO scores: prompt + response, read at the last token
-            ids, mask = torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1)
-            step = 2 * hp.micro_batch_size
-            rm = [sequence_scores(self.reward_model, ids[c], mask[c]) for c in _slices(len(prompts), step)]
-            scores += torch.cat(rm)
-        if self.reward_function is not None:
-            scores += call_reward_function(
-                self.reward_function, prompts, decoded.texts, columns, "reward_function"
-            ).to(self.device)
-        if hp.missing_eos_penalty is not None:
-            scores -= hp.missing_eos_penalty * (~ended).float()
-        gold = None
-        if self.gold_function is not None:
-            gold = call_reward_function(self.gold_function, prompts, decoded.texts, columns, "gold_function")
-        return Samples(prompt_ids, prompt_mask, response_ids, response_mask, scores, ended, gold)
+        samples = sample_and_score(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            prompts=[p for p in batch["prompt"] for _ in range(k)],
+            columns=repeat_columns(batch.get("columns"), k),
+            **self.sampling_arguments(),
+        )
+        self.after_sampling()
+        scores = samples.raw_scores  # reward model (prompt + response, at the last token) + function
+        if self.hparams.missing_eos_penalty is not None:
+            scores = scores - self.hparams.missing_eos_penalty * (~samples.ended).float()
+        return Samples(
+            prompt_ids,
+            prompt_mask,
+            samples.response_ids,
+            samples.response_mask,
+            scores,
+            samples.ended,
+            samples.gold_scores,
+        )
 
     @torch.no_grad()
     def reference_logps(self, pair_batch: dict[str, Tensor]) -> tuple[Tensor | None, Tensor | None]:
@@ -337,44 +226,28 @@ class IterativeDPOModule(HFModelModule):
 
     def update(self, pair_batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """``dpo_epochs`` passes of shuffled mini-batch DPO steps; the metrics averaged over valid pairs."""
-        hp = self.hparams
-        optimizer = self.optimizers()
         ref_chosen, ref_rejected = self.reference_logps(pair_batch)
         valid = pair_batch["valid"]
-        sums = torch.zeros(len(_DPO_METRICS) + 1, device=self.device)  # weighted sums, then the pair count
-        for _ in range(hp.dpo_epochs):
-            order = torch.randperm(valid.numel(), device=valid.device)
-            for mini in order.split(hp.mini_batch_size):
-                mini_pairs = max(int(valid[mini].sum()), 1)
-                optimizer.zero_grad()
-                finite = True
-                micros = mini.split(hp.micro_batch_size)
-                for i, micro in enumerate(micros):
-                    start_micro_batch(self._trainer, is_last=i == len(micros) - 1)
-                    refs = (None, None) if ref_chosen is None else (ref_chosen[micro], ref_rejected[micro])
-                    loss, metrics = self.compute_loss(take_pairs(pair_batch, micro), *refs, valid[micro])
-                    finite = self.finite_or_skip({"loss": loss}, {"index": micro})
-                    if not finite:
-                        break  # nonfinite="skip": this mini-batch makes no optimizer step
-                    count = int(valid[micro].sum())
-                    # A micro loss is a mean over its pairs: weight it so the step sees the mini-batch mean.
-                    self.manual_backward(loss * (count / mini_pairs))
-                    if metrics:
-                        sums += torch.stack(
-                            [*(metrics[k] * count for k in _DPO_METRICS), sums.new_tensor(count)]
-                        )
-                if not finite:
-                    optimizer.zero_grad()
-                    continue
-                if hp.max_grad_norm is not None:
-                    self.clip_gradients(
-                        optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm"
-                    )
-                optimizer.step()
+
+        def micro_step(rows: Tensor, mini: Tensor) -> MicroStep:
+            refs = (None, None) if ref_chosen is None else (ref_chosen[rows], ref_rejected[rows])
+            loss, metrics = self.compute_loss(take_pairs(pair_batch, rows), *refs, valid[rows])
+            count = int(valid[rows].sum())
+            if metrics:
+                metrics["pairs"] = loss.new_tensor(float(count))
+            # A micro loss is a mean over its pairs: weight it so the step sees the mini-batch mean.
+            return MicroStep(loss, count / max(int(valid[mini].sum()), 1), metrics=metrics)
+
+        steps, _ = self.update_loop(valid.numel(), self.hparams.dpo_epochs, micro_step)
         # Pair-weighted means over every rank, in one collective that all ranks make whatever their ties.
+        sums = torch.zeros(len(_DPO_METRICS) + 1, device=self.device)
+        for step in steps:
+            if step.metrics:
+                count = step.metrics["pairs"]
+                sums += torch.stack([*(step.metrics[k] * count for k in _DPO_METRICS), count])
         sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
         metrics = dict(zip(_DPO_METRICS, (sums[:-1] / sums[-1].clamp(min=1)).unbind(), strict=True))
-        if hp.log_after_update:
+        if self.hparams.log_after_update:
             metrics.update(self._metrics_after_update(pair_batch, ref_chosen, ref_rejected))
         return metrics
 

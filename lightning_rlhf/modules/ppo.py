@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import time
-import zlib
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -14,7 +10,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from lightning_rlhf.callbacks.progress import report_phase
-from lightning_rlhf.lora import AdaptersDisabled, LoraSettings, apply_lora, check_dropout
+from lightning_rlhf.lora import AdaptersDisabled, apply_lora
 from lightning_rlhf.losses import (
     LOSS_AGGREGATIONS,
     aggregate_token_losses,
@@ -23,23 +19,13 @@ from lightning_rlhf.losses import (
     ppo_value_loss,
 )
 from lightning_rlhf.models import (
-    disable_dropout,
-    freeze,
     load_causal_lm,
     load_reward_model,
-    load_tokenizer,
     response_token_logprobs,
     response_values,
 )
-from lightning_rlhf.modules.base import (
-    HFModelModule,
-    NonFinitePolicy,
-    adamw,
-    adamw_param_groups,
-    build_object,
-    enable_gradient_checkpointing,
-    object_spec,
-)
+from lightning_rlhf.modules.base import adamw, adamw_param_groups, build_object, object_spec
+from lightning_rlhf.modules.on_policy import MicroStep, OnPolicyModule, mean_metrics
 from lightning_rlhf.ops import kl_k3, masked_mean, masked_var
 from lightning_rlhf.rewards.calling import repeat_columns, reward_source_metrics
 from lightning_rlhf.rollout.advantages import GAE, AdvantageEstimator
@@ -49,7 +35,6 @@ from lightning_rlhf.rollout.collect import (
     explained_variance,
     sample_and_score,
 )
-from lightning_rlhf.rollout.generation import SamplingConfig
 from lightning_rlhf.rollout.hooks import call_rollout_hooks
 from lightning_rlhf.rollout.shaping import (
     AdaptiveKLController,
@@ -58,24 +43,14 @@ from lightning_rlhf.rollout.shaping import (
     sequence_kl,
 )
 from lightning_rlhf.rollout.types import Rollout, length_order
-from lightning_rlhf.rollout.vllm_engine import VLLMEngine, VLLMSettings
-from lightning_rlhf.validation import ConfigError, check, check_callable, check_choice, check_divides
-from lightning_rlhf.zero import (
-    configure_for_manual_accumulation,
-    is_partitioned,
-    start_micro_batch,
-    whole_model_for_generation,
-    zero_stage,
-)
-
-RewardFn = Callable[[list[str], list[str]], Any]
+from lightning_rlhf.validation import ConfigError, check, check_choice
 
 
 class FirstStepCheckError(RuntimeError):
     """The first PPO update found policy, sampler and reference inconsistent (see the message)."""
 
 
-class PPOModule(HFModelModule):
+class PPOModule(OnPolicyModule):
     """PPO with a critic and a KL penalty to a frozen reference (Ouyang et al. 2022; Xu et al. 2024).
 
     Each training batch is a *rollout batch* of prompts (from :class:`~lightning_rlhf.PromptDataModule`).
@@ -97,27 +72,14 @@ class PPOModule(HFModelModule):
 
     batch_keys = ("prompt", "input_ids", "attention_mask")
     data_module = "PromptDataModule"
+    hparams_ignore = ("advantage",)
 
     def __init__(
         self,
         model: str,
-        reward_model: str | None = None,
-        reward_function: RewardFn | None = None,
-        gold_function: RewardFn | None = None,
         critic_model: str | None = None,
-        reference_model: str | None = None,
-        max_new_tokens: int = 64,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
         ppo_epochs: int = 1,
-        mini_batch_size: int = 32,
-        micro_batch_size: int = 8,
-        generation_batch_size: int = 64,
-        zero3_generation: Literal["gather", "synced"] = "gather",
         old_logprobs: Literal["forward", "sampling"] = "forward",
-        generation_engine: Literal["hf", "vllm"] = "hf",
-        vllm: VLLMSettings | None = None,
         clip_range: float = 0.2,
         dual_clip: float | None = None,
         clip_range_value: float | None = 0.2,
@@ -131,54 +93,29 @@ class PPOModule(HFModelModule):
         lam: float = 0.95,
         score_clip: float | None = None,
         normalize_scores: bool = False,
-        missing_eos_penalty: float | None = None,
         early_stop_kl: float | None = None,
-        learning_rate: float = 1e-6,
         critic_learning_rate: float = 5e-6,
-        weight_decay: float = 0.0,
-        max_grad_norm: float | None = 1.0,
-        disable_dropout: bool = True,
         check_first_step: bool = True,
         first_step_tolerance: float = 1e-3,
-        lora: LoraSettings | None = None,
-        gradient_checkpointing: bool = False,
-        trust_remote_code: bool = False,
-        nonfinite: NonFinitePolicy = "raise",
         advantage: AdvantageEstimator | None = None,
         num_generations: int = 1,
         kl_penalty: Literal["reward", "loss"] = "reward",
         loss_aggregation: Literal["token_mean", "sequence_mean", "constant_length_sum"] = "token_mean",
+        **kwargs: Any,
     ) -> None:
         """
         Args:
             model: The policy to train: hub name or ``save_pretrained`` folder (usually the SFT model).
-            reward_model: A reward model (scalar head; e.g. from RewardModule) scoring prompt + response.
-            reward_function: ``f(prompts, responses, **columns) -> scores`` (import path or class_path),
-                given the prompt data's columns that its signature names; adds to the RM.
-            gold_function: Like reward_function but only logged (``rollout/gold_score``), never trained on.
+                The shared settings (reward sources, sampling, batch sizes, optimizer, LoRA, ...) are
+                :class:`~lightning_rlhf.modules.on_policy.OnPolicyModule`'s, listed with it.
             critic_model: Critic initialisation (default: the reward model if given, else the policy).
-            reference_model: Reference weights when not the initial policy (default: the policy's).
-            max_new_tokens: Longest sampled response, in tokens.
-            temperature: Sampling temperature of the rollouts.
-            top_k: Sample only from the k most likely tokens (0 = off).
-            top_p: Nucleus sampling mass (1.0 = off).
             ppo_epochs: Passes over each rollout batch.
-            mini_batch_size: Sequences per optimizer step; must divide the rollout batch size (default: one
-                step per PromptDataModule batch of its default 32 prompts per ppo_epoch).
-            micro_batch_size: Sequences per forward/backward (accumulated); must divide mini_batch_size.
-            generation_batch_size: Prompts per generate call (memory knob; other values draw other samples).
-            zero3_generation: Under ZeRO-3, ``gather`` the policy's whole weights once per rollout (fast; one
-                full copy per rank) or keep them partitioned and decode with ``synced`` ranks (least memory).
             old_logprobs: Where the rollout's old log-probs come from: a policy ``forward`` over the sampled
                 sequences, like the update's (the first-step ratio is then exactly 1 in any precision), or
                 the logits ``sampling`` drew each token from (one policy forward less per rollout, as TRL;
                 equal up to KV-cache float noise: ~1e-6 in fp32, ~1e-3 in bf16, where the first-step
                 check may need a larger first_step_tolerance). Under ZeRO-3 with
                 ``zero3_generation="synced"`` the old log-probs always come from a forward.
-            generation_engine: Who samples the rollouts: HF ``generate`` on the policy (``hf``) or a colocated
-                vLLM engine built from ``model`` that receives the policy's weights before every rollout
-                (``vllm``; needs vllm installed; not under ZeRO-3 yet).
-            vllm: Settings of the vLLM engine (dtype, max_model_len, seed, memory share, sleep mode).
             clip_range: PPO ratio clip epsilon (> 0).
             dual_clip: Dual-clip constant c > 1 bounding the loss of negative advantages (None = off).
             clip_range_value: Value clip around the rollout's values (None = unclipped value loss).
@@ -192,21 +129,10 @@ class PPOModule(HFModelModule):
             lam: Lambda of GAE.
             score_clip: Clip scores to [-score_clip, score_clip] (None = off).
             normalize_scores: Standardise scores by running mean and std.
-            missing_eos_penalty: Subtracted from the score of responses that never emit EOS (None = off).
             early_stop_kl: End a rollout's updates early once the approximate KL passes this (None = off).
-            learning_rate: Policy AdamW learning rate.
             critic_learning_rate: Critic AdamW learning rate.
-            weight_decay: AdamW weight decay (biases and norms excluded).
-            max_grad_norm: Clip gradients to this global norm (None = off).
-            disable_dropout: Turn dropout off in policy and critic (PPO compares log-probs across forwards).
             check_first_step: At the first update check ratio == 1 and policy-reference KL == 0.
             first_step_tolerance: Largest |log-ratio| the first-step check accepts.
-            lora: LoRA adapters on the policy and (separately) the critic instead of training all weights;
-                the reference is then the policy with adapters off (unless reference_model is given).
-            gradient_checkpointing: Recompute policy and critic activations in backward (less memory).
-            trust_remote_code: Allow model code shipped with checkpoints to run (off for safety).
-            nonfinite: A NaN/inf loss term or gradient: 'raise' (naming step, rows, term) or 'skip' the step
-                and count it (train/nonfinite_skipped).
             advantage: How advantages are estimated (class_path): GAE with the critic (default, PPO), or
                 critic-free from the num_generations responses to each prompt: GRPO (scale_rewards: false is
                 Dr. GRPO), RLOO, REINFORCEPlusPlus (see lightning_rlhf.rollout.advantages). No critic is
@@ -220,34 +146,21 @@ class PPOModule(HFModelModule):
                 'sequence_mean' (each response weighs the same: GRPO), 'constant_length_sum' (sum over
                 max_new_tokens: Dr. GRPO).
         """
-        super().__init__(learning_rate, weight_decay, nonfinite)  # checks both, names them
-        self.automatic_optimization = False
         owner = "PPOModule"
+        # Checked before the base records the hyper-parameters: a bad estimator fails by name first.
         check(owner, "num_generations", num_generations, ge=1, integer=True)
-        check_choice(owner, "kl_penalty", kl_penalty, ("reward", "loss"))
-        check_choice(owner, "loss_aggregation", loss_aggregation, LOSS_AGGREGATIONS)
         estimator = build_object(advantage, AdvantageEstimator) if advantage is not None else GAE()
         if num_generations < estimator.min_group_size:
             raise ConfigError(
                 f"{owner}: advantage {estimator!r} compares responses to the same prompt, so it needs "
                 f"num_generations >= {estimator.min_group_size} (got {num_generations})"
             )
-        check_choice(owner, "zero3_generation", zero3_generation, ("gather", "synced"))
+        super().__init__(model, **kwargs)
+        check_choice(owner, "kl_penalty", kl_penalty, ("reward", "loss"))
+        check_choice(owner, "loss_aggregation", loss_aggregation, LOSS_AGGREGATIONS)
         check_choice(owner, "old_logprobs", old_logprobs, ("forward", "sampling"))
-        check_choice(owner, "generation_engine", generation_engine, ("hf", "vllm"))
-        for name, value in (
-            ("max_new_tokens", max_new_tokens),
-            ("ppo_epochs", ppo_epochs),
-            ("mini_batch_size", mini_batch_size),
-            ("micro_batch_size", micro_batch_size),
-            ("generation_batch_size", generation_batch_size),
-            ("kl_horizon", kl_horizon),
-        ):
-            check(owner, name, value, ge=1, integer=True)
-        check(owner, "top_k", top_k, ge=0, integer=True)
-        check(owner, "top_p", top_p, gt=0, le=1)
-        # PPO learns from samples: greedy decoding (temperature 0) would make every ratio degenerate.
-        check(owner, "temperature", temperature, gt=0)
+        check(owner, "ppo_epochs", ppo_epochs, ge=1, integer=True)
+        check(owner, "kl_horizon", kl_horizon, ge=1, integer=True)
         for name, value in (
             ("clip_range", clip_range),
             ("critic_learning_rate", critic_learning_rate),
@@ -265,34 +178,20 @@ class PPOModule(HFModelModule):
             ("score_clip", score_clip),
             ("early_stop_kl", early_stop_kl),
             ("target_kl", target_kl),
-            ("max_grad_norm", max_grad_norm),
         ):
             check(owner, name, value, gt=0, optional=True)
-        check(owner, "missing_eos_penalty", missing_eos_penalty, ge=0, optional=True)
         check(owner, "dual_clip", dual_clip, gt=1, optional=True)
         check(owner, "gamma", gamma, ge=0, le=1)
         check(owner, "lam", lam, ge=0, le=1)
         check_choice(owner, "kl_estimator", kl_estimator, ("k1", "k2", "k3"))
-        check_callable(owner, "reward_function", reward_function)
-        check_callable(owner, "gold_function", gold_function)
-        check_divides(owner, ("micro_batch_size", micro_batch_size), ("mini_batch_size", mini_batch_size))
         if target_kl is not None and kl_coef == 0:
             raise ConfigError(
                 f"{owner}: kl_coef must be > 0 with target_kl (the controller only rescales it)"
             )
-        self.save_hyperparameters(ignore=["reward_function", "gold_function", "lora", "vllm", "advantage"])
         self.advantage = estimator
         self.hparams["advantage"] = object_spec(estimator)
-        self.vllm_settings = VLLMSettings.build(vllm)
-        self.hparams["vllm"] = self.vllm_settings.to_dict()
-        self.lora = self._use_lora(lora)
-        check_dropout("PPOModule", self.lora, disable_dropout)
-        self.reward_function = reward_function
-        self.gold_function = gold_function
-        self.sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p, generation_engine)
-        self.engine: VLLMEngine | None = None
         self.shaping = ShapingConfig(
-            kl_estimator, missing_eos_penalty, score_clip, normalize_scores, gamma, lam
+            kl_estimator, self.hparams.missing_eos_penalty, score_clip, normalize_scores, gamma, lam
         )
         self.kl_controller = (
             AdaptiveKLController(kl_coef, target_kl, kl_horizon)
@@ -300,11 +199,7 @@ class PPOModule(HFModelModule):
             else FixedKLController(kl_coef)
         )
         self.score_moments = RunningMoments()
-        self.policy: PreTrainedModel | None = None
         self.critic: PreTrainedModel | None = None
-        self.reference: PreTrainedModel | None = None
-        self.reward_model: PreTrainedModel | None = None
-        self.tokenizer = None
         self._first_step_pending = check_first_step
 
     # ------------------------------------------------------------------ models
@@ -312,38 +207,18 @@ class PPOModule(HFModelModule):
         hp = self.hparams
         if self.policy is not None:
             return
-        remote = {"trust_remote_code": hp.trust_remote_code}
-        self.policy = self.build_trained_model()
+        self.policy = self.prepare_trained(self.build_trained_model())
         if self.advantage.needs_critic:  # critic-free estimators hold no value model at all
-            self.critic = load_reward_model(hp.critic_model or hp.reward_model or hp.model, **remote)
-        trained = [m for m in (self.policy, self.critic) if m is not None]
-        for model in trained:
-            if hp.disable_dropout:
-                disable_dropout(model)
-            if hp.gradient_checkpointing:
-                enable_gradient_checkpointing(model)
-        if self.lora is not None and self.critic is not None:
-            self.critic = apply_lora(self.critic, self.lora, "sequence_classification")
-        self.policy.train()
-        if self.critic is not None:
-            self.critic.train()
-        if self.lora is None or hp.reference_model is not None:  # with LoRA: the policy, adapters off
-            # Loaded from disk, never deep-copied: under ZeRO-3 the policy is already partitioned here.
-            self.reference = freeze(load_causal_lm(hp.reference_model or hp.model, **remote))
-            disable_dropout(self.reference)
-        if hp.reward_model is not None:
-            self.reward_model = freeze(load_reward_model(hp.reward_model, **remote))
-        self.tokenizer = load_tokenizer(hp.model, **remote)
-        if self.tokenizer.eos_token_id is None:
-            raise ValueError(
-                f"the tokenizer of {hp.model} has no eos_token: PPO cannot tell when a response ends"
+            critic = load_reward_model(
+                hp.critic_model or hp.reward_model or hp.model, trust_remote_code=hp.trust_remote_code
             )
-        for name, other in (("reward_model", self.reward_model), ("critic", self.critic)):
-            if other is not None and other.config.vocab_size != self.policy.config.vocab_size:
-                raise ValueError(
-                    f"PPOModule: the {name} has vocabulary size {other.config.vocab_size} but the policy has "
-                    f"{self.policy.config.vocab_size}; they must share the policy's tokenizer"
-                )
+            self.critic = self.prepare_trained(critic)
+            if self.lora is not None:
+                self.critic = apply_lora(self.critic, self.lora, "sequence_classification")
+                self.critic.train()
+        if self.lora is None or hp.reference_model is not None:  # with LoRA: the policy, adapters off
+            self.reference = self.load_frozen_reference()
+        self.load_reward_sources(critic=self.critic)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
@@ -375,24 +250,6 @@ class PPOModule(HFModelModule):
             self.score_moments.load_state_dict(state["score_moments"])
         self._first_step_pending = False  # a resumed run no longer has policy == reference
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        # Checked when fitting, not in __init__: a checkpoint does not store the reward function, and
-        # export or evaluation from it must not demand one.
-        if stage == "fit" and self.hparams.reward_model is None and self.reward_function is None:
-            raise ValueError("PPOModule: give a reward_model, a reward_function, or both")
-        if zero_stage(self._trainer) is not None:
-            configure_for_manual_accumulation(
-                self._trainer.strategy.config, self.hparams.max_grad_norm, "PPOModule"
-            )
-        if stage == "fit" and self.sampling.generation_engine == "vllm" and self.engine is None:
-            if zero_stage(self._trainer) == 3:
-                raise ConfigError(
-                    "PPOModule: generation_engine='vllm' does not support ZeRO-3 yet (the weight sync "
-                    "would gather the partitioned policy); use generation_engine='hf' with ZeRO-3"
-                )
-            self.engine = VLLMEngine(self.hparams.model, self.vllm_settings)
-
     def on_fit_start(self) -> None:
         self.check_datamodule(getattr(self.trainer, "datamodule", None))
 
@@ -417,38 +274,27 @@ class PPOModule(HFModelModule):
     def collect(self, batch: dict) -> Rollout:
         """Sample and score one rollout from a prompt batch, then let callbacks see it."""
         timings: dict[str, float] = {}
-        placement = self._generation_placement()
-        synced = bool(placement.get("synced_gpus"))
+        synced = self.generation_is_synced()
         k = self.hparams.num_generations
         # A group is k consecutive rows of one prompt, on this rank: group statistics need no collective.
         rollout = collect_rollout(
-            policy=self.policy,
             reference=self.reference if self.reference is not None else AdaptersDisabled(self.policy),
             critic=self.critic,
             advantage=self.advantage,
             group_size=k,
-            tokenizer=self.tokenizer,
             prompt_ids=batch["input_ids"].repeat_interleave(k, 0),
             prompt_mask=batch["attention_mask"].repeat_interleave(k, 0),
             prompts=[p for p in batch["prompt"] for _ in range(k)],
-            sampling=self.sampling,
             # With kl_penalty='loss' the KL is a loss term instead (_micro_loss); it is still measured.
             kl_coef=self.kl_controller.value if self.hparams.kl_penalty == "reward" else 0.0,
             shaping=self.shaping,
-            reward_model=self.reward_model,
-            reward_function=self.reward_function,
-            gold_function=self.gold_function,
             columns=repeat_columns(batch.get("columns"), k) if batch.get("columns") else batch.get("columns"),
             moments=self.score_moments,
-            micro_batch_size=self.hparams.micro_batch_size,
-            generation_batch_size=self.hparams.generation_batch_size,
             timings=timings,
             old_logprobs="forward" if synced else self.hparams.old_logprobs,
-            **placement,
-            **self._engine_arguments(),
+            **self.sampling_arguments(),
         )
-        if self.engine is not None:
-            self.engine.sleep()  # with enable_sleep_mode (GPU) the update gets the engine's memory back
+        self.after_sampling()
         self._timings = timings
         mask = rollout.response_mask.float()
         # Logged as they came out of GAE: after AdvantageNormalization the post-hook values are always 0 / 1.
@@ -458,24 +304,6 @@ class PPOModule(HFModelModule):
         }
         call_rollout_hooks(self.trainer, self, rollout)
         return rollout
-
-    def _engine_arguments(self) -> dict:
-        """The vLLM engine, given the policy's current weights, and this rollout's seed (run, step, rank)."""
-        if self.engine is None:
-            return {}
-        # Synced before every rollout rather than after each update: a resumed run's weights arrive after
-        # setup, and the update phase is the only thing between two rollouts.
-        self.engine.sync_weights(self.policy)
-        key = f"{self.vllm_settings.seed}/{self.global_step}/{self.global_rank}".encode()
-        return {"engine": self.engine, "seed": zlib.crc32(key)}
-
-    def _generation_placement(self) -> dict:
-        """How ``generate`` sees a ZeRO-3 policy: whole weights gathered once, or shards, ranks in step."""
-        if not is_partitioned(self.policy):
-            return {}
-        if self.hparams.zero3_generation == "gather":
-            return {"generation_context": lambda: whole_model_for_generation(self.trainer, self.policy)}
-        return {"synced_gpus": self.trainer.world_size > 1}
 
     def optimizer_steps_per_batch(self) -> int:
         """Optimizer steps one rollout makes (``ppo_epochs`` x mini-batches; fewer after a KL early stop)."""
@@ -513,87 +341,44 @@ class PPOModule(HFModelModule):
 
     def _update(self, rollout: Rollout) -> dict[str, Tensor]:
         hp = self.hparams
-        optimizer = self.optimizers()
-        n, mini, micro = len(rollout), hp.mini_batch_size, hp.micro_batch_size
-        totals: dict[str, list[Tensor]] = {}
-        stopped = 0.0
-        for _ in range(hp.ppo_epochs):
-            order = torch.randperm(n, device=rollout.response_ids.device)
-            for start in range(0, n, mini):
-                # Within a mini-batch the split into micro-batches is free (their gradients add up to the
-                # same step), so rows of similar length go together and each micro-batch is cut to its own
-                # longest prompt and response (Rollout.minibatch).
-                step_rows = order[start : start + mini]
-                by_length = length_order(rollout.prompt_mask[step_rows], rollout.response_mask[step_rows])
-                step_rows = step_rows[by_length]
-                order[start : start + mini] = step_rows
-                optimizer.zero_grad()
-                approx_kls = []
-                # Each micro-batch's token-mean loss is weighted by its share of the mini-batch's tokens, so
-                # the step minimises the token-mean over the whole mini-batch whatever micro_batch_size is.
-                mini_tokens = rollout.response_mask[step_rows].sum().clamp(min=1)
-                finite = True
-                micro_starts = range(start, start + mini, micro)
-                for micro_start in micro_starts:
-                    last = micro_start == micro_starts[-1]
-                    start_micro_batch(self._trainer, is_last=last)
-                    rows = order[micro_start : micro_start + micro]
-                    mb = rollout.minibatch(rows)
-                    with self._gradient_sync(last):
-                        loss, metrics = self._micro_loss(mb)
-                        terms = {
-                            k: metrics[f"ppo/{k}"]
-                            for k in ("policy_loss", "value_loss", "entropy")
-                            if f"ppo/{k}" in metrics
-                        }
-                        finite = self.finite_or_skip({**terms, "loss": loss}, {"index": rows})
-                        if not finite:
-                            break  # nonfinite="skip": this mini-batch makes no optimizer step
-                        self.manual_backward(loss * self._micro_weight(mb, mini_tokens, len(step_rows)))
-                    approx_kls.append(metrics["ppo/approx_kl"])
-                    for key, value in metrics.items():
-                        totals.setdefault(key, []).append(value)
-                if not finite:
-                    optimizer.zero_grad()
-                    continue
-                if hp.max_grad_norm is not None:
-                    self.clip_gradients(
-                        optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm"
-                    )
-                optimizer.step()
-                if hp.early_stop_kl is not None:
-                    # Decided on the mean over ranks: every rank stops at the same step (DDP stays in step).
-                    approx_kl = self.trainer.strategy.reduce(torch.stack(approx_kls).mean(), reduce_op="mean")
-                    if float(approx_kl) > hp.early_stop_kl:
-                        stopped = 1.0
-                        break
-            if stopped:
-                break
-        out = {key: torch.stack(values).mean() for key, values in totals.items() if values}
-        out["ppo/early_stopped"] = torch.tensor(stopped)
+
+        def arrange(rows: Tensor) -> Tensor:
+            # Within a mini-batch the split into micro-batches is free (their gradients add up to the same
+            # step), so rows of similar length go together and each micro-batch is cut to its own longest
+            # prompt and response (Rollout.minibatch).
+            return rows[length_order(rollout.prompt_mask[rows], rollout.response_mask[rows])]
+
+        def micro_step(rows: Tensor, mini: Tensor) -> MicroStep:
+            mb = rollout.minibatch(rows)
+            loss, metrics = self._micro_loss(mb)
+            terms = {
+                k: metrics[f"ppo/{k}"]
+                for k in ("policy_loss", "value_loss", "entropy")
+                if f"ppo/{k}" in metrics
+            }
+            # Each micro-batch's mean is weighted by its share of the mini-batch's tokens (token_mean) or
+            # sequences, so the step minimises the mini-batch's loss whatever micro_batch_size is.
+            if hp.loss_aggregation == "token_mean":
+                weight = mb["response_mask"].sum() / rollout.response_mask[mini].sum().clamp(min=1)
+            else:
+                weight = len(rows) / len(mini)
+            return MicroStep(loss, weight, terms, metrics)
+
+        def kl_too_far(steps: list[MicroStep]) -> bool:
+            # Decided on the mean over ranks: every rank stops at the same step (DDP stays in step).
+            approx_kl = torch.stack([s.metrics["ppo/approx_kl"] for s in steps]).mean()
+            return float(self.trainer.strategy.reduce(approx_kl, reduce_op="mean")) > hp.early_stop_kl
+
+        steps, stopped = self.update_loop(
+            len(rollout),
+            hp.ppo_epochs,
+            micro_step,
+            arrange=arrange,
+            should_stop=kl_too_far if hp.early_stop_kl is not None else None,
+        )
+        out = mean_metrics(steps)
+        out["ppo/early_stopped"] = torch.tensor(float(stopped))
         return out
-
-    def _micro_weight(self, mb: dict[str, Tensor], mini_tokens: Tensor, mini_rows: int) -> Tensor | float:
-        """A micro-batch's share of its mini-batch: of the tokens (token_mean) or of the sequences (the
-        per-sequence aggregations), so the step's loss is the mini-batch's whatever micro_batch_size is."""
-        if self.hparams.loss_aggregation == "token_mean":
-            return mb["response_mask"].sum() / mini_tokens
-        return mb["response_mask"].shape[0] / mini_rows
-
-    def _gradient_sync(self, last_micro_batch: bool) -> AbstractContextManager:
-        """DDP all-reduces gradients only after the last micro-batch of a mini-batch (``no_sync`` before).
-
-        Manual optimization gets no automatic ``no_sync``: without this every micro-batch's backward paid a
-        full gradient all-reduce. The gradients DDP averages at the last backward include the ones
-        accumulated locally before it, so the result is the same. Strategies without DDP (DeepSpeed, FSDP,
-        single device) are left alone.
-        """
-        block = getattr(self.trainer.strategy, "block_backward_sync", None)
-        # DeepSpeed's strategy inherits block_backward_sync from DDP, but its engine refuses no_sync under
-        # ZeRO (it accumulates and reduces at the boundary itself: see zero.start_micro_batch).
-        if last_micro_batch or block is None or zero_stage(self.trainer) is not None:
-            return nullcontext()
-        return block()
 
     def _micro_loss(self, mb: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         hp = self.hparams
@@ -649,25 +434,12 @@ class PPOModule(HFModelModule):
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Sample one response per held-out prompt and log its scores (no update, no KL penalty)."""
-        # Outside fit (trainer.validate) no engine is built: HF samples then.
-        sampling = self.sampling
-        if self.engine is None:
-            sampling = replace(sampling, generation_engine="hf")
         samples = sample_and_score(
-            policy=self.policy,
-            tokenizer=self.tokenizer,
             prompt_ids=batch["input_ids"],
             prompt_mask=batch["attention_mask"],
             prompts=list(batch["prompt"]),
-            sampling=sampling,
-            reward_model=self.reward_model,
-            reward_function=self.reward_function,
-            gold_function=self.gold_function,
             columns=batch.get("columns"),
-            micro_batch_size=self.hparams.micro_batch_size,
-            generation_batch_size=self.hparams.generation_batch_size,
-            **self._generation_placement(),
-            **self._engine_arguments(),
+            **self.sampling_arguments(training=False),
         )
         metrics = {
             "val/score": samples.raw_scores.mean(),
