@@ -53,8 +53,22 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, tokenizer: str
 
 def build_module(module_class: type, hparams: dict):
     """The module as the checkpoint's hyperparameters describe it (``__init__`` loads no model)."""
-    accepted = inspect.signature(module_class.__init__).parameters
+    accepted = init_arguments(module_class)
     return module_class(**{k: v for k, v in hparams.items() if k in accepted})
+
+
+def init_arguments(cls: type) -> set[str]:
+    """The names ``cls(...)`` accepts: its ``__init__``'s, and, where that passes ``**kwargs`` on (the
+    on-policy modules), those of the base classes' ``__init__`` up the MRO."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        names |= {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} - {"self"}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return names
 
 
 def load_trained_state(model: torch.nn.Module, ckpt: dict, attribute: str, checkpoint: Path) -> None:

@@ -9,6 +9,7 @@ import torch
 
 from lightning_rlhf import IterativeDPOModule, PPOModule
 from lightning_rlhf.cli import build_cli
+from lightning_rlhf.export import build_module
 from lightning_rlhf.modules.on_policy import MicroStep, OnPolicyModule, mean_metrics
 
 SHARED = [p for p in inspect.signature(OnPolicyModule.__init__).parameters if p != "self"]
@@ -40,8 +41,8 @@ def test_hyperparameters_hold_the_shared_defaults_and_the_subclass_values():
     assert set(SHARED) - {"reward_function", "gold_function"} <= set(ppo.hparams)
     assert (ppo.hparams.temperature, ppo.hparams.kl_coef, ppo.hparams.micro_batch_size) == (0.7, 0.2, 8)
     assert ppo.sampling.temperature == 0.7 and "kwargs" not in ppo.hparams
-    rebuilt = PPOModule(**{k: v for k, v in ppo.hparams.items()})  # as export and checkpoints rebuild it
-    assert rebuilt.hparams == ppo.hparams
+    rebuilt = build_module(PPOModule, dict(ppo.hparams))  # as export rebuilds it from a checkpoint
+    assert rebuilt.hparams == ppo.hparams and rebuilt.sampling == ppo.sampling
     dpo_iter = IterativeDPOModule("m", reward_function=len, num_samples=3, top_k=5)
     assert (dpo_iter.hparams.num_samples, dpo_iter.sampling.top_k) == (3, 5)
     assert dpo_iter.hparams.generation_batch_size == 64 and dpo_iter.hparams.zero3_generation == "gather"

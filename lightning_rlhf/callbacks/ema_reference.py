@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_rlhf.modules.reference import move_towards_policy, moving_tensors
 from lightning_rlhf.validation import check
-from lightning_rlhf.zero import gathered_tensors
 
 
 class EMAReferenceUpdate(Callback):
@@ -106,23 +105,10 @@ class EMAReferenceUpdate(Callback):
             self.updates += 1
             self.last_update_step = step
 
-    @torch.no_grad()
     def _update_parameters(self, reference: nn.Module, policy: nn.Module) -> None:
-        """One EMA step, parameter by parameter, matched by name.
-
-        Under DeepSpeed ZeRO-3 each pair of parameters is gathered whole for its own update (one tensor
-        pair in memory at a time), rank 0's result is written back and re-partitioned to every rank.
-        """
-        eta = self.decay
-        sources = dict(_averaged_tensors(policy))
-        for name, target_param in _averaged_tensors(reference):
-            with gathered_tensors([target_param, sources[name]], modifier_rank=0):
-                target = target_param.data
-                source = sources[name].data.to(device=target.device)
-                if target.dtype in (torch.float32, torch.float64):
-                    target.lerp_(source.to(target.dtype), eta)
-                else:  # bf16/fp16: average in float32 and round once
-                    target.copy_(target.float().lerp_(source.float(), eta))
+        """One EMA step (:func:`lightning_rlhf.modules.reference.move_towards_policy`): parameter by
+        parameter, matched by name; under ZeRO-3 one gathered tensor pair at a time."""
+        move_towards_policy(reference, policy, self.decay)
 
     def _models(self, pl_module: LightningModule) -> tuple[nn.Module, nn.Module]:
         """(reference, policy) of the module, after checking the EMA can run on them."""
@@ -158,8 +144,8 @@ class EMAReferenceUpdate(Callback):
                 f"EMAReferenceUpdate: {owner}.reference is the policy object itself; the reference must be "
                 "a separate copy of the weights"
             )
-        ref_shapes = {name: _shape(t) for name, t in _averaged_tensors(reference)}
-        pol_shapes = {name: _shape(t) for name, t in _averaged_tensors(policy)}
+        ref_shapes = {name: _shape(t) for name, t in moving_tensors(reference)}
+        pol_shapes = {name: _shape(t) for name, t in moving_tensors(policy)}
         if ref_shapes != pol_shapes:
             missing = sorted(set(ref_shapes) - set(pol_shapes))
             extra = sorted(set(pol_shapes) - set(ref_shapes))
@@ -175,13 +161,6 @@ class EMAReferenceUpdate(Callback):
                 "another architecture cannot be averaged into the reference.)"
             )
         return reference, policy
-
-
-def _averaged_tensors(model: nn.Module) -> list[tuple[str, Tensor]]:
-    """Parameters (tied ones once) and floating-point buffers, by name."""
-    tensors = list(model.named_parameters())
-    tensors += [(name, b) for name, b in model.named_buffers() if torch.is_floating_point(b)]
-    return tensors
 
 
 def _shape(tensor: Tensor) -> tuple[int, ...]:

@@ -18,6 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lightning_rlhf.export import FROZEN_DROPPED_KEY, MODULE_CLASS_KEY, module_class_path
 from lightning_rlhf.lora import LoraSettings, merged_copy
 from lightning_rlhf.models import load_tokenizer
+from lightning_rlhf.modules.reference import drop_frozen_reference, restore_frozen_reference
 from lightning_rlhf.modules.rng import collect_rng_states, set_rng_states
 from lightning_rlhf.validation import check, check_choice
 from lightning_rlhf.zero import accept_client_optimizer, gathered, hf_zero3_loading, zero_stage
@@ -70,31 +71,6 @@ def build_object(value: object, base: type = object) -> object:
     if not isinstance(value, base):
         raise TypeError(f"expected a {base.__name__}, got {type(value).__name__} {value!r:.60}")
     return value
-
-
-_REFERENCE_DROPPED = "lightning_rlhf_reference_dropped"
-
-
-def drop_frozen_reference(module: LightningModule, checkpoint: dict) -> None:
-    """Leave a fixed reference model out of a checkpoint (it would double its size) and mark that we did.
-
-    Modules whose reference changes during training set ``reference_in_checkpoint = True`` (the
-    ``EMAReferenceUpdate`` callback and DPO-Iter's refresh do), and then it is saved like any weight.
-    """
-    if getattr(module, "reference", None) is None or getattr(module, "reference_in_checkpoint", False):
-        return
-    state = checkpoint.get("state_dict", {})
-    for key in [k for k in state if k.startswith("reference.")]:
-        del state[key]
-    checkpoint[_REFERENCE_DROPPED] = True
-
-
-def restore_frozen_reference(module: LightningModule, checkpoint: dict) -> None:
-    """Refill a dropped reference from the freshly loaded one (same weights: it was fixed) before loading."""
-    if checkpoint.get(_REFERENCE_DROPPED) and getattr(module, "reference", None) is not None:
-        state = checkpoint["state_dict"]
-        for key, value in module.reference.state_dict().items():
-            state.setdefault(f"reference.{key}", value)
 
 
 _FROZEN_DROPPED = FROZEN_DROPPED_KEY

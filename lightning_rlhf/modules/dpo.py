@@ -23,6 +23,7 @@ from lightning_rlhf.models import (
     response_logps,
 )
 from lightning_rlhf.modules.base import HFModelModule, NonFinitePolicy, enable_gradient_checkpointing
+from lightning_rlhf.modules.reference import load_frozen_reference, reference_model
 from lightning_rlhf.modules.reference_cache import ReferenceLogps, precompute_reference_logps
 from lightning_rlhf.validation import check
 from lightning_rlhf.zero import partitioned_frozen_model, unpartitioned_loading, zero_stage
@@ -156,15 +157,13 @@ class DPOModule(HFModelModule):
         if self.reference is None and self.needs_live_reference and not self.adapter_reference:
             # Loaded again from disk rather than deep-copied from the policy: under ZeRO-3 the policy's
             # parameters are partitioned at this point and a deepcopy would copy empty shards.
-            self.reference = freeze(self.load_reference())
+            self.reference = self.load_reference()
 
     def load_reference(self, dtype: torch.dtype = LOAD_DTYPE) -> PreTrainedModel:
         hp = self.hparams
-        model = load_causal_lm(
+        return load_frozen_reference(
             hp.reference_model or hp.model, trust_remote_code=hp.trust_remote_code, dtype=dtype
         )
-        disable_dropout(model)
-        return model
 
     @contextlib.contextmanager
     def cache_reference(self) -> Iterator[PreTrainedModel | AdaptersDisabled]:
@@ -184,7 +183,7 @@ class DPOModule(HFModelModule):
             return
         # Whole, not ZeRO-3 partitioned: no engine hooks would gather a model loaded outside configure_model.
         with unpartitioned_loading():
-            reference = freeze(self.load_reference(dtype)).to(self.device)
+            reference = self.load_reference(dtype).to(self.device)
         yield reference
 
     def build_trained_model(self) -> PreTrainedModel:
@@ -227,12 +226,7 @@ class DPOModule(HFModelModule):
             return None, None
         if self.hparams.precompute_reference and split in self.cached:
             return self.cached[split].lookup(batch["index"], device=self.device)
-        if self.reference is not None:
-            reference = self.reference
-        elif self.adapter_reference:
-            reference = AdaptersDisabled(self.policy)
-        else:
-            reference = self._eval_reference[0]
+        reference = reference_model(self) or self._eval_reference[0]
         with torch.no_grad():
             logps, _ = response_logps(
                 reference, batch, average=self.hparams.average_log_probs, shared_prompts=True

@@ -19,11 +19,8 @@ from transformers import PreTrainedModel
 from lightning_rlhf.callbacks.progress import report_phase
 from lightning_rlhf.data.base import pad_id
 from lightning_rlhf.lora import (
-    AdapterReference,
-    AdaptersDisabled,
     add_reference_adapter,
     apply_lora,
-    copy_into_reference_adapter,
 )
 from lightning_rlhf.losses import DPOLoss, SigmoidDPOLoss
 from lightning_rlhf.models import (
@@ -32,13 +29,11 @@ from lightning_rlhf.models import (
 )
 from lightning_rlhf.modules.dpo import DPO_METRIC_NAMES, dpo_metrics
 from lightning_rlhf.modules.on_policy import MicroStep, OnPolicyModule
+from lightning_rlhf.modules.reference import reference_model, refresh_reference
 from lightning_rlhf.rewards.calling import repeat_columns, reward_source_metrics
 from lightning_rlhf.rollout.collect import sample_and_score
 from lightning_rlhf.rollout.pairs import Samples, build_pair_batch, select_pairs, take_pairs
 from lightning_rlhf.validation import check
-from lightning_rlhf.zero import (
-    gathered_tensors,
-)
 
 RewardFn = Callable[[list[str], list[str]], Any]
 
@@ -146,22 +141,6 @@ class IterativeDPOModule(OnPolicyModule):
                 add_reference_adapter(policy)
         return policy
 
-    @torch.no_grad()
-    def refresh_reference_weights(self) -> None:
-        """Copy the policy's parameters and buffers into the reference, matched by name.
-
-        Under ZeRO-3 each pair is gathered whole, copied on rank 0 and re-partitioned to every rank.
-        """
-        for kind in ("parameters", "buffers"):
-            target = dict(getattr(self.reference, f"named_{kind}")())
-            for name, tensor in getattr(self.policy, f"named_{kind}")():
-                if name not in target:
-                    raise KeyError(
-                        f"the reference has no {kind[:-1]} {name!r}: it is not the policy's architecture"
-                    )
-                with gathered_tensors([target[name], tensor], modifier_rank=0):
-                    target[name].data.copy_(tensor.data)
-
     # ------------------------------------------------------------------ one iteration
     @torch.no_grad()
     def sample(self, batch: dict) -> Samples:
@@ -196,10 +175,7 @@ class IterativeDPOModule(OnPolicyModule):
         if self.loss.reference_free:
             return None, None
         n, average, chosen, rejected = pair_batch["index"].numel(), self.hparams.average_log_probs, [], []
-        if self.reference is not None:
-            reference = self.reference
-        else:
-            reference = (AdapterReference if self.adapter_refresh else AdaptersDisabled)(self.policy)
+        reference = reference_model(self)
         for pairs in torch.arange(n, device=self.device).split(self.hparams.micro_batch_size):
             logps, _ = response_logps(reference, take_pairs(pair_batch, pairs), average=average)
             chosen.append(logps.chunk(2)[0])
@@ -313,7 +289,5 @@ class IterativeDPOModule(OnPolicyModule):
                 after = dpo.pop("train/loss_after_update")
                 self.log("train/loss_after_update", after, prog_bar=True, batch_size=size)
             self.log_dict(dpo, batch_size=size)  # already reduced over ranks
-        if self.hparams.refresh_reference and self.reference is not None:
-            self.refresh_reference_weights()
-        elif self.adapter_refresh:
-            copy_into_reference_adapter(self.policy)
+        if self.hparams.refresh_reference:
+            refresh_reference(self)

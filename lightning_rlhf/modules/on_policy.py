@@ -25,11 +25,11 @@ from lightning_rlhf.lora import LoraSettings, check_dropout
 from lightning_rlhf.models import (
     disable_dropout,
     freeze,
-    load_causal_lm,
     load_reward_model,
     load_tokenizer,
 )
 from lightning_rlhf.modules.base import HFModelModule, NonFinitePolicy, enable_gradient_checkpointing
+from lightning_rlhf.modules.reference import load_frozen_reference
 from lightning_rlhf.rollout.generation import SamplingConfig
 from lightning_rlhf.rollout.vllm_engine import VLLMEngine, VLLMSettings
 from lightning_rlhf.validation import ConfigError, check, check_callable, check_choice, check_divides
@@ -180,16 +180,10 @@ class OnPolicyModule(HFModelModule):
         return model
 
     def load_frozen_reference(self) -> PreTrainedModel:
-        """The reference as a separate frozen model (``reference_model``, else the policy's initial weights).
-
-        Loaded from disk, never deep-copied: under ZeRO-3 the policy is already partitioned when it runs.
-        """
+        """The reference as a separate frozen model: ``reference_model``, else the initial policy weights."""
         hp = self.hparams
-        reference = freeze(
-            load_causal_lm(hp.reference_model or hp.model, trust_remote_code=hp.trust_remote_code)
-        )
-        disable_dropout(reference)
-        return reference
+        name = hp.reference_model or hp.model
+        return load_frozen_reference(name, trust_remote_code=hp.trust_remote_code)
 
     def load_reward_sources(self, **others: PreTrainedModel | None) -> None:
         """Load the reward model and the tokenizer, and check them against the policy.

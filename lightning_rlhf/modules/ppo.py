@@ -10,7 +10,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from lightning_rlhf.callbacks.progress import report_phase
-from lightning_rlhf.lora import AdaptersDisabled, apply_lora
+from lightning_rlhf.lora import apply_lora
 from lightning_rlhf.losses import (
     LOSS_AGGREGATIONS,
     aggregate_token_losses,
@@ -26,6 +26,7 @@ from lightning_rlhf.models import (
 )
 from lightning_rlhf.modules.base import adamw, adamw_param_groups, build_object, object_spec
 from lightning_rlhf.modules.on_policy import MicroStep, OnPolicyModule, mean_metrics
+from lightning_rlhf.modules.reference import reference_model
 from lightning_rlhf.ops import kl_k3, masked_mean, masked_var
 from lightning_rlhf.rewards.calling import repeat_columns, reward_source_metrics
 from lightning_rlhf.rollout.advantages import GAE, AdvantageEstimator
@@ -278,7 +279,7 @@ class PPOModule(OnPolicyModule):
         k = self.hparams.num_generations
         # A group is k consecutive rows of one prompt, on this rank: group statistics need no collective.
         rollout = collect_rollout(
-            reference=self.reference if self.reference is not None else AdaptersDisabled(self.policy),
+            reference=reference_model(self),
             critic=self.critic,
             advantage=self.advantage,
             group_size=k,
