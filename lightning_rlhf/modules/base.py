@@ -18,7 +18,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lightning_rlhf.export import FROZEN_DROPPED_KEY, MODULE_CLASS_KEY, module_class_path
 from lightning_rlhf.lora import LoraSettings, merged_copy
 from lightning_rlhf.models import load_tokenizer
-from lightning_rlhf.modules.rng import collect_rng_states, set_rng_states
+from lightning_rlhf.modules.rng import (
+    collect_rng_states,
+    gather_rng_states,
+    rng_state_for_rank,
+    set_rng_states,
+)
 from lightning_rlhf.validation import check, check_choice
 from lightning_rlhf.zero import accept_client_optimizer, gathered, hf_zero3_loading, zero_stage
 
@@ -369,8 +374,14 @@ class HFModelModule(LightningModule):
             checkpoint["hyper_parameters"] = absolute_local_paths(dict(checkpoint["hyper_parameters"]))
         drop_frozen_reference(self, checkpoint)
         drop_frozen_weights(self, checkpoint)
+        # Saved mid-validation (a checkpoint monitoring a val metric), the state to resume with is the one
+        # training will continue from: validation puts it back when it ends (see on_validation_start).
+        rng = self._rng_before_validation or collect_rng_states()
+        world_size = self._trainer.world_size if self._trainer is not None else 1
+        per_rank = gather_rng_states(rng, world_size)  # every rank's, though one rank writes the file
         checkpoint["lightning_rlhf_state"] = {
-            "rng": collect_rng_states(),
+            "rng": per_rank[0],  # what checkpoints held before rng_per_rank; kept for older readers
+            "rng_per_rank": per_rank,
             "nonfinite_skipped": self.nonfinite_skipped,
         }
 
@@ -378,7 +389,9 @@ class HFModelModule(LightningModule):
         restore_frozen_reference(self, checkpoint)
         restore_frozen_weights(self, checkpoint)
         state = checkpoint.get("lightning_rlhf_state", {})
-        self._rng_to_restore = state.get("rng")
+        trainer = self._trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        self._rng_to_restore = rng_state_for_rank(state, rank, world_size)
         self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
 
     def tokenizer_for_export(self) -> PreTrainedTokenizerBase:
