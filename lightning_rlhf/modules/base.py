@@ -95,8 +95,15 @@ def drop_frozen_reference(module: LightningModule, checkpoint: dict) -> None:
 
 
 def restore_frozen_reference(module: LightningModule, checkpoint: dict) -> None:
-    """Refill a dropped reference from the freshly loaded one (same weights: it was fixed) before loading."""
-    if checkpoint.get(_REFERENCE_DROPPED) and getattr(module, "reference", None) is not None:
+    """Refill a dropped reference from the freshly loaded one (same weights: it was fixed) before loading.
+
+    A DeepSpeed checkpoint has no ``state_dict`` here: the engine saved and loaded every weight itself.
+    """
+    if (
+        checkpoint.get(_REFERENCE_DROPPED)
+        and "state_dict" in checkpoint
+        and getattr(module, "reference", None) is not None
+    ):
         state = checkpoint["state_dict"]
         for key, value in module.reference.state_dict().items():
             state.setdefault(f"reference.{key}", value)
@@ -124,7 +131,7 @@ def drop_frozen_weights(module: LightningModule, checkpoint: dict) -> None:
 
 def restore_frozen_weights(module: LightningModule, checkpoint: dict) -> None:
     """Refill dropped frozen parameters from the freshly loaded module before the state is loaded."""
-    if checkpoint.get(_FROZEN_DROPPED):
+    if checkpoint.get(_FROZEN_DROPPED) and "state_dict" in checkpoint:  # DeepSpeed loads weights itself
         state = checkpoint["state_dict"]
         for name, param in module.named_parameters():
             if not param.requires_grad and ".lora_" not in name:
