@@ -109,10 +109,12 @@ def _fork_context():
     return _context
 
 
-def _job_process(code: str, argv: list[str], env: dict, log: str) -> None:
-    """A job's process: ``python -c code *argv`` with ``env``, stdout and stderr to ``log``."""
+def _job_process(code: str, argv: list[str], env: dict, log: str, cwd: str | None = None) -> None:
+    """A job's process: ``python -c code *argv`` with ``env`` (in ``cwd``), stdout and stderr to ``log``."""
     os.environ.clear()
     os.environ.update(env)
+    if cwd is not None:
+        os.chdir(cwd)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -122,6 +124,15 @@ def _job_process(code: str, argv: list[str], env: dict, log: str) -> None:
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
+
+
+def start_job_process(code: str, argv: list[str], env: dict, log: Path, cwd: Path | None = None):
+    """Start one process of a job (see :func:`_job_process`); returns the started process."""
+    process = _fork_context().Process(
+        target=_job_process, args=(code, argv, env, str(log), None if cwd is None else str(cwd))
+    )
+    process.start()
+    return process
 
 
 def run_job(
@@ -155,9 +166,7 @@ def run_job(
     procs = []
     for rank in range(ranks):
         rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank)} if ranks > 1 else env
-        log = str(root / f"stderr-rank{rank}.txt")
-        procs.append(_fork_context().Process(target=_job_process, args=(code, argv, rank_env, log)))
-        procs[-1].start()
+        procs.append(start_job_process(code, argv, rank_env, root / f"stderr-rank{rank}.txt"))
     deadline = time.monotonic() + timeout_s
     for proc in procs:
         proc.join(timeout=max(deadline - time.monotonic(), 1))
