@@ -1,8 +1,10 @@
-"""Reward model, DPO and PPO runs killed with SIGKILL after k steps and resumed from their last (mid-epoch)
-checkpoint end exactly like uninterrupted runs: the same weights, optimizer state, logged metrics and data
-order, plus the EMA reference, the adaptive KL coefficient, the score statistics and the sampling RNG.
+"""SFT, reward model, DPO, DPO-Iter and PPO runs killed with SIGKILL after k steps and resumed from their last
+(mid-epoch) checkpoint end exactly like uninterrupted runs: the same weights, optimizer state, logged metrics
+and data order, plus the EMA reference, DPO-Iter's refreshed reference, the adaptive KL coefficient, the
+score statistics and the sampling RNG.
 
-Real subprocesses on CPU, seeded and deterministic; about 10 s per run, three runs per stage.
+Real processes on CPU, seeded and deterministic; a few seconds per run, three runs per stage.
+tests/test_kill_resume_ranks.py does the same on 2 ranks (DDP and ZeRO-2).
 """
 
 import pytest
@@ -13,15 +15,24 @@ from lightning_rlhf.testbed.files import SplitSizes, write_testbed
 from lightning_rlhf.testbed.task import TaskConfig
 
 JOB = """
-from lightning_rlhf import (DPOModule, EMAReferenceUpdate, PPOModule, PreferenceDataModule, PromptDataModule,
-                            RewardModule)
+from lightning_rlhf import (DPOModule, EMAReferenceUpdate, IterativeDPOModule, PPOModule,
+                            PreferenceDataModule, PromptDataModule, RewardModule, SFTDataModule, SFTModule)
 from lightning_rlhf.testbed.reward import GoldReward
 
 testbed, stage = sys.argv[4], sys.argv[5]
 policy = os.path.join(testbed, "init_policy")
 L.seed_everything(0)
 callbacks = []
-if stage == "rm":
+if stage == "sft":
+    module = SFTModule(policy, learning_rate=1e-3)
+    data = SFTDataModule(policy, os.path.join(testbed, "sft_train.jsonl"), batch_size=4)
+elif stage == "dpo_iter":
+    # Samples 2 responses per prompt from the current policy (the RNG) and refreshes the reference each step
+    # (saved in the checkpoint).
+    module = IterativeDPOModule(policy, reward_function=GoldReward(testbed), num_samples=2, max_new_tokens=5,
+                                mini_batch_size=4, micro_batch_size=2, learning_rate=1e-3)
+    data = PromptDataModule(policy, os.path.join(testbed, "prompts_train.jsonl"), batch_size=4)
+elif stage == "rm":
     module = RewardModule(policy, learning_rate=1e-3)
     # Length-grouped batches: the LengthGroupedSampler resumes mid-epoch too.
     data = PreferenceDataModule(policy, os.path.join(testbed, "pairs_train.jsonl"), batch_size=4,
@@ -55,7 +66,7 @@ torch.save(final, os.path.join(root, "final.pt"))
 def testbed(tmp_path_factory):
     out = tmp_path_factory.mktemp("testbed")
     sizes = SplitSizes(
-        sft_train=4, sft_eval=2, pairs_train=12, pairs_eval=2, prompts_train=12, prompts_eval=2
+        sft_train=12, sft_eval=2, pairs_train=12, pairs_eval=2, prompts_train=12, prompts_eval=2
     )
     write_testbed(out, TaskConfig(seed=0), sizes, model_size="nano")
     return out
@@ -64,7 +75,10 @@ def testbed(tmp_path_factory):
 # 12 rows in batches of 4 is 3 batches an epoch: every run resumes after batch 2 of epoch 0 (mid-epoch) and
 # goes on into the next epoch(s). PPO makes 2 optimizer steps per rollout of 4 prompts (1 mini-batch x 2 PPO
 # epochs), so its steps count in twos: the kill at step 6 comes after rollout 3, the resume is from step 4.
-@pytest.mark.parametrize(("stage", "max_steps", "kill_at"), [("rm", 5, 3), ("dpo", 5, 3), ("ppo", 16, 6)])
+@pytest.mark.parametrize(
+    ("stage", "max_steps", "kill_at"),
+    [("sft", 5, 3), ("rm", 5, 3), ("dpo", 5, 3), ("dpo_iter", 5, 3), ("ppo", 16, 6)],
+)
 def test_killed_run_resumes_exactly(testbed, tmp_path, stage, max_steps, kill_at):
     full, crashed, resumed, resumed_from = crash_and_resume(
         JOB, tmp_path, str(testbed), stage, str(max_steps), kill_at=kill_at

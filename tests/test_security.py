@@ -123,7 +123,7 @@ def test_checkpoints_load_as_plain_data(testbed, tmp_path):
     ).fit(module, data)
     (checkpoint,) = tmp_path.rglob("*.ckpt")
     loaded = torch.load(checkpoint, weights_only=True)
-    assert set(loaded["lightning_rlhf_state"]) == {"rng", "nonfinite_skipped"}
+    assert set(loaded["lightning_rlhf_state"]) == {"rng", "rng_per_rank", "nonfinite_skipped"}
     assert loaded["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "position": 4}]
 
 

@@ -20,7 +20,12 @@ from transformers import PreTrainedTokenizerBase
 
 from lightning_rlhf.data.formats import RowError, check_chat_template
 from lightning_rlhf.data.loading import DataError, load_table
-from lightning_rlhf.data.sampling import ResumableDataLoader, SeededRandomSampler
+from lightning_rlhf.data.sampling import (
+    ResumableDataLoader,
+    ResumableSampler,
+    SeededRandomSampler,
+    ShardedResumableSampler,
+)
 from lightning_rlhf.models import load_tokenizer
 from lightning_rlhf.validation import ConfigError, check, check_choice
 
@@ -255,6 +260,8 @@ class TableDataModule(LightningDataModule):
         if shuffle and sampler is None:
             # Seeded by (seed, epoch) alone, so a mid-epoch checkpoint can resume at the exact position.
             sampler = SeededRandomSampler(len(self.datasets[split]), seed=self.hparams.seed)
+        if isinstance(sampler, ResumableSampler):
+            sampler = self._shard_for_ranks(sampler)
         return ResumableDataLoader(
             self.datasets[split],
             batch_size=self.hparams.batch_size,
@@ -266,6 +273,20 @@ class TableDataModule(LightningDataModule):
             collate_fn=self._collator(),
             drop_last=drop_last,
         )
+
+    def _shard_for_ranks(self, sampler: ResumableSampler) -> Sampler:
+        """This rank's share of ``sampler`` under DDP / DeepSpeed (resumable mid-epoch), else ``sampler``.
+
+        Done here rather than by Lightning, whose wrapper reshuffles the order and cannot save a position;
+        ``Trainer(use_distributed_sampler=False)`` leaves the sampler alone, as it does Lightning's.
+        """
+        trainer = self.trainer
+        kwargs = trainer.distributed_sampler_kwargs if trainer is not None else None
+        connector = getattr(trainer, "_accelerator_connector", None)
+        wanted = getattr(connector, "use_distributed_sampler", True)
+        if not kwargs or kwargs["num_replicas"] <= 1 or not wanted:
+            return sampler
+        return ShardedResumableSampler(sampler, num_replicas=kwargs["num_replicas"], rank=kwargs["rank"])
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -6,6 +6,11 @@ order from ``(seed, epoch)`` alone (no generator state to carry), so the positio
 checkpoint needs. :class:`ResumableDataLoader` counts the batches it handed out and implements
 ``state_dict`` / ``load_state_dict``; Lightning (2.3+) stores that state in ``loops.fit_loop.state_dict
 ["combined_loader"]`` of every checkpoint and loads it back before the resumed epoch starts iterating.
+
+Under DDP or DeepSpeed the datamodules deal each rank its share with :class:`ShardedResumableSampler`
+(Lightning leaves a ``DistributedSampler`` as it is). All ranks take one batch per step, so one position in
+the epoch's order describes every rank, and the checkpoint's loader state (written by rank 0) restores them
+all.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import random
 import warnings
 from collections.abc import Iterator, Sequence
 
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 
 class ResumableSampler(Sampler[int]):
@@ -39,10 +44,15 @@ class ResumableSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[int]:
+    def begin_iteration(self) -> tuple[int, int]:
+        """Start iterating: the epoch and the position in its order to start at; the next call moves on."""
         epoch, self.epoch = self.epoch, self.epoch + 1
         start = self._resume[1] if self._resume is not None and self._resume[0] == epoch else 0
         self._resume, self._iter_epoch, self._start = None, epoch, start
+        return epoch, start
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, start = self.begin_iteration()
         yield from self.order(epoch)[start:]
 
     def position(self, consumed: int) -> dict[str, int]:
@@ -134,14 +144,71 @@ class LengthGroupedSampler(ResumableSampler):
         return [i for batch in self.batches(epoch) for i in batch]
 
 
+class ShardedResumableSampler(DistributedSampler):
+    """One rank's share of a :class:`ResumableSampler`'s epoch, resumable mid-epoch like the sampler itself.
+
+    Rank r of W takes positions r, r + W, r + 2W, ... of the epoch's order, padded (as ``DistributedSampler``
+    pads) by repeating its first indices up to a multiple of W, so every rank gets ``ceil(n / W)`` indices.
+    The datamodules use it under DDP and DeepSpeed instead of Lightning's ``DistributedSamplerWrapper``,
+    which would shuffle the sampler's order again with its own seed (tearing apart the length-homogeneous
+    global batches of :class:`LengthGroupedSampler`) and has no position to save. Being a
+    ``DistributedSampler``, it is left as it is by Lightning.
+
+    The saved position counts indices of the epoch's order consumed by all ranks together (``W`` x each
+    rank's count: the ranks take one batch per step in lockstep), plus ``num_replicas``; the same state
+    therefore restores every rank. Resumed on another number of ranks, the position is rounded down to a
+    multiple of the new W: at most W - 1 indices are seen again, none is skipped, and a warning says so.
+    """
+
+    def __init__(self, sampler: ResumableSampler, num_replicas: int, rank: int) -> None:
+        if not isinstance(sampler, ResumableSampler):
+            raise TypeError(f"ShardedResumableSampler needs a ResumableSampler, got {type(sampler).__name__}")
+        # shuffle=False: the order is the wrapped sampler's; DistributedSampler only sizes the shares here.
+        super().__init__(sampler, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.sampler = sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, start = self.sampler.begin_iteration()
+        order = self.sampler.order(epoch)
+        if start >= len(order):  # saved at the epoch's end: nothing left for any rank
+            return
+        padded = (order * -(-self.total_size // len(order)))[: self.total_size]
+        yield from padded[start + self.rank : self.total_size : self.num_replicas]
+
+    def position(self, consumed: int) -> dict[str, int]:
+        """State after this rank used ``consumed`` more indices (every rank used as many)."""
+        return {**self.sampler.position(consumed * self.num_replicas), "num_replicas": self.num_replicas}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        position, saved_on = int(state["position"]), int(state.get("num_replicas", 1))
+        if position < len(self.sampler) and position % self.num_replicas:
+            kept = position - position % self.num_replicas
+            warnings.warn(
+                f"the checkpoint was saved mid-epoch on {saved_on} rank(s) and resumes on "
+                f"{self.num_replicas}: the epoch goes on from position {kept} of its order instead of "
+                f"{position}, so {position - kept} sample(s) are seen again (none is skipped).",
+                stacklevel=2,
+            )
+            position = kept
+        self.sampler.load_state_dict({"epoch": int(state["epoch"]), "position": position})
+
+
+_RESUMABLE = (ResumableSampler, ShardedResumableSampler)
+
+
 class ResumableDataLoader(DataLoader):
     """A DataLoader whose position in the epoch is saved in Lightning checkpoints and restored on resume.
 
     It counts the batches it has yielded, which with the loop's fetcher equals the batches trained on when
     ModelCheckpoint saves (Lightning asks for this state while saving). The position is kept in indices of
-    the sampler's order, so it needs a :class:`ResumableSampler`. Under DDP Lightning wraps the sampler in a
-    distributed one, whose position cannot be restored: a mid-epoch resume then restarts the epoch, and
-    says so with a warning rather than repeating batches silently.
+    the sampler's order, so it needs a :class:`ResumableSampler` (or, on several ranks, a
+    :class:`ShardedResumableSampler`). Any other sampler, such as the distributed one Lightning wraps around
+    a plain sampler, cannot be restored: a mid-epoch resume then restarts the epoch, and says so with a
+    warning rather than repeating batches silently.
     """
 
     _batches_yielded = 0
@@ -153,12 +220,12 @@ class ResumableDataLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict:
-        if not isinstance(self.sampler, ResumableSampler) or self.batch_size is None:
+        if not isinstance(self.sampler, _RESUMABLE) or self.batch_size is None:
             return {"unrestorable_batches": self._batches_yielded}
         return self.sampler.position(self._batches_yielded * self.batch_size)
 
     def load_state_dict(self, state: dict) -> None:
-        if isinstance(self.sampler, ResumableSampler) and "position" in state:
+        if isinstance(self.sampler, _RESUMABLE) and "position" in state:
             self.sampler.load_state_dict(state)
             return
         seen = state.get("unrestorable_batches", 0)
@@ -167,6 +234,7 @@ class ResumableDataLoader(DataLoader):
                 f"the checkpoint was saved mid-epoch, but this loader's sampler "
                 f"({type(self.sampler).__name__}) cannot resume there: the epoch restarts from its first "
                 "batch and the batches already trained on are seen again. Exact mid-epoch resume needs a "
-                "single process, or checkpoints at epoch ends.",
+                "sampler from lightning_rlhf.data.sampling (the package's datamodules use them, on one rank "
+                "or several), or checkpoints at epoch ends.",
                 stacklevel=2,
             )

@@ -19,7 +19,12 @@ from lightning_rlhf.export import FROZEN_DROPPED_KEY, MODULE_CLASS_KEY, module_c
 from lightning_rlhf.lora import LoraSettings, merged_copy
 from lightning_rlhf.models import load_tokenizer
 from lightning_rlhf.modules.reference import drop_frozen_reference, restore_frozen_reference
-from lightning_rlhf.modules.rng import collect_rng_states, set_rng_states
+from lightning_rlhf.modules.rng import (
+    collect_rng_states,
+    gather_rng_states,
+    rng_state_for_rank,
+    set_rng_states,
+)
 from lightning_rlhf.validation import check, check_choice
 from lightning_rlhf.zero import accept_client_optimizer, gathered, hf_zero3_loading, zero_stage
 
@@ -95,7 +100,7 @@ def drop_frozen_weights(module: LightningModule, checkpoint: dict) -> None:
 
 def restore_frozen_weights(module: LightningModule, checkpoint: dict) -> None:
     """Refill dropped frozen parameters from the freshly loaded module before the state is loaded."""
-    if checkpoint.get(_FROZEN_DROPPED):
+    if checkpoint.get(_FROZEN_DROPPED) and "state_dict" in checkpoint:  # DeepSpeed loads weights itself
         state = checkpoint["state_dict"]
         for name, param in module.named_parameters():
             if not param.requires_grad and ".lora_" not in name:
@@ -345,8 +350,14 @@ class HFModelModule(LightningModule):
             checkpoint["hyper_parameters"] = absolute_local_paths(dict(checkpoint["hyper_parameters"]))
         drop_frozen_reference(self, checkpoint)
         drop_frozen_weights(self, checkpoint)
+        # Saved mid-validation (a checkpoint monitoring a val metric), the state to resume with is the one
+        # training will continue from: validation puts it back when it ends (see on_validation_start).
+        rng = self._rng_before_validation or collect_rng_states()
+        world_size = self._trainer.world_size if self._trainer is not None else 1
+        per_rank = gather_rng_states(rng, world_size)  # every rank's, though one rank writes the file
         checkpoint["lightning_rlhf_state"] = {
-            "rng": collect_rng_states(),
+            "rng": per_rank[0],  # what checkpoints held before rng_per_rank; kept for older readers
+            "rng_per_rank": per_rank,
             "nonfinite_skipped": self.nonfinite_skipped,
         }
 
@@ -354,7 +365,9 @@ class HFModelModule(LightningModule):
         restore_frozen_reference(self, checkpoint)
         restore_frozen_weights(self, checkpoint)
         state = checkpoint.get("lightning_rlhf_state", {})
-        self._rng_to_restore = state.get("rng")
+        trainer = self._trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        self._rng_to_restore = rng_state_for_rank(state, rank, world_size)
         self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
 
     def tokenizer_for_export(self) -> PreTrainedTokenizerBase:

@@ -109,8 +109,15 @@ def drop_frozen_reference(module: LightningModule, checkpoint: dict) -> None:
 
 
 def restore_frozen_reference(module: LightningModule, checkpoint: dict) -> None:
-    """Refill a dropped reference from the freshly loaded one (same weights: it was fixed) before loading."""
-    if checkpoint.get(_REFERENCE_DROPPED) and getattr(module, "reference", None) is not None:
+    """Refill a dropped reference from the freshly loaded one (same weights: it was fixed) before loading.
+
+    A DeepSpeed checkpoint has no ``state_dict`` here: the engine saved and loaded every weight itself.
+    """
+    if (
+        checkpoint.get(_REFERENCE_DROPPED)
+        and "state_dict" in checkpoint
+        and getattr(module, "reference", None) is not None
+    ):
         state = checkpoint["state_dict"]
         for key, value in module.reference.state_dict().items():
             state.setdefault(f"reference.{key}", value)

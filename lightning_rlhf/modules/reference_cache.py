@@ -107,7 +107,14 @@ def precompute_reference_logps(
                 f"{datamodule.fingerprint(split)}|{weights}|average={average}|{numerics}".encode()
             ).hexdigest()
             path = cache_dir / f"{split}-{key[:32]}.pt"
-            data = _load_cache(path, len(datamodule.datasets[split])) if path.is_file() else None
+            data = None
+            if trainer.is_global_zero and path.is_file():
+                data = _load_cache(path, len(datamodule.datasets[split]))
+            # Global rank 0 reads and decides for every rank: whether another rank sees the file (a node-local
+            # folder on another node; a shared filesystem's lagging metadata) must not decide whether it
+            # joins the collective that computes the table, or the ranks' collectives stop matching and
+            # training hangs.
+            data = trainer.strategy.broadcast(data, src=0)
             if data is not None:
                 log.info("reusing reference log-probs from %s", path)
             else:
