@@ -24,8 +24,8 @@ from lightning_rlhf.evaluate import generate_texts
 from lightning_rlhf.metrics import mean_pass_at_k
 from lightning_rlhf.models import load_causal_lm
 from lightning_rlhf.rollout.generation import SamplingConfig
-from lightning_rlhf.testbed.files import write_program_testbed
-from lightning_rlhf.testbed.programs import TIERS, ProgramReward
+from lightning_rlhf.testbed.files import ProgramSplitSizes, write_program_testbed
+from lightning_rlhf.testbed.programs import TIERS, ProgramReward, ProgramsConfig
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -33,12 +33,27 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None, help="testbed folder (default: a temporary one)")
     parser.add_argument("--samples", type=int, default=16, help="responses per held-out prompt")
     parser.add_argument("--sft-epochs", type=int, default=3, help="SFT epochs")
+    parser.add_argument(
+        "--eval-programs",
+        choices=("unseen", "any"),
+        default="unseen",
+        help="unseen: held-out prompts ask only for programs no training file demonstrates (the default); "
+        "any: held-out prompts drawn like the training ones (ProgramsConfig.unseen_eval_programs)",
+    )
+    parser.add_argument("--model-size", default="tiny", help="testbed model size (nano, tiny, small, ...)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="SFT learning rate")
+    parser.add_argument("--sft-train", type=int, default=3000, help="SFT demonstrations")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     out = Path(args.out or tempfile.mkdtemp(prefix="programs_"))
-    write_program_testbed(out, model_size="tiny")
+    write_program_testbed(
+        out,
+        ProgramsConfig(unseen_eval_programs=args.eval_programs == "unseen"),
+        ProgramSplitSizes(sft_train=args.sft_train),
+        model_size=args.model_size,
+    )
     L.seed_everything(0, verbose=False)
-    sft = SFTModule(str(out / "init_policy"), learning_rate=3e-3)
+    sft = SFTModule(str(out / "init_policy"), learning_rate=args.lr)
     data = SFTDataModule(
         str(out / "tokenizer"),
         str(out / "sft_train.jsonl"),

@@ -93,3 +93,25 @@ def test_the_cli_writes_the_program_testbed(tmp_path, capsys):
     for name in ("sft_train", "sft_eval", "pairs_train", "pairs_eval", "prompts_train", "prompts_eval"):
         assert (tmp_path / "p" / f"{name}.jsonl").is_file(), name
     assert (tmp_path / "p" / "init_policy" / "config.json").is_file()
+
+
+def test_eval_programs_may_be_demonstrated_when_asked_but_prompts_never_repeat(tmp_path):
+    """unseen_eval_programs=False: held-out rows are new problems drawn like the training ones, so short
+    programs also appear in training (with other examples); no held-out prompt text is a training one."""
+    from lightning_rlhf.testbed.programs import ProgramsConfig
+
+    sizes = ProgramSplitSizes(
+        sft_train=300, sft_eval=6, pairs_train=6, pairs_eval=6, prompts_train=6, prompts_eval=30
+    )
+    write_program_testbed(tmp_path, ProgramsConfig(unseen_eval_programs=False), sizes, model_size="nano")
+    evaluation = rows(tmp_path / "prompts_eval.jsonl")
+    training = rows(tmp_path / "sft_train.jsonl") + rows(tmp_path / "prompts_train.jsonl")
+    assert not {r["prompt"] for r in evaluation} & {r["prompt"] for r in training}
+    trained = {fingerprint(parse_program(r["completion"])) for r in rows(tmp_path / "sft_train.jsonl")}
+    demonstrated = 0
+    for row in evaluation:
+        solutions = [
+            p for p in _short_programs() if passes(p, row["tests"]) and passes(p, row["public_tests"])
+        ]
+        demonstrated += any(fingerprint(p) in trained for p in solutions)
+    assert demonstrated > 0  # 300 demonstrations cover some of the 272 intro-tier programs

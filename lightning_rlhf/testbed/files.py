@@ -200,16 +200,20 @@ def write_program_testbed(
     rng = random.Random(f"program-task-data-{config.seed}")
     tiers = list(TIERS)
 
+    # With unseen_eval_programs the held-out programs' semantics are excluded from every training file;
+    # otherwise only the held-out prompts themselves are (a training row never repeats an evaluation row).
     held_out: set = set()
     eval_problems = [
-        task.sample(tiers[i % len(tiers)], rng, seen=held_out) for i in range(sizes.prompts_eval)
+        task.sample(tiers[i % len(tiers)], rng, seen=held_out if config.unseen_eval_programs else None)
+        for i in range(sizes.prompts_eval)
     ]
+    eval_prompts = {p.prompt for p in eval_problems}
 
     def train_problems(count: int) -> list[ProgramProblem]:
         problems = []
         while len(problems) < count:
             problem = task.sample(tiers[len(problems) % len(tiers)], rng)
-            if fingerprint(problem.program) not in held_out:
+            if fingerprint(problem.program) not in held_out and problem.prompt not in eval_prompts:
                 problems.append(problem)
         return problems
 

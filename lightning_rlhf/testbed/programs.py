@@ -204,6 +204,10 @@ class ProgramsConfig:
     """Shortest input list."""
     max_len: int = 7
     """Longest input list."""
+    unseen_eval_programs: bool = True
+    """Held-out prompts ask only for programs (by semantics) that no training file demonstrates. False: they
+    are new problems (new examples) drawn like the training ones, so a program may also be demonstrated in
+    training with other inputs (only the held-out prompt texts are kept out); calibration, README."""
 
 
 @dataclass(frozen=True)
