@@ -21,7 +21,7 @@ class Run:
     """One fit: which stage, under which strategy, with which extras."""
 
     tag: str
-    stage: str  # "sft" | "reward" | "dpo" | "ppo"
+    stage: str  # "sft" | "reward" | "dpo" | "ppo" | "dpo_iter"
     strategy: str  # "ddp" | "zero2" | "zero3"
     max_steps: int = 3
     ema: bool = False
@@ -189,12 +189,13 @@ def _record_cache_reference(module, record: dict) -> None:
     module.cache_reference = recording
 
 
-_KEYS = {"train", "ppo", "rollout", "rewards", "logps", "time"}
+_KEYS = {"train", "ppo", "rollout", "rewards", "logps", "time", "iteration"}
 
 
 def _stage(run: Run, testbed: Path):
     from lightning_rlhf import (
         DPOModule,
+        IterativeDPOModule,
         PPOModule,
         PreferenceDataModule,
         PromptDataModule,
@@ -221,6 +222,19 @@ def _stage(run: Run, testbed: Path):
             model=policy, reward_function=GoldReward(str(testbed)), **{**kwargs, **run.module_kwargs}
         )
         return module, PromptDataModule(policy, str(testbed / "prompts_train.jsonl"), batch_size=8)
+    if run.stage == "dpo_iter":
+        module = IterativeDPOModule(
+            policy,
+            reward_function=GoldReward(str(testbed)),
+            num_samples=4,
+            max_new_tokens=6,
+            mini_batch_size=4,
+            micro_batch_size=2,
+            learning_rate=1e-3,
+            zero3_generation=run.zero3_generation,
+            **run.module_kwargs,
+        )
+        return module, PromptDataModule(policy, str(testbed / "prompts_train.jsonl"), batch_size=4)
     pairs = PreferenceDataModule(
         policy, str(testbed / "pairs_train.jsonl"), None, batch_size=4, max_length=48
     )

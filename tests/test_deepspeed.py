@@ -133,6 +133,21 @@ def test_ppo_on_two_ranks_zero2_and_zero3_match_ddp_with_the_paper_callbacks(tes
         assert record["steps"][0]["rollout/advantage_std"] == pytest.approx(1.0, abs=1e-3)
 
 
+def test_dpo_iter_on_two_ranks_zero2_and_zero3_match_ddp(testbed, tmp_path):
+    """DPO-Iter through the shared on-policy engine: sampling (ZeRO-3 gathered or synced), labelling, the
+    update loop and the reference refresh (one gathered tensor pair at a time) give DDP's steps."""
+    runs = [Run(tag, "dpo_iter", tag) for tag in ("ddp", "zero2", "zero3")]
+    runs.append(Run("zero3_synced", "dpo_iter", "zero3", zero3_generation="synced"))
+    out = spawn(testbed, tmp_path, runs, nprocs=2)
+    keys = [*DPO_KEYS, "iteration/score_mean", "iteration/pairs"]
+    for tag in ("zero2", "zero3", "zero3_synced"):
+        assert_same_steps(out[tag], out["ddp"], keys)
+    # The reference was refreshed to the policy after the last iteration, on every strategy.
+    for record in out.values():
+        assert record["weights"]["reference"] == pytest.approx(record["weights"]["policy"], rel=1e-9)
+    assert out["ddp"]["steps"][-1]["iteration/pairs"] > 0
+
+
 def test_zero3_checkpoint_restores_the_state_and_exports_a_plain_model(testbed, tmp_path):
     """PPO with an EMA reference and adaptive KL under ZeRO-3, checkpointed at step 2 as DeepSpeed's folder of
     shards: loading it restores policy, EMA reference and KL coefficient exactly; training resumes from it to

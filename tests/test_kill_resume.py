@@ -1,4 +1,4 @@
-"""SFT, reward model, DPO, DPO-Iter and PPO runs killed with SIGKILL after k steps and resumed from their last
+"""SFT, reward model, DPO, DPO-Iter, GRPO and PPO runs killed with SIGKILL after k steps and resumed from their last
 (mid-epoch) checkpoint end exactly like uninterrupted runs: the same weights, optimizer state, logged metrics
 and data order, plus the EMA reference, DPO-Iter's refreshed reference, the adaptive KL coefficient, the
 score statistics and the sampling RNG.
@@ -41,6 +41,14 @@ elif stage == "dpo":
     module = DPOModule(policy, learning_rate=1e-3, diagnostic_batches=1)
     data = PreferenceDataModule(policy, os.path.join(testbed, "pairs_train.jsonl"), batch_size=4)
     callbacks = [EMAReferenceUpdate(decay=0.5, every_n_steps=2)]
+elif stage == "grpo":
+    # Critic-free: 2 responses per prompt, group-normalised advantages, KL as a k3 loss term, EMA reference.
+    from lightning_rlhf.rollout.advantages import GRPO
+    module = PPOModule(policy, reward_function=GoldReward(testbed), advantage=GRPO(), num_generations=2,
+                       kl_penalty="loss", loss_aggregation="sequence_mean", max_new_tokens=5,
+                       mini_batch_size=4, micro_batch_size=2, learning_rate=1e-3)
+    data = PromptDataModule(policy, os.path.join(testbed, "prompts_train.jsonl"), batch_size=2)
+    callbacks = [EMAReferenceUpdate(decay=0.5, every_n_steps=2)]
 else:
     module = PPOModule(policy, reward_function=GoldReward(testbed), max_new_tokens=5, mini_batch_size=4,
                        micro_batch_size=2, ppo_epochs=2, target_kl=0.05, normalize_scores=True,
@@ -75,9 +83,10 @@ def testbed(tmp_path_factory):
 # 12 rows in batches of 4 is 3 batches an epoch: every run resumes after batch 2 of epoch 0 (mid-epoch) and
 # goes on into the next epoch(s). PPO makes 2 optimizer steps per rollout of 4 prompts (1 mini-batch x 2 PPO
 # epochs), so its steps count in twos: the kill at step 6 comes after rollout 3, the resume is from step 4.
+# GRPO takes 2 prompts x 2 responses a rollout (one optimizer step), 6 rollouts an epoch.
 @pytest.mark.parametrize(
     ("stage", "max_steps", "kill_at"),
-    [("sft", 5, 3), ("rm", 5, 3), ("dpo", 5, 3), ("dpo_iter", 5, 3), ("ppo", 16, 6)],
+    [("sft", 5, 3), ("rm", 5, 3), ("dpo", 5, 3), ("dpo_iter", 5, 3), ("grpo", 5, 3), ("ppo", 16, 6)],
 )
 def test_killed_run_resumes_exactly(testbed, tmp_path, stage, max_steps, kill_at):
     full, crashed, resumed, resumed_from = crash_and_resume(
