@@ -1,5 +1,5 @@
-"""SFT, reward model, DPO, DPO-Iter, GRPO and PPO runs killed with SIGKILL after k steps and resumed from their last
-(mid-epoch) checkpoint end exactly like uninterrupted runs: the same weights, optimizer state, logged metrics
+"""SFT, reward model, DPO, DPO-Iter, GRPO and PPO runs killed with SIGKILL after k steps and resumed from
+their last (mid-epoch) checkpoint end exactly like uninterrupted runs: the same weights, optimizer state, logged metrics
 and data order, plus the EMA reference, DPO-Iter's refreshed reference, the adaptive KL coefficient, the
 score statistics and the sampling RNG.
 
