@@ -1,7 +1,7 @@
 """SFT, reward model, DPO, DPO-Iter, GRPO and PPO runs killed with SIGKILL after k steps and resumed from
-their last (mid-epoch) checkpoint end exactly like uninterrupted runs: the same weights, optimizer state, logged metrics
-and data order, plus the EMA reference, DPO-Iter's refreshed reference, the adaptive KL coefficient, the
-score statistics and the sampling RNG.
+their last (mid-epoch) checkpoint end exactly like uninterrupted runs: the same weights, optimizer state,
+logged metrics and data order, plus the EMA reference, DPO-Iter's refreshed reference, the adaptive KL
+coefficient, the score statistics and the sampling RNG.
 
 Real processes on CPU, seeded and deterministic; a few seconds per run, three runs per stage.
 tests/test_kill_resume_ranks.py does the same on 2 ranks (DDP and ZeRO-2).
