@@ -34,13 +34,14 @@ def pair_batch(index=(0, 1)) -> dict[str, torch.Tensor]:
     }
 
 
-def fit(module, steps=3, loader=None):
+def fit(module, steps=3, loader=None, max_epochs=None):
     loader = loader or torch.utils.data.DataLoader(
         [pair_batch((2 * i, 2 * i + 1)) for i in range(steps)], None
     )
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=steps,
+        max_epochs=max_epochs,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -136,6 +137,65 @@ def test_ppo_names_the_value_loss_or_skips_the_mini_batch(policy_dir):
             fit(module, steps=1, loader=loader)
             assert module.nonfinite_skipped == 1
             assert all(torch.isfinite(p).all() for p in module.policy.parameters())
+
+
+def test_grpo_and_dpo_iter_name_the_term_or_skip_the_mini_batch(policy_dir):
+    """The shared on-policy update loop guards the critic-free methods and DPO-Iter like PPO."""
+    from lightning_rlhf import IterativeDPOModule
+    from lightning_rlhf.rollout.advantages import GRPO
+
+    prompts = {"input_ids": torch.tensor([[10, 11], [12, 13]]), "attention_mask": torch.ones(2, 2).long()}
+    batch = {**prompts, "prompt": ["a b", "c d"], "index": torch.tensor([0, 1])}
+    loader = torch.utils.data.DataLoader([batch] * 2, batch_size=None)
+    scores = lambda p, r: [float(len(x)) for x in r]  # noqa: E731 (responses differ, so groups do too)
+    for policy in ("raise", "skip"):
+        grpo = PPOModule(
+            policy_dir,
+            reward_function=scores,
+            advantage=GRPO(),
+            num_generations=2,
+            max_new_tokens=3,
+            mini_batch_size=4,
+            micro_batch_size=2,
+            nonfinite=policy,
+        )
+        grpo.configure_model()
+        assert grpo.critic is None
+        original = grpo._micro_loss
+        calls = [0]
+
+        def nan_policy_loss(mb, original=original, calls=calls):
+            loss, metrics = original(mb)
+            calls[0] += 1
+            if calls[0] == 2:  # the second micro-batch of the first rollout's only mini-batch
+                return loss * NAN, {**metrics, "ppo/policy_loss": metrics["ppo/policy_loss"] * NAN}
+            return loss, metrics
+
+        grpo._micro_loss = nan_policy_loss
+        dpo_iter = IterativeDPOModule(
+            policy_dir,
+            reward_function=scores,
+            max_new_tokens=3,
+            mini_batch_size=2,
+            micro_batch_size=1,
+            nonfinite=policy,
+        )
+        dpo_iter.configure_model()
+        dpo_iter.loss = nan_on_call(dpo_iter.loss, 0, "loss")
+        if policy == "raise":
+            with pytest.raises(NonFiniteError, match="non-finite policy_loss .*global step 0, batch rows"):
+                fit(grpo, steps=2, loader=loader, max_epochs=1)
+            with pytest.raises(NonFiniteError, match="non-finite loss .*global step 0, batch rows"):
+                fit(dpo_iter, steps=2, loader=loader, max_epochs=1)
+        else:
+            fit(grpo, steps=1, loader=loader, max_epochs=1)  # rollout 1 is skipped, rollout 2 steps
+            assert grpo.nonfinite_skipped == 1
+            assert all(torch.isfinite(p).all() for p in grpo.policy.parameters())
+            before = [p.detach().clone() for p in dpo_iter.policy.parameters()]
+            fit(dpo_iter, steps=1, loader=loader, max_epochs=1)
+            assert dpo_iter.nonfinite_skipped >= 1
+            assert all(torch.isfinite(p).all() for p in dpo_iter.policy.parameters())
+            assert any(not torch.equal(a, b) for a, b in zip(before, dpo_iter.policy.parameters()))
 
 
 def test_sft_names_the_nll_or_skips(policy_dir):
