@@ -1,4 +1,4 @@
-"""Every YAML under configs/ parses, and the lightning-rlhf command runs them."""
+"""Every YAML under configs/ parses (test_config_runs.py fits each one); the lightning-rlhf command."""
 
 import os
 import shutil
@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from config_runs import CHAIN, FRAGMENT_BASE
 from lightning import LightningDataModule, LightningModule
 
 from lightning_rlhf.cli import RLHFCLI, build_cli, cli_main
@@ -28,16 +29,12 @@ class ParseOnlyCLI(RLHFCLI):
         pass
 
 
-# configs/deepspeed/ holds strategy-only files, used after a stage config: check them on top of one.
-STRATEGY_BASE = REPO / "configs" / "ppo" / "llama2-7b-hh.yaml"
-
-
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
 def test_config_parses_and_builds(path, tmp_path, monkeypatch):
     """Every YAML parses; CPU ones are built too (GPU ones need CUDA and DeepSpeed to build a Trainer)."""
     monkeypatch.chdir(tmp_path)  # default_root_dir and logs land in tmp_path
     fragment = path.parent.name == "deepspeed"
-    args = ["--config", str(STRATEGY_BASE)] if fragment else []
+    args = ["--config", str(FRAGMENT_BASE)] if fragment else []
     parsed = ParseOnlyCLI(
         LightningModule,
         LightningDataModule,
@@ -98,21 +95,12 @@ def test_cli_chain_of_testbed_configs(tmp_path, monkeypatch):
     """configs/quickstart/run.sh in miniature: each stage's export is the next stage's model."""
     monkeypatch.chdir(tmp_path)
     cli_main(["testbed", "--out", "runs/testbed", "--model-size", "nano"])
-    for stage in (
-        "sft/testbed",
-        "reward/testbed",
-        "dpo/testbed",
-        "iterative_dpo/testbed",
-        "ppo/testbed",
-        "ppo/paper",
-        "grpo/testbed",
-        "rloo/testbed",
-    ):
+    for stage in CHAIN:
         cli_main(
             [
                 "fit",
                 "--config",
-                str(REPO / f"configs/{stage}.yaml"),
+                str(REPO / "configs" / stage),
                 "--trainer.max_steps",
                 "4",
                 "--trainer.limit_val_batches",
