@@ -252,13 +252,24 @@ def workdir_for(inputs: Path, workdir: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------ fitting
 def fit(files: list[Path]) -> int:
-    """``lightning-rlhf fit --config A [--config B]`` in the current folder; returns the global step."""
+    """``lightning-rlhf fit --config A [--config B]`` in the current folder; returns the global step.
+
+    On one torch thread: the nano models' ops gain nothing from two, and on a shared 2-core box the threads'
+    contention made the fits 3-5x slower.
+    """
+    import torch
+
     from lightning_rlhf.cli import build_cli
 
     args = ["fit"]
     for file in files:
         args += ["--config", str(file)]
-    return build_cli(args).trainer.global_step
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return build_cli(args).trainer.global_step
+    finally:
+        torch.set_num_threads(threads)
 
 
 def fit_all(jobs: list[dict]) -> None:
@@ -284,7 +295,7 @@ def fit_all_in_subprocess(jobs: list[dict], out_dir: Path, timeout_s: float) -> 
     (out_dir / "jobs.json").write_text(json.dumps(jobs))
     path = os.pathsep.join([str(here.parent), str(here), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", NODE_RANK="0")
+    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", NODE_RANK="0", OMP_NUM_THREADS="1")  # see fit()
     with (out_dir / "fit_all.log").open("w") as log:
         command = [sys.executable, __file__, str(out_dir / "jobs.json")]
         subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, check=False)
