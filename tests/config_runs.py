@@ -30,10 +30,6 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-# configs/deepspeed/ holds strategy-only files, used after a stage config: each is run on top of this one (a
-# PPO base would cost ~4x the time; ppo/llama2-7b-hh.yaml runs under its own ZeRO-2 + offload settings).
-FRAGMENT_BASE = REPO / "configs" / "dpo" / "llama2-7b-hh.yaml"
 # configs/quickstart/run.sh in miniature: test_configs.py's chain test fits these in order, each export
 # the next stage's model; test_config_runs.py fits every other YAML.
 CHAIN = (

@@ -2,7 +2,8 @@
 
 tests/config_runs.py holds the only changes made to a file (tiny models and stand-in data for the inputs, CPU
 and one device for the hardware, the CPU DeepSpeed strategy for DeepSpeed); a new config is covered as soon
-as it is added, and one naming an input the tables do not know fails by name.
+as it is added, and one naming an input the tables do not know fails by name. The configs/deepspeed/
+fragments run on top of each GPU stage config; the testbed chain is fit by test_configs.py instead.
 """
 
 import json
@@ -13,7 +14,6 @@ import yaml
 from config_runs import (
     CHAIN,
     DATA_KEYS,
-    FRAGMENT_BASE,
     MODEL_PATHS,
     STEPS,
     TRAINER,
@@ -34,13 +34,23 @@ def _name(path: Path) -> str:
     return str(path.relative_to(REPO / "configs"))
 
 
+def _is_fragment(path: Path) -> bool:
+    return path.parent.name == "deepspeed"  # strategy-only files, used as a later --config on a stage config
+
+
+# configs/deepspeed/ fragments are "for any stage": each runs on top of every stage config written for GPUs.
+GPU_STAGES = [
+    p
+    for p in CONFIGS
+    if not _is_fragment(p) and yaml.safe_load(p.read_text()).get("trainer", {}).get("accelerator") == "gpu"
+]
 # The chain configs are fit by test_configs.py::test_cli_chain_of_testbed_configs (on trained models).
-TO_RUN = [path for path in CONFIGS if _name(path) not in CHAIN]
+RUNS = [(p,) for p in CONFIGS if not _is_fragment(p) and _name(p) not in CHAIN]
+RUNS += [(base, p) for p in CONFIGS if _is_fragment(p) for base in GPU_STAGES]
 
 
-def _sources(path: Path) -> list[Path]:
-    """configs/deepspeed/ holds strategy-only files: each runs after FRAGMENT_BASE (as a later --config)."""
-    return [FRAGMENT_BASE, path] if path.parent.name == "deepspeed" else [path]
+def _run_id(sources: tuple[Path, ...]) -> str:
+    return "+".join(_name(p) for p in sources)
 
 
 @pytest.fixture(scope="module")
@@ -60,40 +70,42 @@ def deepspeed_records(request, config_inputs, tmp_path_factory):
     """
     pytest.importorskip("deepspeed")
     selected = [
-        item.callspec.params["path"]
+        item.callspec.params["sources"]
         for item in request.session.items
         if getattr(item, "originalname", None) == "test_config_runs" and hasattr(item, "callspec")
     ]
     out = tmp_path_factory.mktemp("deepspeed_configs")
     jobs = {}
-    for path in selected:
-        workdir = workdir_for(config_inputs, out / _name(path).replace("/", "_"))
-        files, deepspeed = write_swapped(_sources(path), workdir, _name(path))
+    for i, sources in enumerate(selected):
+        workdir = workdir_for(config_inputs, out / str(i))
+        files, deepspeed = write_swapped(list(sources), workdir, _run_id(sources))
         if deepspeed:
             record = str(workdir / "record.json")
-            jobs[path] = {"workdir": str(workdir), "files": [str(f) for f in files], "record": record}
+            jobs[sources] = {"workdir": str(workdir), "files": [str(f) for f in files], "record": record}
     fit_all_in_subprocess(list(jobs.values()), out, timeout_s=900)
     log = (out / "fit_all.log").read_text()[-3000:]
     records = {}
-    for path, job in jobs.items():
+    for sources, job in jobs.items():
         record = Path(job["record"])
         missing = {"error": f"the subprocess left no record; its log ends:\n{log}"}
-        records[path] = json.loads(record.read_text()) if record.is_file() else missing
+        records[sources] = json.loads(record.read_text()) if record.is_file() else missing
     return records
 
 
 def test_every_config_is_fit_here_or_in_the_chain():
-    """TO_RUN is every config outside CHAIN, so this holds if CHAIN names only real configs."""
-    assert set(CHAIN) <= {_name(p) for p in CONFIGS}, "CHAIN names a config that does not exist"
+    fitted = {_name(p) for sources in RUNS for p in sources} | set(CHAIN)
+    assert fitted == {_name(p) for p in CONFIGS}
+    assert GPU_STAGES, "no stage config for the configs/deepspeed/ fragments to run on"
 
 
-@pytest.mark.parametrize("path", TO_RUN, ids=_name)
-def test_config_runs(path, config_inputs, request, tmp_path, monkeypatch):
-    """Each YAML is fit for STEPS optimizer steps (the DeepSpeed ones in deepspeed_records' subprocess)."""
+@pytest.mark.parametrize("sources", RUNS, ids=_run_id)
+def test_config_runs(sources, config_inputs, request, tmp_path, monkeypatch):
+    """Each YAML (a fragment: after a stage config) is fit for STEPS optimizer steps; the DeepSpeed ones in
+    deepspeed_records' subprocess."""
     workdir = workdir_for(config_inputs, tmp_path)
-    files, deepspeed = write_swapped(_sources(path), workdir, _name(path))
+    files, deepspeed = write_swapped(list(sources), workdir, _run_id(sources))
     if deepspeed:
-        record = request.getfixturevalue("deepspeed_records")[path]
+        record = request.getfixturevalue("deepspeed_records")[sources]
     else:
         monkeypatch.chdir(workdir)
         record = {"global_step": fit(files)}
