@@ -1,4 +1,4 @@
-"""Every YAML under configs/ parses, and the lightning-rlhf command runs them."""
+"""Every YAML under configs/ parses (test_config_runs.py fits each one); the lightning-rlhf command."""
 
 import os
 import shutil
@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from config_runs import CHAIN
 from lightning import LightningDataModule, LightningModule
 
 from lightning_rlhf.cli import RLHFCLI, build_cli, cli_main
@@ -98,21 +99,12 @@ def test_cli_chain_of_testbed_configs(tmp_path, monkeypatch):
     """configs/quickstart/run.sh in miniature: each stage's export is the next stage's model."""
     monkeypatch.chdir(tmp_path)
     cli_main(["testbed", "--out", "runs/testbed", "--model-size", "nano"])
-    for stage in (
-        "sft/testbed",
-        "reward/testbed",
-        "dpo/testbed",
-        "iterative_dpo/testbed",
-        "ppo/testbed",
-        "ppo/paper",
-        "grpo/testbed",
-        "rloo/testbed",
-    ):
+    for stage in CHAIN:  # the configs test_config_runs.py leaves to this test
         cli_main(
             [
                 "fit",
                 "--config",
-                str(REPO / f"configs/{stage}.yaml"),
+                str(REPO / "configs" / stage),
                 "--trainer.max_steps",
                 "4",
                 "--trainer.limit_val_batches",

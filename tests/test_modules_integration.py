@@ -11,7 +11,9 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreT
 from lightning_rlhf import (
     DPOModule,
     IPOLoss,
+    PPOModule,
     PreferenceDataModule,
+    PromptDataModule,
     RewardModule,
     SFTDataModule,
     SFTModule,
@@ -20,6 +22,7 @@ from lightning_rlhf import (
 from lightning_rlhf.models import load_causal_lm
 from lightning_rlhf.modules import reference_cache
 from lightning_rlhf.testbed.files import SplitSizes, write_testbed
+from lightning_rlhf.testbed.reward import GoldReward
 from lightning_rlhf.testbed.task import TaskConfig
 
 SIZES = SplitSizes(sft_train=48, sft_eval=16, pairs_train=48, pairs_eval=16, prompts_train=8, prompts_eval=8)
@@ -115,6 +118,28 @@ def test_the_reference_cache_is_not_shared_across_precisions(testbed, tmp_path, 
     # train and val in fp32, then again in bf16-mixed; the second fp32 run reads its own files
     assert len(computed) == 4
     assert len(list((tmp_path / "cache").glob("train-*.pt"))) == 2
+
+
+def test_gradients_are_clipped_under_bf16_mixed(testbed, tmp_path):
+    """Lightning's AMP plugin refuses to clip the gradients of a fused optimizer ("does not allow for gradient
+    clipping ... 'fused' optimizer?"), and the default AdamW was fused on CPU and CUDA: bf16-mixed with
+    clipping crashed at the first update (configs/ppo/apps.yaml: bf16-mixed and PPO's default max_grad_norm;
+    any stage with gradient_clip_val). Under AMP the modules build the unfused AdamW."""
+    policy = str(testbed / "init_policy")
+    amp = dict(max_steps=1, enable_checkpointing=False, limit_val_batches=0, precision="bf16-mixed")
+    fit = trainer(tmp_path, gradient_clip_val=1.0, **amp)
+    fit.fit(RewardModule(policy, learning_rate=1e-3), pairs(testbed))
+    assert fit.global_step == 1 and fit.optimizers[0].defaults["fused"] is None
+    ppo = PPOModule(
+        policy,
+        reward_function=GoldReward(str(testbed)),
+        mini_batch_size=4,
+        micro_batch_size=4,
+        max_new_tokens=4,
+    )
+    fit = trainer(tmp_path, **amp)
+    fit.fit(ppo, PromptDataModule(policy, str(testbed / "prompts_train.jsonl"), batch_size=4))
+    assert fit.global_step >= 1 and fit.optimizers[0].defaults["fused"] is None
 
 
 def test_validate_alone_with_precomputed_reference(testbed, tmp_path):

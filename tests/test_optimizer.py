@@ -2,7 +2,7 @@
 
 import torch
 
-from lightning_rlhf.modules.base import adamw, adamw_param_groups
+from lightning_rlhf.modules.base import adamw, adamw_param_groups, fused_adamw_allowed
 
 
 def _model() -> torch.nn.Module:
@@ -47,3 +47,12 @@ def test_adamw_falls_back_where_fused_cannot_run():
     meta = torch.nn.Linear(2, 2, device="meta")
     assert not adamw(adamw_param_groups(meta, 0.0)).defaults["fused"]
     assert not adamw([{"params": []}], lr=1e-3).defaults["fused"]
+
+
+def test_adamw_is_not_fused_under_amp():
+    """Lightning's AMP plugin cannot clip a fused optimizer's gradients (see fused_adamw_allowed)."""
+    from lightning import Trainer
+
+    assert fused_adamw_allowed(None) and fused_adamw_allowed(Trainer(accelerator="cpu", precision="32-true"))
+    assert not fused_adamw_allowed(Trainer(accelerator="cpu", precision="bf16-mixed"))
+    assert not adamw(adamw_param_groups(_model(), 0.0), fused=False).defaults["fused"]

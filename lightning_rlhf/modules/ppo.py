@@ -24,7 +24,13 @@ from lightning_rlhf.models import (
     response_token_logprobs,
     response_values,
 )
-from lightning_rlhf.modules.base import adamw, adamw_param_groups, build_object, object_spec
+from lightning_rlhf.modules.base import (
+    adamw,
+    adamw_param_groups,
+    build_object,
+    fused_adamw_allowed,
+    object_spec,
+)
 from lightning_rlhf.modules.on_policy import MicroStep, OnPolicyModule, mean_metrics
 from lightning_rlhf.modules.reference import reference_model
 from lightning_rlhf.ops import kl_k3, masked_mean, masked_var
@@ -229,7 +235,7 @@ class PPOModule(OnPolicyModule):
                 continue
             for group in adamw_param_groups(model, hp.weight_decay):
                 groups.append({**group, "lr": lr})
-        return adamw(groups)
+        return adamw(groups, fused=fused_adamw_allowed(self._trainer))
 
     def build_trained_model(self) -> PreTrainedModel:
         policy = load_causal_lm(self.hparams.model, trust_remote_code=self.hparams.trust_remote_code)
