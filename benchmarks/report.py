@@ -40,6 +40,14 @@ def _ratios(a: list[dict], b: list[dict], metric) -> list[float]:
     return [metric(x) / metric(y) for x, y in zip(a, b, strict=False) if metric(y) > 0]
 
 
+def parity_row(cells: list[str], ours: float, theirs: float, fmt: str = "{:.6f}") -> str:
+    """A table row: ``cells``, both values, their absolute difference and whether it is within 1e-5
+    (relative to the value where that is larger than 1)."""
+    diff = abs(ours - theirs)
+    within = "yes" if diff <= 1e-5 * max(1.0, abs(theirs)) else "**no**"
+    return "| " + " | ".join([*cells, fmt.format(ours), fmt.format(theirs), f"{diff:.1e}", within]) + " |"
+
+
 def _met(values: list[float], target: float, higher: bool) -> bool:
     med = statistics.median(values)
     return med >= target if higher else med <= target
@@ -128,12 +136,7 @@ def write_report(results: dict, out: Path) -> None:
         for key, value in pair["ours"].items():
             if key in ("peak_rss_mb", "torch_threads", "process_seconds"):
                 continue
-            other = pair["trl"][key]
-            diff = abs(value - other)
-            w(
-                f"| {what.upper()} | {key} | {value:.6f} | {other:.6f} | {diff:.1e} | "
-                f"{'yes' if diff <= 1e-5 * max(1.0, abs(other)) else '**no**'} |"
-            )
+            w(parity_row([what.upper(), key], value, pair["trl"][key]))
     w("")
 
     w("## Training throughput (DPO, reward model)\n")
@@ -201,6 +204,9 @@ def write_report(results: dict, out: Path) -> None:
                     True,
                 )
             )
+    from benchmarks import grpo_report  # it imports this module's helpers
+
+    rows += grpo_report.ratio_rows(results)
     gen = results["generation"]["times"]
     gen_cpu = results["generation"].get("cpu_times", gen)
     overhead = [o / b - 1 for o, b in zip(gen["ours"], gen["bare"], strict=False)]
@@ -267,6 +273,7 @@ def write_report(results: dict, out: Path) -> None:
     )
 
     ppo_roofline(w, results)
+    grpo_report.grpo_report(w, results)
 
     w("## Generation overhead\n")
     w(

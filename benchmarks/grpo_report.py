@@ -1,0 +1,201 @@
+"""The GRPO section of benchmarks/RESULTS.md (measurements: ``run.grpo_section``, workers: ``grpo.py``)."""
+
+from __future__ import annotations
+
+import statistics
+
+from benchmarks.grpo import AGGREGATIONS
+from benchmarks.report import _ratios, _verdict, parity_row, spread, steady_step_seconds
+
+SIDES = (
+    ("ours", "ours as shipped (old log-probs from a policy forward)"),
+    ("ours_sampling", 'ours, old log-probs from the sampling logits (`old_logprobs="sampling"`)'),
+    ("trl", "TRL 1.16 `GRPOTrainer`"),
+)
+PHASES = ("generation", "scoring", "inference", "update")
+
+
+def step_seconds(run: dict, cpu: bool = False) -> float:
+    """Mean end-to-end seconds of the steps after the first: ours from one step's end to the next (loader
+    and loop included), TRL from one ``on_step_end`` to the next; wall clock or process CPU time."""
+    ours = "period_seconds" in run["steps"][0]
+    key = (
+        ("period_cpu_seconds" if cpu else "period_seconds") if ours else ("cpu_seconds" if cpu else "seconds")
+    )
+    return steady_step_seconds(run, key)
+
+
+def ratio_rows(results: dict) -> list[tuple]:
+    """GRPO rows of the report's table of ratios against the targets (see ``report.write_report``)."""
+    runs = (results.get("grpo") or {}).get("runs") or {}
+    if not runs.get("trl"):
+        return []
+    rows = []
+    for label, name in (
+        ("ours", "GRPO steps/s, ours as shipped / TRL 1.16 GRPOTrainer"),
+        ("ours_sampling", "GRPO steps/s, ours with old log-probs from sampling / TRL 1.16 GRPOTrainer"),
+    ):
+        rows.append(
+            (
+                name,
+                _ratios(runs["trl"], runs[label], step_seconds),
+                _ratios(runs["trl"], runs[label], lambda r: step_seconds(r, cpu=True)),
+                1.5,
+                True,
+            )
+        )
+    for label, name in (
+        ("ours", "GRPO peak RSS, ours as shipped / TRL 1.16 GRPOTrainer"),
+        ("ours_sampling", "GRPO peak RSS, ours with old log-probs from sampling / TRL 1.16"),
+    ):
+        rows.append((name, _ratios(runs[label], runs["trl"], lambda r: r["peak_rss_mb"]), None, 0.8, False))
+    return rows
+
+
+def grpo_report(w, results: dict) -> None:
+    grpo = results.get("grpo")
+    if not grpo:
+        return
+    shape, runs = grpo["shape"], grpo["runs"]
+    group = shape["prompts"] * shape["generations"]
+    before, after = grpo["load_average_before"], grpo["load_average_after"]
+    w("## GRPO: ours vs TRL 1.16 `GRPOTrainer`\n")
+    w(
+        f"Measured by `{grpo['command']}` in {grpo['seconds'] / 60:.1f} min ({grpo['repeats']} interleaved "
+        f"repeat(s) per side, order flipping between repeats; torch threads per worker: "
+        f"{grpo['threads'] or 'torch default'}); load average (1 min) {before[0]:.1f} before and "
+        f"{after[0]:.1f} after, on this machine's CPUs shared with other jobs. Versions: "
+        + ", ".join(f"{k} {v}" for k, v in grpo["versions"].items())
+        + ".\n"
+    )
+    w(
+        f"- model: the word testbed's `{shape['model_size']}` Llama (`lightning-rlhf testbed --model-size "
+        f"{shape['model_size']}`), {grpo['fixtures']['policy_parameters'] / 1e6:.1f}M parameters, vocab "
+        f"{grpo['fixtures']['vocab_size']}, random initial weights, one folder loaded by both sides; fp32, "
+        "CPU."
+    )
+    w(
+        f"- a step: {shape['prompts']} testbed prompts x {shape['generations']} responses (the group) = "
+        f"{group} sequences of up to {shape['new_tokens']} new tokens sampled at temperature 1 (no top-k / "
+        f"top-p), scored by the testbed's gold reward of the decoded text (one Python object on both sides), "
+        f"group-normalised advantages (std + 1e-4), one optimizer step over the rollout in micro-batches of "
+        f"{shape['micro']} sequences (TRL: `per_device_train_batch_size={shape['micro']}`, "
+        f"`gradient_accumulation_steps={group // shape['micro']}`), clipped ratio (epsilon 0.2), k3 KL to "
+        f"the frozen initial policy in the loss with coefficient {shape['beta']} (TRL `beta`, ours `kl_coef` "
+        'with `kl_penalty="loss"`), token-mean loss (TRL `loss_type="dapo"`, ours `loss_aggregation='
+        '"token_mean"`), AdamW lr 1e-6, grad-norm clip 1.0.'
+    )
+    w(
+        f"- {shape['steps']} steps a run, the first excluded from the means (warm-up); a step is timed end "
+        "to end (ours from one training step's end to the next, TRL from one `on_step_end` to the next); "
+        "peak RSS is the worker process's `ru_maxrss`. Settings mapping: `benchmarks/grpo.py`.\n"
+    )
+
+    w("### Same numbers at step 1\n")
+    w(
+        "Generation replaced on both sides by the same fixed completions (`completions.json`: testbed "
+        "words, half ending with EOS at a random length, half cut at the length limit), one step on one "
+        "step's worth of distinct prompts from the initial weights: the loss of that step (ours: the sum "
+        "of the weighted micro-batch losses passed to `manual_backward`; TRL: its logged `loss`), the "
+        "gradient norm before clipping (TRL: its logged `grad_norm`) and the mean reward. At step 1 the "
+        "policy is its own reference and its own old policy, so the ratio is 1 and the KL 0: the loss is "
+        "-(aggregated advantage), which for `sequence_mean` / `grpo` is 0 up to rounding (group-centred "
+        "advantages); the gradient norm checks the log-probs and the aggregation through the model.\n"
+    )
+    w("| ours `loss_aggregation` | TRL `loss_type` | quantity | ours | TRL | abs. diff | within 1e-5 |")
+    w("|---|---|---|---|---|---|---|")
+    for aggregation, pair in grpo["checks"].items():
+        if "trl" not in pair:
+            continue
+        for key in ("loss", "grad_norm", "reward"):
+            cells = [aggregation, AGGREGATIONS[aggregation], key]
+            w(parity_row(cells, pair["ours"][_check_key(key)], pair["trl"][_check_key(key)], "{:.9g}"))
+    w("")
+
+    w("### Throughput and memory\n")
+    w("| side | steps/s (wall) | CPU s per step | response tokens/s | peak RSS MB | step-1 loss (sampled) |")
+    w("|---|---|---|---|---|---|")
+    for label, title in SIDES:
+        if not runs.get(label):
+            continue
+        side = runs[label]
+        w(
+            f"| {title} | {spread([1 / step_seconds(r) for r in side], '{:.3f}')} | "
+            f"{spread([step_seconds(r, cpu=True) for r in side])} | "
+            f"{spread([_response_tokens(r) / step_seconds(r) for r in side], '{:.0f}')} | "
+            f"{spread([r['peak_rss_mb'] for r in side], '{:.0f}')} | "
+            f"{spread([r['loss_step1'] for r in side if r.get('loss_step1') is not None], '{:.4f}')} |"
+        )
+    w(
+        "\nThe step-1 losses of the training runs differ: each side samples its own completions (and draws "
+        "its own prompt order); the check above is the like-for-like one.\n"
+    )
+    rows = ratio_rows(results)
+    if rows:
+        w("| comparison | wall clock, median [min–max] | CPU time, median [min–max] | target | |")
+        w("|---|---|---|---|---|")
+        for name, wall, cpu, target, higher in rows:
+            w(
+                f"| {name} | {spread(wall)} | {spread(cpu) if cpu is not None else '–'} | "
+                f"{'≥' if higher else '≤'} {target} | {_verdict(wall, cpu, target, higher=higher)} |"
+            )
+        w("")
+
+    w("### Per-phase seconds per step\n")
+    w(
+        "Medians over repeats of the per-step means (steps after the first). Ours: `PPOModule`'s own "
+        "timings (generation = `generate`; scoring = decoding + the reward function; inference = the no-grad "
+        "forwards, the reference's and, as shipped, the policy's for the old log-probs; update = the "
+        "micro-batch forward/backward passes, clipping and the optimizer step), other = the rest of the step "
+        "(advantages, logging, the loop). TRL: its `_generate` (tokenising, `generate`, decoding), "
+        "`_calculate_rewards`, its no-grad `_get_per_token_logps_and_entropies` calls (the reference's), and "
+        "the rest of the step as update (so its update includes what ours counts as other).\n"
+    )
+    w("| side | generation | scoring | inference (old / ref log-probs) | update | other | whole step |")
+    w("|---|---|---|---|---|---|---|")
+    for label, title in SIDES:
+        if not runs.get(label):
+            continue
+        phases = {key: statistics.median(steady_step_seconds(r, key) for r in runs[label]) for key in PHASES}
+        whole = statistics.median(step_seconds(r) for r in runs[label])
+        other = whole - sum(phases.values()) if label != "trl" else None
+        w(
+            f"| {title} | "
+            + " | ".join(f"{phases[key]:.2f}" for key in PHASES)
+            + f" | {'–' if other is None else f'{other:.2f}'} | {whole:.2f} |"
+        )
+    w("")
+    gap_note(w, runs)
+    for label, run in (grpo.get("profiles") or {}).items():
+        if run.get("profile"):
+            w(f"#### torch.profiler, {label} (top operators by self CPU time, one run)\n")
+            w(f"```\n{run['profile']}\n```\n")
+
+
+def gap_note(w, runs: dict) -> None:
+    """Where the step times of ours (as shipped) and TRL differ, phase by phase (medians)."""
+    if not runs.get("trl") or not runs.get("ours"):
+        return
+
+    def median(label: str, key: str) -> float:
+        return statistics.median(steady_step_seconds(r, key) for r in runs[label])
+
+    diffs = {key: median("trl", key) - median("ours", key) for key in PHASES}
+    ours_whole = statistics.median(step_seconds(r) for r in runs["ours"])
+    trl_whole = statistics.median(step_seconds(r) for r in runs["trl"])
+    w(
+        f"TRL minus ours (as shipped), seconds per step: whole step {trl_whole - ours_whole:+.2f} "
+        f"({trl_whole:.2f} vs {ours_whole:.2f}); "
+        + ", ".join(f"{key} {value:+.2f}" for key, value in diffs.items())
+        + " (TRL's update includes what ours counts as other). "
+        f"A 1.5x steps/s would need our step at {trl_whole / 1.5:.2f} s.\n"
+    )
+
+
+def _check_key(key: str) -> str:
+    return {"loss": "loss_step1", "grad_norm": "grad_norm_step1", "reward": "reward_step1"}[key]
+
+
+def _response_tokens(run: dict) -> float:
+    steps = run["steps"][1:] if len(run["steps"]) > 1 else run["steps"]
+    return statistics.mean(s["response_tokens"] for s in steps)
