@@ -497,12 +497,14 @@ def ppo_roofline(w, results: dict) -> None:
     )
 
 
-def memory_report(w, runs: dict) -> None:
-    """Where the DPO peak RSS comes from, per side (one run each, sampled every 2 ms)."""
+def memory_report(
+    w, runs: dict, stage: str = "DPO", pair: tuple[str, str] = ("ours_dpo", "trl_dpo"), level: str = "##"
+) -> None:
+    """Where a stage's peak RSS comes from, per side (one run each, sampled every 2 ms)."""
     rows = {label: run["memory"] for label, run in runs.items() if run.get("memory")}
     if not rows:
         return
-    w("## What the DPO peak RSS is made of\n")
+    w(f"{level} What the {stage} peak RSS is made of\n")
     w(
         "At the moment of each side's highest RSS (one run each, `--memory-profile`; glibc `mallinfo2`): "
         "memory malloc has handed out (tensors: weights, gradients, AdamW state, activations), memory free "
@@ -516,14 +518,17 @@ def memory_report(w, runs: dict) -> None:
             f"| {label} | {m['rss_mb']:.0f} | {m['malloc_in_use_mb']:.0f} | {m['heap_free_mb']:.0f} | "
             f"{m['rest_mb']:.0f} |"
         )
-    if {"ours_dpo", "trl_dpo"} <= rows.keys():
-        ours, trl = rows["ours_dpo"], rows["trl_dpo"]
+    if set(pair) <= rows.keys():
+        ours, trl = rows[pair[0]], rows[pair[1]]
         w(
             f"\nOurs / TRL: RSS {ours['rss_mb'] / trl['rss_mb']:.2f}, malloc in use "
             f"{ours['malloc_in_use_mb'] / trl['malloc_in_use_mb']:.2f}, heap free "
             f"{ours['heap_free_mb'] / trl['heap_free_mb']:.2f}, rest {ours['rest_mb'] / trl['rest_mb']:.2f}."
         )
-    w(MEMORY_NOTES)
+    if stage == "DPO":
+        w(MEMORY_NOTES)
+    else:
+        w("")
 
 
 MEMORY_NOTES = """

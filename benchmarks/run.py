@@ -135,7 +135,12 @@ def main(argv: list[str] | None = None) -> None:
     command = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.grpo_only:
         results = json.loads(Path(args.base_json).read_text())
+        earlier = results.get("grpo")
         results["grpo"] = grpo_section(ours, args, meta, use_trl, repeats, command)
+        if earlier:  # a rerun (e.g. on a noisy machine) keeps the runs before it, for the record
+            previous = earlier.pop("earlier", [])
+            keep = ("command", "runs", "load_average_before", "load_average_after", "threads", "repeats")
+            results["grpo"]["earlier"] = [*previous, {k: earlier[k] for k in keep}]
         finish(results, args)
         return
     results: dict = {
@@ -268,6 +273,7 @@ def grpo_section(ours, args, meta: dict, use_trl: bool, repeats: int, command: s
     for r in range(repeats):
         for label, task, extra in sides if r % 2 == 0 else list(reversed(sides)):
             runs[label].append(ours(task, *extra))
+    memory = {label: ours(task, "--memory-profile") for label, task, extra in sides if not extra}
     profiles = {}
     if not args.smoke:  # torch.profiler's top operators of one run each, for the record of where time goes
         profiles = {
@@ -278,6 +284,7 @@ def grpo_section(ours, args, meta: dict, use_trl: bool, repeats: int, command: s
         "checks": checks,
         "runs": runs,
         "profiles": profiles,
+        "memory": memory,
         "fixtures": {k: meta["grpo"][k] for k in ("vocab_size", "policy_parameters")},
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
