@@ -8,7 +8,7 @@ decoded text. They are set up to optimise the same objective with the same work 
                               ours: ``PPOModule``                      TRL: ``GRPOConfig``
 ============================  =======================================  ====================================
 group size                    ``num_generations``                      ``num_generations``
-prompts x group per step      data ``batch_size`` x group              ``generation_batch_size``
+prompts x group per step      data ``batch_size`` x group              micro-batch x accumulation steps
 one optimizer step a rollout  ``mini_batch_size`` = the rollout        ``steps_per_generation`` = accum.
 micro-batch (sequences)       ``micro_batch_size``                     ``per_device_train_batch_size``
 epochs over a rollout         ``ppo_epochs=1``                         ``num_iterations=1``
@@ -95,7 +95,10 @@ class Replay:
         for ids in prompt_rows:
             key = tuple(ids)
             if key not in self.table:
-                raise KeyError(f"prompt ids {list(key)} are not in the replayed completions")
+                raise KeyError(
+                    f"prompt ids {list(key)} are not in the replayed completions: this side tokenized a "
+                    "prompt unlike completions.json's prompt_ids, or drew one outside check_prompts"
+                )
             out.append(self.table[key][seen.get(key, 0)])
             seen[key] = seen.get(key, 0) + 1
         return out
@@ -106,7 +109,7 @@ def _settings(meta: dict, args) -> dict:
     beta = shape["beta"] if args.beta is None else args.beta
     steps = 1 if args.check else shape["steps"]
     prompts = meta["grpo"]["check_prompts" if args.check else "prompts"]
-    return {**shape, "beta": beta, "steps": steps, "prompts_file": prompts, "rows": shape["prompts"]}
+    return {**shape, "beta": beta, "steps": steps, "prompts_file": prompts}
 
 
 # --------------------------------------------------------------------------------------------- ours

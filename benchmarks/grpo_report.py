@@ -73,7 +73,14 @@ def grpo_report(w, results: dict) -> None:
         f"{grpo['threads'] or 'torch default'}); load average (1 min) {before[0]:.1f} before and "
         f"{after[0]:.1f} after, on this machine's CPUs shared with other jobs. Versions: "
         + ", ".join(f"{k} {v}" for k, v in grpo["versions"].items())
-        + ".\n"
+        + "."
+        + (
+            " Run on its own (`--grpo-only`) and merged into the measurements of the run named at the top, "
+            "which the other sections are."
+            if "--grpo-only" in grpo["command"]
+            else ""
+        )
+        + "\n"
     )
     w(
         f"- model: the word testbed's `{shape['model_size']}` Llama (`lightning-rlhf testbed --model-size "
@@ -174,7 +181,10 @@ def grpo_report(w, results: dict) -> None:
             phases = {key: statistics.median(steady_step_seconds(r, key) for r in chosen) for key in PHASES}
             whole = statistics.median(step_seconds(r) for r in chosen)
             cpu = statistics.median(step_seconds(r, cpu=True) for r in chosen)
-            other = whole - sum(phases.values()) if label != "trl" else None
+            other = None
+            if label != "trl":  # each run's remainder, then the median
+                rest = [step_seconds(r) - sum(steady_step_seconds(r, k) for k in PHASES) for r in chosen]
+                other = statistics.median(rest)
             w(
                 f"| {title} | {which} | "
                 + " | ".join(f"{phases[key]:.2f}" for key in PHASES)
@@ -183,6 +193,7 @@ def grpo_report(w, results: dict) -> None:
     w("")
     gap_note(w, runs)
     memory_report(w, grpo.get("memory") or {}, "GRPO", ("ours", "trl"), "###")
+    where_time_goes(w, grpo)
     for label, run in (grpo.get("profiles") or {}).items():
         if run.get("profile"):
             w(f"#### torch.profiler, {label} (top operators by self CPU time, one run)\n")
@@ -224,6 +235,76 @@ def gap_note(w, runs: dict) -> None:
         + ", ".join(f"{key} {value:+.2f}" for key, value in diffs.items())
         + " (TRL's update includes what ours counts as other). "
         f"A 1.5x steps/s would need our step at {trl_whole / 1.5:.2f} s.\n"
+    )
+
+
+def where_time_goes(w, grpo: dict) -> None:
+    """The reading of the tables above: where the time and the memory go, and what the targets would take."""
+    runs, memory = grpo["runs"], grpo.get("memory") or {}
+    if not all(runs.get(label) for label in ("ours", "ours_sampling", "trl")):
+        return
+    fast = {label: min(runs[label], key=step_seconds) for label in ("ours", "ours_sampling", "trl")}
+
+    def phase(label: str, key: str) -> float:
+        return steady_step_seconds(fast[label], key)
+
+    def cpu(label: str) -> float:
+        return statistics.median(step_seconds(r, cpu=True) for r in runs[label])
+
+    whole = {label: step_seconds(run) for label, run in fast.items()}
+    steps = [s for r in runs["ours"] for s in r["steps"]]
+    prompt, new = sum(s["tokens"] for s in steps) / sum(s["rows"] for s in steps), grpo["shape"]["new_tokens"]
+    other = whole["ours"] - sum(phase("ours", key) for key in PHASES)
+    w("### Where the time and the memory go\n")
+    w(
+        "In the least disturbed repeat of each side (the fastest rows above) generation takes "
+        f"{phase('ours', 'generation'):.2f} s (ours) and {phase('trl', 'generation'):.2f} s (TRL): both call "
+        "the same `generate` on the same model and rows. The update takes "
+        f"{phase('ours', 'update'):.2f} s and {phase('trl', 'update'):.2f} s (TRL's with its loop and "
+        "logging): the same micro-batch forward and backward passes. What our loop adds around the model "
+        f"(other) is {other:.2f} s. The torch.profiler tables below agree operator for operator. The one "
+        "difference in work is the old log-probs: as shipped ours runs one more policy forward over the "
+        f"rollout for them (inference {phase('ours', 'inference'):.2f} s against TRL's "
+        f"{phase('trl', 'inference'):.2f} s, the reference's forward alone). With one update per rollout "
+        "(`steps_per_generation` = accumulation steps, `num_iterations=1`) TRL takes the update's own "
+        "log-probs, detached, as the old ones (the ratio is 1 by construction) and runs no such forward; "
+        '`old_logprobs="sampling"` reads them from the sampling logits instead (a log-softmax per decoded '
+        f"token, inside generation). CPU seconds per step (medians): ours as shipped {cpu('ours'):.2f}, ours "
+        f"with sampled old log-probs {cpu('ours_sampling'):.2f}, TRL {cpu('trl'):.2f}.\n"
+    )
+    w(
+        f"A 1.5x step would be {whole['trl'] / 1.5:.2f} s, {whole['trl'] - whole['trl'] / 1.5:.2f} s below "
+        "TRL's fastest: it cannot come from the loop around the model, which is already near zero, only from "
+        "less work in the model than TRL does. Candidates, none of them in this change: skip the "
+        "old-log-prob forward when a rollout gets exactly one update, as TRL does (the difference between "
+        "our two rows); a preallocated KV cache for generation (`aten::cat` is the second operator in both "
+        "profiles, and most of it is the dynamic KV cache growing by one token a step: measured once in "
+        "this session outside the harness, the same 64-row, 64-token `generate` under torch.profiler spent "
+        "45 % of its CPU time in `aten::cat` and took 2.15 s, and 1.42 s with "
+        '`cache_implementation="static"`, which TRL users can set as well); one forward of each prompt '
+        f"for its whole group (the prompts here are about {prompt:.0f} of up to {prompt + new:.0f} tokens, "
+        "so little); or a leaner decoding loop than `generate` "
+        "for models this small.\n"
+    )
+    if {"ours", "trl"} <= memory.keys() and memory["ours"].get("memory") and memory["trl"].get("memory"):
+        ours, trl = memory["ours"]["memory"], memory["trl"]["memory"]
+        w(
+            f"Peak RSS: at its peak ours has less memory in use by malloc than TRL "
+            f"({ours['malloc_in_use_mb']:.0f} against {trl['malloc_in_use_mb']:.0f} MB: tensors) but more "
+            f"free inside the heap ({ours['heap_free_mb']:.0f} against {trl['heap_free_mb']:.0f} MB) and "
+            f"more of the rest ({ours['rest_mb']:.0f} against {trl['rest_mb']:.0f} MB: the imported "
+            "libraries; Lightning, `torch._dynamo` and torchmetrics, see the DPO breakdown above). 0.8x "
+            f"TRL would be {0.8 * trl['rss_mb']:.0f} MB, {ours['rss_mb'] - 0.8 * trl['rss_mb']:.0f} MB "
+            "below ours.\n"
+        )
+    w(
+        "Settings that differ from a side's defaults, the same on both: TRL's default `beta` is 0, which "
+        "loads no reference model and runs no reference forward; ours always holds and runs a reference "
+        "(it measures the KL even at `kl_coef: 0`), so both run it here (beta 0.04, the same objective). "
+        "One torch thread per worker: with torch's default of two on these two cores, shared with other "
+        "jobs, the two OpenMP threads wait for each other and the times lose their meaning (in this "
+        "session the same 64-row, 64-token `generate` took 12-42 s with two threads and 2.3-3.5 s with one, "
+        "at a load average of about 6).\n"
     )
 
 
