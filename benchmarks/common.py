@@ -13,9 +13,34 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+)
 
+from lightning_rlhf.data.tokenize import prompt_token_ids
+from lightning_rlhf.testbed.files import SplitSizes, write_testbed
+from lightning_rlhf.testbed.task import TaskConfig
 from lightning_rlhf.testbed.tokenizer import train_tokenizer
+
+
+@dataclass(frozen=True)
+class GRPOShape:
+    """The GRPO comparison: the word testbed's prompts, tokenizer, gold reward and initial policy.
+
+    One step is one rollout of ``prompts`` x ``generations`` responses and one optimizer step over it, in
+    micro-batches of ``micro`` sequences (TRL: generation batch = per-device batch x accumulation steps).
+    """
+
+    model_size: str  # lightning_rlhf.testbed.models.MODEL_SIZES
+    prompts: int  # prompts per step
+    generations: int  # responses per prompt (the group)
+    new_tokens: int  # max_new_tokens / max_completion_length
+    micro: int  # sequences per forward/backward
+    steps: int  # optimizer steps (= rollouts) per measured run
+    beta: float = 0.04  # k3 KL loss coefficient (TRL's beta, our kl_coef with kl_penalty="loss")
 
 
 @dataclass(frozen=True)
@@ -38,6 +63,7 @@ class BenchConfig:
     ppo_micro: int
     ppo_prompt_length: int
     ppo_new_tokens: int
+    grpo: GRPOShape
     seed: int = 0
 
     @property
@@ -47,9 +73,16 @@ class BenchConfig:
 
 CONFIGS = {
     # ~12.7M parameters (vocab 8192, untied head), sequences of 64-512 tokens: a realistic small shape.
-    "full": BenchConfig("full", 8192, 320, 6, 8, 864, 64, 512, 24, 8, 2, 16, 3, 4, 64, 64),
-    "quick": BenchConfig("quick", 8192, 320, 6, 8, 864, 64, 512, 12, 4, 2, 8, 2, 4, 64, 48),
-    "smoke": BenchConfig("smoke", 600, 32, 2, 2, 64, 16, 48, 4, 2, 1, 4, 1, 2, 8, 8),
+    # GRPO: TRL's default group of 8, one optimizer step per rollout of 64 sequences.
+    "full": BenchConfig(
+        "full", 8192, 320, 6, 8, 864, 64, 512, 24, 8, 2, 16, 3, 4, 64, 64, GRPOShape("small", 8, 8, 64, 16, 4)
+    ),
+    "quick": BenchConfig(
+        "quick", 8192, 320, 6, 8, 864, 64, 512, 12, 4, 2, 8, 2, 4, 64, 48, GRPOShape("small", 4, 8, 48, 16, 3)
+    ),
+    "smoke": BenchConfig(
+        "smoke", 600, 32, 2, 2, 64, 16, 48, 4, 2, 1, 4, 1, 2, 8, 8, GRPOShape("nano", 2, 2, 6, 2, 2)
+    ),
 }
 
 
@@ -145,6 +178,7 @@ def write_fixtures(cfg: BenchConfig, root: Path) -> dict:
             f.write(json.dumps(row) + "\n")
     meta = {
         "config": asdict(cfg),
+        "grpo": write_grpo_fixtures(cfg.grpo, root / "grpo", seed=cfg.seed),
         "root": str(root),
         "tokenizer": str(tok_dir),
         "policy": str(root / "policy"),
@@ -156,3 +190,52 @@ def write_fixtures(cfg: BenchConfig, root: Path) -> dict:
     }
     meta_file.write_text(json.dumps(meta, indent=1))
     return meta
+
+
+def write_grpo_fixtures(shape: GRPOShape, root: Path, *, seed: int) -> dict:
+    """The word testbed (prompts, tokenizer, initial policy of ``shape.model_size``, task.json for the gold
+    reward), plus one step's worth of distinct prompts and fixed completions for the step-1 parity check.
+
+    The completions are the testbed's words (so their gold rewards differ within a group and the advantages
+    are not all 0), half of them ending with EOS at a random length and half cut at ``new_tokens`` without
+    one, as sampling would leave them, so the check covers both masks and uneven lengths.
+    """
+    steps_prompts = shape.prompts * shape.steps
+    sizes = SplitSizes(1, 1, 1, 1, max(steps_prompts, 4 * shape.prompts), 1)
+    task = write_testbed(root, TaskConfig(seed=seed), sizes, model_size=shape.model_size)
+    tokenizer = AutoTokenizer.from_pretrained(root / "init_policy")
+    rows = [json.loads(line)["prompt"] for line in open(root / "prompts_train.jsonl")]
+    with open(root / "prompts.jsonl", "w") as f:
+        for text in rows[:steps_prompts]:
+            f.write(json.dumps({"prompt": text}) + "\n")
+    distinct = list(dict.fromkeys(rows))[: shape.prompts]
+    rng = random.Random(f"grpo-completions-{seed}")
+    replay = []
+    for text in distinct:
+        completions = []
+        for _ in range(shape.generations):
+            ended = rng.random() < 0.5
+            length = rng.randint(1, shape.new_tokens - 1) if ended else shape.new_tokens
+            ids: list[int] = []
+            while len(ids) < length:
+                ids += tokenizer(" " + rng.choice(task.words), add_special_tokens=False)["input_ids"]
+            completions.append(ids[:length] + ([tokenizer.eos_token_id] if ended else []))
+        replay.append(
+            {"prompt": text, "prompt_ids": prompt_token_ids(tokenizer, text), "completions": completions}
+        )
+    with open(root / "check_prompts.jsonl", "w") as f:
+        for row in replay:
+            f.write(json.dumps({"prompt": row["prompt"]}) + "\n")
+    (root / "completions.json").write_text(json.dumps(replay))
+    return {
+        "root": str(root),
+        "policy": str(root / "init_policy"),
+        "task_dir": str(root),
+        "prompts": str(root / "prompts.jsonl"),
+        "check_prompts": str(root / "check_prompts.jsonl"),
+        "completions": str(root / "completions.json"),
+        "vocab_size": len(tokenizer),
+        "policy_parameters": sum(
+            p.numel() for p in AutoModelForCausalLM.from_pretrained(root / "init_policy").parameters()
+        ),
+    }

@@ -40,6 +40,14 @@ def _ratios(a: list[dict], b: list[dict], metric) -> list[float]:
     return [metric(x) / metric(y) for x, y in zip(a, b, strict=False) if metric(y) > 0]
 
 
+def parity_row(cells: list[str], ours: float, theirs: float, fmt: str = "{:.6f}") -> str:
+    """A table row: ``cells``, both values, their absolute difference and whether it is within 1e-5
+    (relative to the value where that is larger than 1)."""
+    diff = abs(ours - theirs)
+    within = "yes" if diff <= 1e-5 * max(1.0, abs(theirs)) else "**no**"
+    return "| " + " | ".join([*cells, fmt.format(ours), fmt.format(theirs), f"{diff:.1e}", within]) + " |"
+
+
 def _met(values: list[float], target: float, higher: bool) -> bool:
     med = statistics.median(values)
     return med >= target if higher else med <= target
@@ -128,12 +136,7 @@ def write_report(results: dict, out: Path) -> None:
         for key, value in pair["ours"].items():
             if key in ("peak_rss_mb", "torch_threads", "process_seconds"):
                 continue
-            other = pair["trl"][key]
-            diff = abs(value - other)
-            w(
-                f"| {what.upper()} | {key} | {value:.6f} | {other:.6f} | {diff:.1e} | "
-                f"{'yes' if diff <= 1e-5 * max(1.0, abs(other)) else '**no**'} |"
-            )
+            w(parity_row([what.upper(), key], value, pair["trl"][key]))
     w("")
 
     w("## Training throughput (DPO, reward model)\n")
@@ -201,6 +204,9 @@ def write_report(results: dict, out: Path) -> None:
                     True,
                 )
             )
+    from benchmarks import grpo_report  # it imports this module's helpers
+
+    rows += grpo_report.ratio_rows(results)
     gen = results["generation"]["times"]
     gen_cpu = results["generation"].get("cpu_times", gen)
     overhead = [o / b - 1 for o, b in zip(gen["ours"], gen["bare"], strict=False)]
@@ -267,6 +273,7 @@ def write_report(results: dict, out: Path) -> None:
     )
 
     ppo_roofline(w, results)
+    grpo_report.grpo_report(w, results)
 
     w("## Generation overhead\n")
     w(
@@ -490,12 +497,14 @@ def ppo_roofline(w, results: dict) -> None:
     )
 
 
-def memory_report(w, runs: dict) -> None:
-    """Where the DPO peak RSS comes from, per side (one run each, sampled every 2 ms)."""
+def memory_report(
+    w, runs: dict, stage: str = "DPO", pair: tuple[str, str] = ("ours_dpo", "trl_dpo"), level: str = "##"
+) -> None:
+    """Where a stage's peak RSS comes from, per side (one run each, sampled every 2 ms)."""
     rows = {label: run["memory"] for label, run in runs.items() if run.get("memory")}
     if not rows:
         return
-    w("## What the DPO peak RSS is made of\n")
+    w(f"{level} What the {stage} peak RSS is made of\n")
     w(
         "At the moment of each side's highest RSS (one run each, `--memory-profile`; glibc `mallinfo2`): "
         "memory malloc has handed out (tensors: weights, gradients, AdamW state, activations), memory free "
@@ -509,14 +518,17 @@ def memory_report(w, runs: dict) -> None:
             f"| {label} | {m['rss_mb']:.0f} | {m['malloc_in_use_mb']:.0f} | {m['heap_free_mb']:.0f} | "
             f"{m['rest_mb']:.0f} |"
         )
-    if {"ours_dpo", "trl_dpo"} <= rows.keys():
-        ours, trl = rows["ours_dpo"], rows["trl_dpo"]
+    if set(pair) <= rows.keys():
+        ours, trl = rows[pair[0]], rows[pair[1]]
         w(
             f"\nOurs / TRL: RSS {ours['rss_mb'] / trl['rss_mb']:.2f}, malloc in use "
             f"{ours['malloc_in_use_mb'] / trl['malloc_in_use_mb']:.2f}, heap free "
             f"{ours['heap_free_mb'] / trl['heap_free_mb']:.2f}, rest {ours['rest_mb'] / trl['rest_mb']:.2f}."
         )
-    w(MEMORY_NOTES)
+    if stage == "DPO":
+        w(MEMORY_NOTES)
+    else:
+        w("")
 
 
 MEMORY_NOTES = """

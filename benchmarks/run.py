@@ -3,6 +3,8 @@
     python benchmarks/run.py            # full run (see RESULTS.md for its duration)
     python benchmarks/run.py --quick    # fewer pairs and steps
     python benchmarks/run.py --smoke    # seconds; what the test suite runs (numbers meaningless)
+    python benchmarks/run.py --grpo-only --base-json benchmarks/results_full.json --json ...
+                                        # only the GRPO comparison, merged into an earlier run's numbers
 
 Needs the ``benchmarks`` extra (``pip install -e ".[benchmarks]"``: TRL 1.16, psutil). The PPO comparison
 needs TRL 1.12 (the last release with PPO), which cannot share an environment with 1.16: it runs from its own
@@ -29,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from benchmarks.common import CONFIGS, write_fixtures  # noqa: E402
+from benchmarks.grpo import AGGREGATIONS  # noqa: E402
 from benchmarks.report import write_report  # noqa: E402
 
 
@@ -91,6 +94,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-trl", action="store_true", help="only our side (when trl is not installed)")
     parser.add_argument("--from-json", default=None, help="only rewrite the report from a --json file")
     parser.add_argument(
+        "--grpo-only",
+        action="store_true",
+        help="run only the GRPO comparison; the other sections come from --base-json",
+    )
+    parser.add_argument("--base-json", default=None, help="with --grpo-only: the raw measurements to keep")
+    parser.add_argument(
         "--in-process",
         action="store_true",
         help="run workers in this process (for tests: fast, but peak RSS means nothing)",
@@ -99,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.from_json:
         write_report(json.loads(Path(args.from_json).read_text()), Path(args.out))
         return
+    if args.grpo_only and not args.base_json:
+        parser.error("--grpo-only needs --base-json (the run whose other sections the report keeps)")
 
     started = time.perf_counter()
     name = "smoke" if args.smoke else "quick" if args.quick else "full"
@@ -120,11 +131,22 @@ def main(argv: list[str] | None = None) -> None:
             return in_process.run([task, *common, *extra])
         return run_worker(sys.executable, workers, [task, *common, *extra], timeout=timeout)
 
+    use_trl = not args.no_trl
+    command = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.grpo_only:
+        results = json.loads(Path(args.base_json).read_text())
+        earlier = results.get("grpo")
+        results["grpo"] = grpo_section(ours, args, meta, use_trl, repeats, command)
+        if earlier:  # a rerun (e.g. on a noisy machine) keeps the runs before it, for the record
+            previous = earlier.pop("earlier", [])
+            keep = ("command", "runs", "load_average_before", "load_average_after", "threads", "repeats")
+            results["grpo"]["earlier"] = [*previous, {k: earlier[k] for k in keep}]
+        finish(results, args)
+        return
     results: dict = {
         "config": meta["config"],
         "meta": {k: meta[k] for k in ("vocab_size", "policy_parameters")},
     }
-    use_trl = not args.no_trl
 
     # 1. Same numbers at step 1 (deterministic: the first batch in file order, initial weights).
     checks = {}
@@ -216,23 +238,75 @@ def main(argv: list[str] | None = None) -> None:
     if use_trl:
         results["memory"]["trl_dpo"] = ours("trl_dpo", "--memory-profile")
 
+    # 7. GRPO, ours vs TRL 1.16's GRPOTrainer (benchmarks/grpo.py).
+    results["grpo"] = grpo_section(ours, args, meta, use_trl, repeats, command)
+
     results["environment"] = environment(trl_python)
-    results["command"] = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    results["command"] = command
     results["seconds"] = time.perf_counter() - started
     results["repeats"] = repeats
+    finish(results, args)
+
+
+def finish(results: dict, args) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     write_report(results, Path(args.out))
-    print(f"[bench] wrote {args.out} in {results['seconds']:.0f} s", flush=True)
+    print(f"[bench] wrote {args.out}", flush=True)
+
+
+def grpo_section(ours, args, meta: dict, use_trl: bool, repeats: int, command: str) -> dict:
+    """Step-1 parity for each loss aggregation, then ours (as shipped, and with the old log-probs from the
+    sampling logits) and TRL interleaved, order flipping every repeat; the machine's load around it."""
+    started, load_before = time.perf_counter(), os.getloadavg()
+    checks = {}
+    # The smoke run (the test suite) checks one; tests/test_benchmarks.py compares all three with TRL.
+    for aggregation in ["token_mean"] if args.smoke else AGGREGATIONS:
+        flags = ("--check", "--aggregation", aggregation)
+        checks[aggregation] = {"ours": ours("ours_grpo", *flags)}
+        if use_trl:
+            checks[aggregation]["trl"] = ours("trl_grpo", *flags)
+    sides = [("ours", "ours_grpo", ()), ("ours_sampling", "ours_grpo", ("--old-logprobs", "sampling"))]
+    if use_trl:
+        sides.append(("trl", "trl_grpo", ()))
+    runs: dict[str, list[dict]] = {label: [] for label, _, _ in sides}
+    for r in range(repeats):
+        for label, task, extra in sides if r % 2 == 0 else list(reversed(sides)):
+            runs[label].append(ours(task, *extra))
+    memory = {label: ours(task, "--memory-profile") for label, task, extra in sides if not extra}
+    profiles = {}
+    if not args.smoke:  # torch.profiler's top operators of one run each, for the record of where time goes
+        profiles = {
+            label: ours(task, *extra, "--profile") for label, task, extra in sides if label != "ours_sampling"
+        }
+    return {
+        "shape": meta["config"]["grpo"],
+        "checks": checks,
+        "runs": runs,
+        "profiles": profiles,
+        "memory": memory,
+        "fixtures": {k: meta["grpo"][k] for k in ("vocab_size", "policy_parameters")},
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "threads": args.threads,
+        "repeats": repeats,
+        "command": command,
+        "seconds": time.perf_counter() - started,
+        "versions": {
+            name: _version(name) for name in ("torch", "transformers", "lightning", "trl", "accelerate")
+        },
+    }
+
+
+def _version(name: str) -> str:
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return "not installed"
 
 
 def environment(trl112_python: str | None) -> dict:
-    def version(name: str) -> str:
-        try:
-            return md.version(name)
-        except md.PackageNotFoundError:
-            return "not installed"
-
+    version = _version
     env = {
         "load_average_at_end": os.getloadavg(),
         "python": platform.python_version(),

@@ -303,14 +303,11 @@ def ours_check(meta: dict, args, *, task: str) -> dict:
 # --------------------------------------------------------------------------------------------- TRL 1.16
 
 
-def _trl_common(meta: dict, args) -> dict:
-    cfg = meta["config"]
+def trl_run_args(args, seed: int, name: str) -> dict:
+    """``TrainingArguments`` every TRL side shares: CPU in ``--precision``, no saving or reporting, a log
+    every step (the step-1 loss), gradient-norm clipping at 1.0 like ours."""
     return dict(
-        output_dir=str(Path(args.work) / "trl_out"),
-        per_device_train_batch_size=cfg["micro_pairs"],
-        gradient_accumulation_steps=cfg["batch_pairs"] // cfg["micro_pairs"],
-        num_train_epochs=1,
-        max_length=cfg["max_length"],
+        output_dir=str(Path(args.work) / name),
         bf16=args.precision.startswith("bf16"),
         fp16=False,
         use_cpu=True,
@@ -319,9 +316,20 @@ def _trl_common(meta: dict, args) -> dict:
         logging_steps=1,
         disable_tqdm=True,
         dataloader_num_workers=0,
-        seed=cfg["seed"],
+        seed=seed,
         max_grad_norm=1.0,
         gradient_checkpointing=args.gradient_checkpointing,
+    )
+
+
+def _trl_common(meta: dict, args) -> dict:
+    cfg = meta["config"]
+    return dict(
+        **trl_run_args(args, cfg["seed"], "trl_out"),
+        per_device_train_batch_size=cfg["micro_pairs"],
+        gradient_accumulation_steps=cfg["batch_pairs"] // cfg["micro_pairs"],
+        num_train_epochs=1,
+        max_length=cfg["max_length"],
     )
 
 
@@ -355,9 +363,34 @@ def _trl_trainer(meta: dict, args, *, task: str):
     return RewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
 
 
-def trl_pairs(meta: dict, args, *, task: str) -> dict:
+def hf_step_clock(steps: list[dict], logged: list[dict], extra=dict):
+    """A ``TrainerCallback`` that appends one row per optimizer step to ``steps`` (wall and CPU seconds, and
+    what ``extra()`` returns then, e.g. counters it resets) and every dict the trainer logs to ``logged``."""
     from transformers import TrainerCallback
 
+    clock = {"last": 0.0, "cpu": 0.0}
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            clock["last"], clock["cpu"] = time.perf_counter(), time.process_time()
+
+        def on_step_end(self, *a, **k):
+            now, cpu = time.perf_counter(), time.process_time()
+            steps.append({"seconds": now - clock["last"], "cpu_seconds": cpu - clock["cpu"], **extra()})
+            clock["last"], clock["cpu"] = now, cpu
+
+        def on_log(self, _args, state, control, logs=None, **k):
+            if logs:
+                logged.append(dict(logs))
+
+    return Clock()
+
+
+def first_logged(logs: list[dict], key: str) -> float | None:
+    return next((float(row[key]) for row in logs if key in row), None)
+
+
+def trl_pairs(meta: dict, args, *, task: str) -> dict:
     start = time.perf_counter()
     trainer = _trl_trainer(meta, args, task=task)
     setup = time.perf_counter() - start
@@ -369,40 +402,30 @@ def trl_pairs(meta: dict, args, *, task: str) -> dict:
         counter["tokens"] += int(batch["attention_mask"].sum())
         return batch
 
+    def tokens_since_last_step() -> dict:
+        tokens, counter["tokens"] = counter["tokens"], 0
+        return {"tokens": tokens}
+
     trainer.data_collator = counting_collator
+    result = trl_train(trainer, args, tokens_since_last_step)
+    result["setup_seconds"] = setup + (result["fit_seconds"] - sum(s["seconds"] for s in result["steps"]))
+    return result
+
+
+def trl_train(trainer, args, extra=dict) -> dict:
+    """``trainer.train()`` timed step by step (:func:`hf_step_clock`), under the profilers that ``args``
+    asks for; the first logged loss and gradient norm."""
     steps: list[dict] = []
-    losses: list[float] = []
-    clock = {"last": 0.0}
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            clock["last"], clock["cpu"] = time.perf_counter(), time.process_time()
-
-        def on_step_end(self, *a, **k):
-            now, cpu = time.perf_counter(), time.process_time()
-            steps.append(
-                {
-                    "seconds": now - clock["last"],
-                    "cpu_seconds": cpu - clock["cpu"],
-                    "tokens": counter["tokens"],
-                }
-            )
-            clock["last"], clock["cpu"], counter["tokens"] = now, cpu, 0
-
-        def on_log(self, _args, state, control, logs=None, **k):
-            if logs and "loss" in logs and not losses:
-                losses.append(float(logs["loss"]))
-
-    trainer.add_callback(Clock())
-    fit_start = time.perf_counter()
+    logged: list[dict] = []
+    trainer.add_callback(hf_step_clock(steps, logged, extra))
+    start = time.perf_counter()
     with _Profile(args.profile) as prof, _MemoryProfile(args.memory_profile) as memory:
         trainer.train()
-    total = time.perf_counter() - fit_start
     return {
         "steps": steps,
-        "loss_step1": losses[0] if losses else None,
-        "fit_seconds": total,
-        "setup_seconds": setup + (total - sum(s["seconds"] for s in steps)),
+        "loss_step1": first_logged(logged, "loss"),
+        "grad_norm_step1": first_logged(logged, "grad_norm"),
+        "fit_seconds": time.perf_counter() - start,
         "profile": prof.table,
         "memory": memory.result,
     }
@@ -462,9 +485,18 @@ def ours_ppo(meta: dict, args) -> dict:
         gradient_checkpointing=args.gradient_checkpointing,
         old_logprobs=args.old_logprobs,
     )
-    phases: list[dict] = []
+    return fit_rollouts(module, data, args, steps=cfg["ppo_steps"])
+
+
+def fit_rollouts(module, data, args, *, steps: int, callbacks: tuple = ()) -> dict:
+    """Fit a PPOModule for ``steps`` rollouts, one row per rollout: its phases (``module._timings``), wall
+    and CPU seconds of the training step (``seconds``) and end to end from the previous one's end
+    (``period_seconds``: loader and loop included), prompt and response tokens; and the loss of the first
+    optimizer step (the sum of the weighted micro-batch losses that went into ``manual_backward``: the
+    objective that was differentiated)."""
     import lightning as L
 
+    phases: list[dict] = []
     collect, response_tokens = module.collect, []
 
     def counting_collect(batch):  # the rollout's real response tokens, for the FLOP count of the report
@@ -473,15 +505,31 @@ def ours_ppo(meta: dict, args) -> dict:
         return rollout
 
     module.collect = counting_collect
+    backward, first_step = module.manual_backward, []
+
+    def recording_backward(loss, *a, **k):
+        if module.global_step == 0:
+            first_step.append(float(loss))
+        return backward(loss, *a, **k)
+
+    module.manual_backward = recording_backward
 
     class Phases(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.last, self.last_cpu = time.perf_counter(), time.process_time()
+
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             self.start, self.cpu = time.perf_counter(), time.process_time()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            now = time.perf_counter()
             row = dict(pl_module._timings)
-            row["seconds"] = time.perf_counter() - self.start
-            row["cpu_seconds"] = time.process_time() - self.cpu
+            row["seconds"] = now - self.start
+            cpu = time.process_time()
+            row["cpu_seconds"] = cpu - self.cpu
+            # End to end, from the previous step's end (loader, loop and hooks included), as TRL's clock.
+            row["period_seconds"], row["period_cpu_seconds"] = now - self.last, cpu - self.last_cpu
+            self.last, self.last_cpu = now, cpu
             row["tokens"] = int(batch["attention_mask"].sum()) + 0
             row["rows"] = int(batch["attention_mask"].shape[0])
             row["padded_prompt_length"] = int(batch["attention_mask"].shape[1])
@@ -489,12 +537,17 @@ def ours_ppo(meta: dict, args) -> dict:
             phases.append(row)
 
     trainer = _trainer(
-        Path(args.work), 1, [Phases()], max_steps=cfg["ppo_steps"], precision=args.precision, clip=False
+        Path(args.work), 1, [Phases(), *callbacks], max_steps=steps, precision=args.precision, clip=False
     )  # PPOModule clips itself (max_grad_norm=1.0, as TRL)
     start = time.perf_counter()
     with _Profile(args.profile) as prof:
         trainer.fit(module, datamodule=data)
-    return {"steps": phases, "fit_seconds": time.perf_counter() - start, "profile": prof.table}
+    return {
+        "steps": phases,
+        "fit_seconds": time.perf_counter() - start,
+        "profile": prof.table,
+        "loss_step1": sum(first_step) if first_step else None,
+    }
 
 
 # --------------------------------------------------------------------------------------------- generation
@@ -615,6 +668,8 @@ TASKS = (
     "ours_rm_check",
     "trl_rm_check",
     "ours_ppo",
+    "ours_grpo",
+    "trl_grpo",
     "generation",
     "scaling",
     "matmul_peak",
@@ -647,6 +702,16 @@ def run(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="record torch.profiler's top operators")
+    parser.add_argument("--check", action="store_true", help="GRPO: one step on replayed completions")
+    parser.add_argument(
+        "--aggregation",
+        default="token_mean",
+        choices=("token_mean", "sequence_mean", "constant_length_sum"),
+        help="GRPO: our loss_aggregation (TRL: the loss_type of the same objective)",
+    )
+    parser.add_argument(
+        "--beta", type=float, default=None, help="GRPO: KL coefficient (default: the shape's)"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -722,6 +787,10 @@ def _run_task(args, meta: dict) -> dict:
         result = trl_pairs(meta, args, task=task.split("_")[1])
     elif task == "ours_ppo":
         result = ours_ppo(meta, args)
+    elif task in ("ours_grpo", "trl_grpo"):
+        from benchmarks import grpo
+
+        result = (grpo.ours_grpo if task == "ours_grpo" else grpo.trl_grpo)(meta, args)
     elif task == "generation":
         result = generation_overhead(meta, args)
     elif task == "matmul_peak":

@@ -1,6 +1,7 @@
 """The benchmark harness (benchmarks/run.py) in its tiny --smoke shape, so it cannot rot; no timings checked.
 
-The step-1 parity with TRL (same loss and log-probs on the same first batch) runs when trl is importable
+The step-1 parity with TRL (same loss and log-probs on the same first batch; for GRPO the same loss,
+gradient norm and reward on the same replayed completions) runs when trl is importable
 (``pip install -e ".[benchmarks]"``) and is skipped otherwise.
 """
 
@@ -47,6 +48,8 @@ def test_smoke_run_writes_every_section_of_the_report(fixtures, tmp_path):
         "## Training throughput",
         "## Ratios against the targets",
         "## PPO: per-phase seconds",
+        "## GRPO: ours vs TRL 1.16",
+        "### Per-phase seconds per step",
         "## Generation overhead",
         "## Scaling",
         "## Optimisations, before and after",
@@ -72,6 +75,7 @@ def test_the_before_code_of_an_ablation_does_not_leak_into_later_runs(fixtures, 
             dpo_module.response_logps,
             types.select_rows,
             collect.select_rows,
+            collect.generate_responses,
             ppo.length_order,
             ppo.adamw,
             models.HEAD_RECOMPUTE_ELEMENTS,
@@ -82,6 +86,7 @@ def test_the_before_code_of_an_ablation_does_not_leak_into_later_runs(fixtures, 
     workers.run(["ours_dpo", "--full-logits", "--meta", meta, "--work", str(tmp_path)])
     flags = ["--no-trim", "--looped-adamw", "--head-recompute"]
     workers.run(["ours_ppo", *flags, "--meta", meta, "--work", str(tmp_path / "ppo")])
+    workers.run(["ours_grpo", "--check", "--meta", meta, "--work", str(tmp_path / "grpo")])  # replays
     assert swappable() == shipped
 
 
@@ -96,6 +101,21 @@ def test_same_loss_and_logps_as_trl_at_step_1(fixtures, tmp_path, stage):
     assert "loss" in keys
     for key in keys:
         assert ours[key] == pytest.approx(theirs[key], abs=1e-5), key
+
+
+@pytest.mark.skipif(not HAS_TRL, reason="trl not installed (pip install -e '.[benchmarks]')")
+@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean", "constant_length_sum"])
+def test_grpo_same_loss_gradient_norm_and_reward_as_trl_at_step_1(fixtures, tmp_path, aggregation):
+    """PPOModule(advantage=GRPO) and TRL's GRPOTrainer (loss_type dapo / grpo / dr_grpo) on the same
+    replayed completions from the same weights: one step gives the same loss and gradient norm."""
+    meta = str(fixtures / "smoke" / "fixtures" / "fixtures.json")
+    common = ["--check", "--aggregation", aggregation, "--meta", meta, "--work", str(tmp_path)]
+    ours = workers.run(["ours_grpo", *common])
+    theirs = workers.run(["trl_grpo", *common])
+    assert ours["reward_step1"] == theirs["reward_step1"]
+    assert ours["loss_step1"] == pytest.approx(theirs["loss_step1"], abs=1e-6)
+    assert ours["grad_norm_step1"] == pytest.approx(theirs["grad_norm_step1"], rel=1e-5)
+    assert ours["grad_norm_step1"] > 0  # the replayed rewards differ within a group: a real gradient
 
 
 def test_gpu_mfu_script_runs_its_path_on_cpu_with_a_profile(tmp_path):
