@@ -195,7 +195,9 @@ def test_grpo_and_dpo_iter_name_the_term_or_skip_the_mini_batch(policy_dir):
             fit(dpo_iter, steps=1, loader=loader, max_epochs=1)
             assert dpo_iter.nonfinite_skipped >= 1
             assert all(torch.isfinite(p).all() for p in dpo_iter.policy.parameters())
-            assert any(not torch.equal(a, b) for a, b in zip(before, dpo_iter.policy.parameters(), strict=True))
+            assert any(
+                not torch.equal(a, b) for a, b in zip(before, dpo_iter.policy.parameters(), strict=True)
+            )
 
 
 def test_sft_names_the_nll_or_skips(policy_dir):
