@@ -763,7 +763,7 @@ def _before_code(args):
         types.length_order = collect.length_order = ppo.length_order = in_order
     if args.looped_adamw:
 
-        def looped(groups, lr=None):
+        def looped(groups, lr=None, *, fused=True):  # the kernel before the fused one, whatever is allowed
             return torch.optim.AdamW(groups, foreach=False, **({} if lr is None else {"lr": lr}))
 
         base.adamw = ppo.adamw = looped

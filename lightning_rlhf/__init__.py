@@ -1,6 +1,5 @@
 """lightning_rlhf: reward models, DPO and PPO as PyTorch Lightning modules."""
 
-
 from lightning_rlhf.callbacks import (
     AdvantageNormalization,
     EMAReferenceUpdate,

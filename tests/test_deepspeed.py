@@ -133,6 +133,26 @@ def test_ppo_on_two_ranks_zero2_and_zero3_match_ddp_with_the_paper_callbacks(tes
         assert record["steps"][0]["rollout/advantage_std"] == pytest.approx(1.0, abs=1e-3)
 
 
+GRPO = {
+    "advantage": {"class_path": "lightning_rlhf.rollout.advantages.GRPO", "init_args": {}},
+    "num_generations": 2,
+    "kl_penalty": "loss",
+    "loss_aggregation": "sequence_mean",
+}
+
+
+def test_grpo_on_two_ranks_zero2_and_zero3_match_ddp(testbed, tmp_path):
+    """Critic-free GRPO (groups of 2 on each rank, k3 KL loss, EMA reference): no critic under any strategy,
+    and ZeRO-2 / ZeRO-3 take DDP's steps."""
+    runs = [Run(tag, "ppo", tag, ema=True, module_kwargs=GRPO) for tag in ("ddp", "zero2", "zero3")]
+    out = spawn(testbed, tmp_path, runs, nprocs=2)
+    keys = ["ppo/loss", "ppo/policy_loss", "ppo/kl_loss", "ppo/approx_kl", "rollout/score"]
+    for tag in ("zero2", "zero3"):
+        assert_same_steps(out[tag], out["ddp"], keys)
+    for record in out.values():
+        assert "ppo/value_loss" not in record["steps"][0]  # no critic was built
+
+
 def test_dpo_iter_on_two_ranks_zero2_and_zero3_match_ddp(testbed, tmp_path):
     """DPO-Iter through the shared on-policy engine: sampling (ZeRO-3 gathered or synced), labelling, the
     update loop and the reference refresh (one gathered tensor pair at a time) give DDP's steps."""

@@ -8,7 +8,7 @@ import torch
 from lightning_rlhf.models import load_causal_lm, load_reward_model
 from lightning_rlhf.ops import gae
 from lightning_rlhf.rewards.calling import call_reward_function
-from lightning_rlhf.rollout.collect import ShapingConfig, collect_rollout
+from lightning_rlhf.rollout.collect import Placement, RewardSources, ShapingConfig, collect_rollout
 from lightning_rlhf.rollout.generation import (
     SampledLogprobs,
     SamplingConfig,
@@ -150,8 +150,8 @@ def test_collect_rollout_numbers(testbed):
         sampling=SamplingConfig(max_new_tokens=6),
         kl_coef=0.2,
         shaping=ShapingConfig(gamma=0.9, lam=0.8),
-        reward_function=GoldReward(str(testbed)),
-        micro_batch_size=4,
+        rewards=RewardSources(reward_function=GoldReward(str(testbed))),
+        placement=Placement(micro_batch_size=4),
     )
     gold = torch.tensor(GoldReward(str(testbed))(prompts, rollout.responses))
     torch.testing.assert_close(rollout.raw_scores, gold)
@@ -246,9 +246,9 @@ def _rollout(testbed, old_logprobs: str, n: int = 6, seed: int = 0):
         sampling=SamplingConfig(max_new_tokens=24, temperature=0.7),
         kl_coef=0.2,
         shaping=ShapingConfig(),
-        reward_function=GoldReward(str(testbed)),
-        micro_batch_size=4,
-        generation_batch_size=1,  # a generate call per prompt: some end before max_new_tokens (padded)
+        rewards=RewardSources(reward_function=GoldReward(str(testbed))),
+        # A generate call per prompt: some end before max_new_tokens (padded).
+        placement=Placement(micro_batch_size=4, generation_batch_size=1),
         old_logprobs=old_logprobs,
     )
 

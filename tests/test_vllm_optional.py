@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from lightning_rlhf.rollout.collect import sample_and_score
+from lightning_rlhf.rollout.collect import RewardSources, sample_and_score
 from lightning_rlhf.rollout.generation import SamplingConfig
 from lightning_rlhf.rollout.vllm_engine import VLLMEngine, VLLMSettings, config_dtype, row_seeds
 from lightning_rlhf.testbed.models import build_causal_lm
@@ -74,7 +74,7 @@ def test_vllm_rollouts_need_an_engine(tokenizer):
             prompt_mask=mask,
             prompts=["x"],
             sampling=SamplingConfig(generation_engine="vllm"),
-            reward_function=lambda p, r: [0.0] * len(r),
+            rewards=RewardSources(reward_function=lambda p, r: [0.0] * len(r)),
         )
 
 

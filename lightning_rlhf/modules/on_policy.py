@@ -30,6 +30,7 @@ from lightning_rlhf.models import (
 )
 from lightning_rlhf.modules.base import HFModelModule, NonFinitePolicy, enable_gradient_checkpointing
 from lightning_rlhf.modules.reference import load_frozen_reference
+from lightning_rlhf.rollout.collect import Placement, RewardSources
 from lightning_rlhf.rollout.generation import SamplingConfig
 from lightning_rlhf.rollout.vllm_engine import VLLMEngine, VLLMSettings
 from lightning_rlhf.validation import ConfigError, check, check_callable, check_choice, check_divides
@@ -231,7 +232,8 @@ class OnPolicyModule(HFModelModule):
     # ------------------------------------------------------------------ sampling
     def sampling_arguments(self, *, training: bool = True) -> dict:
         """What :func:`~lightning_rlhf.rollout.collect.sample_and_score` (and ``collect_rollout``) need
-        besides the prompts: models, reward sources, sampling settings, placement and the engine.
+        besides the prompts: the policy and tokenizer, the sampling settings, the reward sources and the
+        placement (chunk sizes, ZeRO-3 mode, the vLLM engine and this rollout's seed).
 
         ``training=False`` (validation) samples with HF ``generate`` when no engine was built (outside
         ``fit``). With an engine, the policy's current weights are synced into it first.
@@ -239,17 +241,19 @@ class OnPolicyModule(HFModelModule):
         sampling = self.sampling
         if not training and self.engine is None:
             sampling = replace(sampling, generation_engine="hf")
+        placement = Placement(
+            micro_batch_size=self.hparams.micro_batch_size,
+            generation_batch_size=self.hparams.generation_batch_size,
+            **self._generation_placement(),
+            **self._engine_arguments(),
+        )
+        rewards = RewardSources(self.reward_model, self.reward_function, self.gold_function)
         return {
             "policy": self.policy,
             "tokenizer": self.tokenizer,
             "sampling": sampling,
-            "reward_model": self.reward_model,
-            "reward_function": self.reward_function,
-            "gold_function": self.gold_function,
-            "micro_batch_size": self.hparams.micro_batch_size,
-            "generation_batch_size": self.hparams.generation_batch_size,
-            **self._generation_placement(),
-            **self._engine_arguments(),
+            "rewards": rewards,
+            "placement": placement,
         }
 
     def generation_is_synced(self) -> bool:

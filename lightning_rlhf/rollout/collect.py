@@ -47,6 +47,34 @@ class ShapingConfig:
     lam: float = 0.95
 
 
+@dataclass(frozen=True)
+class RewardSources:
+    """What scores a sampled response: a reward model (prompt + response, read at the last token) and/or a
+    reward function, summed; a gold function is only computed and logged, never trained on."""
+
+    reward_model: PreTrainedModel | None = None
+    reward_function: RewardFunction | None = None
+    gold_function: RewardFunction | None = None
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where sampling and the no-grad forwards run, and in what chunks."""
+
+    micro_batch_size: int = 8
+    """Sequences per no-grad scoring / inference forward (rows of similar length together)."""
+    generation_batch_size: int = 64
+    """Prompts per HF ``generate`` call."""
+    generation_context: Callable[[], AbstractContextManager] = nullcontext
+    """Entered around all generate calls (under ZeRO-3: the policy's whole weights)."""
+    synced_gpus: bool = False
+    """Passed to ``generate`` (ZeRO-3 with partitioned weights: ranks decode in step)."""
+    engine: VLLMEngine | None = None
+    """The vLLM engine when ``sampling.generation_engine == "vllm"`` (weights synced to the policy)."""
+    seed: int = 0
+    """The vLLM engine's seed for this rollout."""
+
+
 def _chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
@@ -145,34 +173,34 @@ def sample_and_score(
     prompt_mask: Tensor,
     prompts: list[str],
     sampling: SamplingConfig,
-    reward_model: PreTrainedModel | None = None,
-    reward_function: RewardFunction | None = None,
-    gold_function: RewardFunction | None = None,
+    rewards: RewardSources,
+    placement: Placement | None = None,
     columns: Mapping[str, list] | None = None,
-    micro_batch_size: int = 8,
-    generation_batch_size: int = 64,
     timings: dict[str, float] | None = None,
-    generation_context: Callable[[], AbstractContextManager] = nullcontext,
-    synced_gpus: bool = False,
     sampled_logprobs: bool = False,
-    engine: VLLMEngine | None = None,
-    seed: int = 0,
 ) -> ScoredSamples:
     """Sample one response per (left-padded) prompt and score it: reward model + reward function.
 
-    Generation runs ``generation_batch_size`` prompts at a time, scoring ``micro_batch_size`` sequences of
-    similar length at a time, each cut to its own longest prompt and response.
-    ``generation_context`` is entered around all the generate calls (under ZeRO-3: whole policy weights);
-    ``synced_gpus`` is passed to ``generate`` (ZeRO-3 with partitioned weights). ``sampled_logprobs`` also
-    returns the sampled tokens' log-probs, read from the logits they were drawn from
-    (:class:`~lightning_rlhf.rollout.generation.SampledLogprobs`).
-    With ``sampling.generation_engine == "vllm"`` the ``engine`` samples instead (all prompts in one call,
-    seeded by ``seed``; its weights must have been synced to ``policy``'s) and returns the same tensors.
+    Generation runs ``placement.generation_batch_size`` prompts at a time, scoring
+    ``placement.micro_batch_size`` sequences of similar length at a time, each cut to its own longest
+    prompt and response. ``sampled_logprobs`` also returns the sampled tokens' log-probs, read from the
+    logits they were drawn from (:class:`~lightning_rlhf.rollout.generation.SampledLogprobs`).
+    With ``sampling.generation_engine == "vllm"`` the ``placement.engine`` samples instead (all prompts in
+    one call, seeded by ``placement.seed``; its weights must have been synced to ``policy``'s) and returns
+    the same tensors.
 
     ``columns`` (the prompts' other dataset columns, one value per prompt) go to the reward and gold
     functions that name them (:func:`~lightning_rlhf.rewards.calling.call_reward_function`).
     ``timings`` (if given) receives the seconds spent in ``generation`` and ``scoring``.
     """
+    placement = placement or Placement()
+    reward_model, reward_function, gold_function = (
+        rewards.reward_model,
+        rewards.reward_function,
+        rewards.gold_function,
+    )
+    micro_batch_size = placement.micro_batch_size
+    synced_gpus = placement.synced_gpus
     if reward_model is None and reward_function is None:
         raise ValueError("PPO needs a reward: give a reward_model, a reward_function, or both")
     timings = timings if timings is not None else {}
@@ -185,7 +213,15 @@ def sample_and_score(
     start = time.perf_counter()
     if sampling.generation_engine == "vllm":
         response_ids, response_mask, logprobs = _engine_samples(
-            engine, prompt_ids, prompt_mask, sampling, eos, pad, seed, sampled_logprobs, synced_gpus
+            placement.engine,
+            prompt_ids,
+            prompt_mask,
+            sampling,
+            eos,
+            pad,
+            placement.seed,
+            sampled_logprobs,
+            synced_gpus,
         )
     else:
         response_ids, response_mask, logprobs = _hf_samples(
@@ -195,8 +231,8 @@ def sample_and_score(
             sampling,
             eos=eos,
             pad=pad,
-            generation_batch_size=generation_batch_size,
-            generation_context=generation_context,
+            generation_batch_size=placement.generation_batch_size,
+            generation_context=placement.generation_context,
             synced_gpus=synced_gpus,
             sampled_logprobs=sampled_logprobs,
         )
@@ -246,34 +282,30 @@ def collect_rollout(
     prompt_mask: Tensor,
     prompts: list[str],
     sampling: SamplingConfig,
+    rewards: RewardSources,
     kl_coef: float,
     shaping: ShapingConfig,
+    placement: Placement | None = None,
     advantage: AdvantageEstimator | None = None,
     group_size: int = 1,
-    reward_model: PreTrainedModel | None = None,
-    reward_function: RewardFunction | None = None,
-    gold_function: RewardFunction | None = None,
     columns: Mapping[str, list] | None = None,
     moments: RunningMoments | None = None,
-    micro_batch_size: int = 8,
-    generation_batch_size: int = 64,
     timings: dict[str, float] | None = None,
-    generation_context: Callable[[], AbstractContextManager] = nullcontext,
-    synced_gpus: bool = False,
     old_logprobs: str = "forward",
-    engine: VLLMEngine | None = None,
-    seed: int = 0,
 ) -> Rollout:
     """Sample responses to the prompts and compute everything the PPO update needs.
 
-    Inference runs in micro-batches of ``micro_batch_size`` sequences, each model once per rollout. The old
-    log-probs come from a policy ``forward`` like the update's, or (``"sampling"``) from the logits the
-    tokens were sampled from, which saves that forward. ``engine`` and ``seed``: see :func:`sample_and_score`.
-    ``timings`` (if given) receives seconds spent in ``generation``, ``scoring`` and ``inference``.
+    Inference runs in micro-batches of ``placement.micro_batch_size`` sequences, each model once per
+    rollout. The old log-probs come from a policy ``forward`` like the update's, or (``"sampling"``) from
+    the logits the tokens were sampled from, which saves that forward. Sampling, ``rewards`` and
+    ``placement``: see :func:`sample_and_score`. ``timings`` (if given) receives seconds spent in
+    ``generation``, ``scoring`` and ``inference``.
     ``advantage`` (default :class:`GAE`, which needs the ``critic``) turns the token rewards into advantages;
     the critic-free ones read ``group_size`` consecutive rows as the responses to one prompt, and with
     ``critic=None`` the values are zeros.
     """
+    placement = placement or Placement()
+    micro_batch_size = placement.micro_batch_size
     advantage = advantage if advantage is not None else GAE()
     if advantage.needs_critic and critic is None:
         raise ValueError(f"advantage {advantage!r} needs a critic (value model); got critic=None")
@@ -287,18 +319,11 @@ def collect_rollout(
         prompt_mask=prompt_mask,
         prompts=prompts,
         sampling=sampling,
-        reward_model=reward_model,
-        reward_function=reward_function,
-        gold_function=gold_function,
+        rewards=rewards,
+        placement=placement,
         columns=columns,
-        micro_batch_size=micro_batch_size,
-        generation_batch_size=generation_batch_size,
         timings=timings,
-        generation_context=generation_context,
-        synced_gpus=synced_gpus,
         sampled_logprobs=old_logprobs == "sampling",
-        engine=engine,
-        seed=seed,
     )
     response_ids, response_mask, ended, raw = (
         samples.response_ids,

@@ -12,7 +12,7 @@ vllm = pytest.importorskip("vllm")
 import torch  # noqa: E402
 
 from lightning_rlhf.models import response_token_logprobs  # noqa: E402
-from lightning_rlhf.rollout.collect import sample_and_score  # noqa: E402
+from lightning_rlhf.rollout.collect import Placement, RewardSources, sample_and_score  # noqa: E402
 from lightning_rlhf.rollout.generation import SamplingConfig, generate_responses, left_pad_prompts  # noqa: E402
 from lightning_rlhf.rollout.types import select_rows  # noqa: E402
 from lightning_rlhf.rollout.vllm_engine import VLLMEngine, VLLMSettings  # noqa: E402
@@ -143,11 +143,13 @@ def test_rollout_tensors_match_the_hf_path_with_eos(engine, tokenizer):
         "prompt_ids": ids,
         "prompt_mask": mask,
         "prompts": PROMPTS,
-        "reward_function": lambda prompts, responses: [float(len(r)) for r in responses],
+        "rewards": RewardSources(
+            reward_function=lambda prompts, responses: [float(len(r)) for r in responses]
+        ),
     }
     hf = sample_and_score(sampling=GREEDY, **common)
     vllm_greedy = SamplingConfig(8, 0.0, generation_engine="vllm")
-    ours = sample_and_score(sampling=vllm_greedy, engine=engine, **common)
+    ours = sample_and_score(sampling=vllm_greedy, placement=Placement(engine=engine), **common)
     assert hf.response_mask[0].tolist()[:3] == [1, 1, 0] and hf.response_ids[0, 1] == eos
     assert hf.response_ids[0, 2:].eq(pad).all()
     width = hf.response_ids.shape[1]
