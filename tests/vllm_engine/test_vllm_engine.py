@@ -329,3 +329,55 @@ def test_rollout_benchmark_script_runs(tmp_path):
     result = json.loads(out.read_text())
     assert result["hf"]["tokens"] > 0 and result["vllm"]["tokens"] > 0
     assert "| vllm |" in proc.stdout
+
+
+def test_dpo_iter_samples_with_vllm_and_the_engine_follows_its_updates(tmp_path):
+    """DPO-Iter through the shared on-policy engine with generation_engine='vllm': its pairs come from the
+    engine, which receives the policy's weights before each iteration's sampling; after training, a sync
+    makes the engine's greedy continuations and log-probs equal the trained policy's, which moved."""
+    import lightning as L
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lightning_rlhf import IterativeDPOModule, PromptDataModule
+    from lightning_rlhf.quickstart import read_prompts
+    from lightning_rlhf.testbed.files import SplitSizes, write_testbed
+    from lightning_rlhf.testbed.reward import GoldReward
+    from lightning_rlhf.testbed.task import TaskConfig
+
+    testbed = tmp_path / "tb"
+    sizes = SplitSizes(sft_train=8, sft_eval=8, pairs_train=8, pairs_eval=8, prompts_train=24, prompts_eval=4)
+    write_testbed(testbed, TaskConfig(seed=0), sizes, model_size="tiny")
+    policy_dir = str(testbed / "init_policy")
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    L.seed_everything(0, verbose=False)
+    module = IterativeDPOModule(
+        policy_dir,
+        reward_function=GoldReward(str(testbed)),
+        num_samples=4,
+        max_new_tokens=8,
+        mini_batch_size=8,
+        micro_batch_size=8,
+        learning_rate=1e-2,
+        generation_engine="vllm",
+        vllm=VLLMSettings(dtype="float32", max_model_len=64),
+    )
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_steps=3,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(module, PromptDataModule(policy_dir, str(testbed / "prompts_train.jsonl"), batch_size=8))
+    assert module.engine is not None and trainer.global_step == 3
+    assert float(trainer.callback_metrics["iteration/pairs"]) > 0
+    prompts = read_prompts(testbed / "prompts_eval.jsonl")
+    module.policy.eval()
+    trained = hf_greedy(module.policy, tokenizer, prompts)
+    untrained = hf_greedy(AutoModelForCausalLM.from_pretrained(policy_dir).eval(), tokenizer, prompts)
+    with pytest.raises(AssertionError):  # the policy moved: a stale engine would be caught below
+        assert_same(untrained, trained)
+    module.sampling_arguments()  # what each iteration does before sampling: sync the engine
+    assert_same(engine_greedy(module.engine, tokenizer, prompts), trained)
