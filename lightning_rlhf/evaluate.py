@@ -20,7 +20,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -30,6 +30,7 @@ from lightning_rlhf.models import load_causal_lm, load_reward_model, load_tokeni
 from lightning_rlhf.rewards.calling import call_reward_function, repeat_columns, select_columns
 from lightning_rlhf.rollout.generation import SamplingConfig, generate_texts
 from lightning_rlhf.rollout.scoring import score_texts
+from lightning_rlhf.rollout.vllm_engine import VLLMEngine, VLLMSettings
 from lightning_rlhf.validation import ConfigError
 
 RM_SCORER = "reward_model"
@@ -153,11 +154,13 @@ def evaluate(
     batch_size: int = 64,
     seed: int = 0,
     progress: bool = True,
+    vllm: VLLMSettings | None = None,
 ) -> tuple[list[dict[str, float | str]], list[PolicySamples], list[str]]:
     """Sample, score and summarize; returns (summary rows, per-policy samples, the prompts as rendered).
 
     ``pass_scorer`` defaults to the last reward function (else the reward model), ``win_scorer`` to the
-    reward model (else the first reward function).
+    reward model (else the first reward function). With ``sampling.generation_engine == "vllm"`` each policy
+    samples through a vLLM engine built from its folder with the ``vllm`` settings.
     """
     functions = dict(reward_functions or {})
     scorers = ([RM_SCORER] if reward_model else []) + list(functions)
@@ -191,12 +194,18 @@ def evaluate(
         row_columns = repeat_columns(
             {n: [r["columns"][n] for r in rows] for n in rows[0]["columns"]}, num_samples
         )
-        model = load_causal_lm(path)
-        label = f"sampling {path} ({len(rows)} prompts x {num_samples})" if progress else None
-        out = generate_texts(
-            model, data.tokenizer, texts, sampling, batch_size=batch_size, seed=seed, progress=label
-        )
-        del model
+        if sampling.generation_engine == "vllm":
+            # An engine per policy, built from its folder (vLLM batches all prompts in one call itself).
+            engine = VLLMEngine(path, vllm)
+            out = engine.generate_texts(data.tokenizer, texts, sampling, seed=seed)
+            del engine
+        else:
+            model = load_causal_lm(path)
+            label = f"sampling {path} ({len(rows)} prompts x {num_samples})" if progress else None
+            out = generate_texts(
+                model, data.tokenizer, texts, sampling, batch_size=batch_size, seed=seed, progress=label
+            )
+            del model
         result = PolicySamples(name=path, responses=out.texts, ended=out.ended, lengths=out.lengths)
         if rm is not None:
             result.scores[RM_SCORER] = score_texts(rm, rm_tokenizer, texts, out.texts).tolist()
@@ -316,6 +325,8 @@ def evaluate_command(
     apply_chat_template: bool | None = None,
     batch_size: int = 64,
     seed: int = 0,
+    generation_engine: Literal["hf", "vllm"] = "hf",
+    vllm: VLLMSettings | None = None,
 ) -> None:
     """Compare policies on a prompts file: mean scores, win rate vs the first policy, pass@k, EOS rate.
 
@@ -347,9 +358,16 @@ def evaluate_command(
             (as PromptDataModule's argument: the policy should see prompts as it was trained on them).
         batch_size: Prompts per generation batch.
         seed: Sampling seed, the same for every policy.
+        generation_engine: Who samples: HF ``generate`` (``hf``) or a vLLM engine built from each policy's
+            folder (``vllm``; needs vllm installed).
+        vllm: Settings of the vLLM engine (dtype, max_model_len, seed, memory share).
     """
     sampling = SamplingConfig(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        generation_engine=generation_engine,
     )
     summary, samples, rendered = evaluate(
         policies,
@@ -370,6 +388,7 @@ def evaluate_command(
         apply_chat_template=apply_chat_template,
         batch_size=batch_size,
         seed=seed,
+        vllm=VLLMSettings.build(vllm),
     )
     folder = write_report(out, summary, samples, rendered)
     print(markdown_table(summary), end="")

