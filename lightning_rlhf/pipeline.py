@@ -8,6 +8,7 @@ module on the testbed's jsonl files and saves its model as a ``save_pretrained``
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ class StageSettings:
 
     sft_epochs: int = 3
     sft_lr: float = 3e-3
+    sft_grad_clip: float | None = None  # gradient norm clip of the SFT stage (None: off)
     reward_epochs: int = 3
     reward_lr: float = 3e-4
     dpo_epochs: int = 2
@@ -49,6 +51,17 @@ class StageSettings:
     ppo_ema_decay: float = 0.05
 
 
+PROGRAM_SETTINGS = StageSettings(
+    sft_epochs=1,  # one pass over 48000 fresh demonstrations (1500 steps): more problems, not more epochs
+    sft_lr=1e-3,
+    sft_grad_clip=1.0,
+    max_new_tokens=10,  # a program is at most 8 ops, one token each, then EOS
+    ppo_epochs=4,  # 8 rollouts of 512 prompts
+)
+"""The program testbed's stages (``quickstart --task programs``, ``benchmarks/program_calibration.py``):
+the SFT settings are the calibration's (README "The program testbed"), fixed before any RL was run."""
+
+
 def read_prompts(path: Path) -> list[str]:
     with path.open(encoding="utf-8") as f:
         return [json.loads(line)["prompt"] for line in f]
@@ -62,6 +75,7 @@ def fit(
     callbacks: list | None = None,
     *,
     validate: bool = True,
+    gradient_clip_val: float | None = None,
 ) -> L.Trainer:
     """One quiet, deterministic CPU fit; ``validate=False`` skips the validation loop (the study scores
     policies with the gold reward instead, and validation is a large share of a tiny model's time)."""
@@ -78,6 +92,7 @@ def fit(
         enable_model_summary=False,
         callbacks=callbacks or [],
         limit_val_batches=None if validate else 0,
+        gradient_clip_val=gradient_clip_val,
     )
     trainer.fit(module, data)
     return trainer
@@ -116,7 +131,7 @@ def train_sft(
         batch_size=s.batch_size,
         apply_chat_template=False,
     )
-    fit(module, data, s.sft_epochs, seed, callbacks, validate=validate)
+    fit(module, data, s.sft_epochs, seed, callbacks, validate=validate, gradient_clip_val=s.sft_grad_clip)
     module.save_pretrained(out / save_as)
 
 
@@ -152,16 +167,29 @@ def train_dpo(
     module.save_pretrained(out / save_as)
 
 
+def _reward_sources(out: Path, exact_reward: Callable | None) -> dict:
+    """The on-policy stages' rewards: the reward model (gold reward logged) or the task's exact reward."""
+    if exact_reward is not None:
+        return {"reward_function": exact_reward}
+    # The gold reward is logged during training, never trained on.
+    return {"reward_model": str(out / "reward_model"), "gold_function": GoldReward(str(out))}
+
+
 def train_iterative_dpo(
-    out: Path, settings: StageSettings, seed: int, *, callbacks: list | None = None
+    out: Path,
+    settings: StageSettings,
+    seed: int,
+    *,
+    callbacks: list | None = None,
+    exact_reward: Callable | None = None,
 ) -> None:
-    """DPO-Iter: fresh samples of the policy, paired by the reward model, from the SFT policy."""
+    """DPO-Iter: fresh samples of the policy, paired by the reward model (or by ``exact_reward``, e.g. the
+    program task's tests: the paper's APPS recipe), from the SFT policy."""
     s = settings
     sft_dir = str(out / "sft_policy")
     module = IterativeDPOModule(
         sft_dir,
-        reward_model=str(out / "reward_model"),
-        gold_function=GoldReward(str(out)),  # logged during training, never trained on
+        **_reward_sources(out, exact_reward),
         loss=SigmoidDPOLoss(beta=s.dpo_beta),
         num_samples=4,
         max_new_tokens=s.max_new_tokens,
@@ -191,17 +219,18 @@ def train_ppo(
     ema_reference: bool = True,
     save_as: str = "ppo_policy",
     callbacks: list | None = None,
+    exact_reward: Callable | None = None,
 ) -> None:
-    """PPO against the reward model from the SFT policy; the defaults are the paper's recipe (a 512-prompt
-    rollout batch, advantage normalization, an EMA reference). Every rollout is split into 4 mini-batches
-    whatever its size, so a smaller rollout batch also means smaller, noisier and more frequent updates."""
+    """PPO against the reward model (or ``exact_reward``, no reward model: the critic then starts from the
+    policy) from the SFT policy; the defaults are the paper's recipe (a 512-prompt rollout batch, advantage
+    normalization, an EMA reference). Every rollout is split into 4 mini-batches whatever its size, so a
+    smaller rollout batch also means smaller, noisier and more frequent updates."""
     s = settings
     rollout_batch = rollout_batch or s.ppo_rollout_batch
     sft_dir = str(out / "sft_policy")
     module = PPOModule(
         sft_dir,
-        reward_model=str(out / "reward_model"),
-        gold_function=GoldReward(str(out)),
+        **_reward_sources(out, exact_reward),
         max_new_tokens=s.max_new_tokens,
         mini_batch_size=rollout_batch // 4,
         micro_batch_size=max(1, rollout_batch // 8),

@@ -62,6 +62,7 @@ DATA_FILES = {
     "Anthropic/hh-rlhf": f"{TESTBED}/hh-rlhf",
     "HuggingFaceH4/ultrachat_200k": f"{TESTBED}/ultrachat_200k",
     "data/apps_train.jsonl": f"{TESTBED}/apps_train.jsonl",
+    "runs/quickstart_programs/prompts_train.jsonl": f"{TESTBED}/program_prompts.jsonl",
 }
 
 
@@ -161,6 +162,7 @@ def write_inputs(root: Path) -> None:
     _write_hh(root, root / "hh-rlhf")
     _write_ultrachat(root, root / "ultrachat_200k")
     _write_apps(root / "apps_train.jsonl")
+    _write_program_prompts(root / "program_prompts.jsonl")
 
 
 def ends_early(model, eos_token_id: int, p_eos: float = 0.25) -> None:
@@ -236,6 +238,27 @@ def _write_apps(path: Path) -> None:
         tests = {"inputs": [f"{i}\n"], "outputs": [f"{i * i}\n"]}
         rows.append(
             {"problem_id": i, "question": "Read n and print n squared.", "input_output": json.dumps(tests)}
+        )
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _write_program_prompts(path: Path) -> None:
+    """Program testbed prompt rows (prompt, tests, public_tests, tier), as the quickstart writes them."""
+    import random
+
+    from lightning_rlhf.testbed.programs import ProgramTask
+
+    rng, task = random.Random(0), ProgramTask()
+    rows = []
+    for i in range(64):
+        problem = task.sample(("intro", "interview", "competition")[i % 3], rng)
+        rows.append(
+            {
+                "prompt": problem.prompt,
+                "tests": json.dumps(problem.tests),
+                "public_tests": json.dumps(problem.public_tests),
+                "tier": problem.tier,
+            }
         )
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 

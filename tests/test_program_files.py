@@ -10,7 +10,15 @@ from lightning_rlhf import PromptDataModule
 from lightning_rlhf.cli import cli_main
 from lightning_rlhf.rewards.calling import call_reward_function
 from lightning_rlhf.testbed.files import ProgramSplitSizes, write_program_testbed
-from lightning_rlhf.testbed.programs import OPS, TIERS, ProgramReward, fingerprint, parse_program, passes
+from lightning_rlhf.testbed.programs import (
+    OPS,
+    TIERS,
+    ProgramReward,
+    ProgramsConfig,
+    fingerprint,
+    parse_program,
+    passes,
+)
 
 
 def rows(path):
@@ -23,7 +31,7 @@ def programs(tmp_path_factory):
     sizes = ProgramSplitSizes(
         sft_train=120, sft_eval=12, pairs_train=60, pairs_eval=12, prompts_train=48, prompts_eval=30
     )
-    write_program_testbed(out, sizes=sizes, model_size="nano")
+    write_program_testbed(out, ProgramsConfig(unseen_eval_programs=True), sizes, model_size="nano")
     return out
 
 
@@ -46,7 +54,7 @@ def test_every_demonstration_and_chosen_program_passes_and_every_mutant_fails(pr
 
 
 def test_held_out_programs_never_appear_in_training(programs):
-    """A training program with a held-out program's semantics would pass all 11 of that row's tests."""
+    """unseen_eval_programs=True (10 held-out rows per tier: at most 16 intro ones exist). A training program with a held-out program's semantics would pass all 11 of that row's tests."""
     evaluation = rows(programs / "prompts_eval.jsonl")
     assert [r["tier"] for r in evaluation] == [t for _ in range(10) for t in TIERS]
     trained = {tuple(parse_program(r["completion"])) for r in rows(programs / "sft_train.jsonl")}
@@ -98,8 +106,6 @@ def test_the_cli_writes_the_program_testbed(tmp_path, capsys):
 def test_eval_programs_may_be_demonstrated_when_asked_but_prompts_never_repeat(tmp_path):
     """unseen_eval_programs=False: held-out rows are new problems drawn like the training ones, so short
     programs also appear in training (with other examples); no held-out prompt text is a training one."""
-    from lightning_rlhf.testbed.programs import ProgramsConfig
-
     sizes = ProgramSplitSizes(
         sft_train=300, sft_eval=6, pairs_train=6, pairs_eval=6, prompts_train=6, prompts_eval=30
     )
@@ -114,4 +120,4 @@ def test_eval_programs_may_be_demonstrated_when_asked_but_prompts_never_repeat(t
             p for p in _short_programs() if passes(p, row["tests"]) and passes(p, row["public_tests"])
         ]
         demonstrated += any(fingerprint(p) in trained for p in solutions)
-    assert demonstrated > 0  # 300 demonstrations cover some of the 272 intro-tier programs
+    assert demonstrated > 0  # 300 demonstrations cover most of the 16 intro-tier programs

@@ -148,7 +148,7 @@ def load_task(out_dir: str | Path) -> WordTask:
 class ProgramSplitSizes:
     """How many rows each file of the program testbed gets (eval prompts: split evenly over the tiers)."""
 
-    sft_train: int = 3000
+    sft_train: int = 48000
     sft_eval: int = 150
     pairs_train: int = 2000
     pairs_eval: int = 300
@@ -198,7 +198,7 @@ def write_program_testbed(
     out.mkdir(parents=True, exist_ok=True)
     task = ProgramTask(config)
     rng = random.Random(f"program-task-data-{config.seed}")
-    tiers = list(TIERS)
+    tiers = list(config.tiers)
 
     # With unseen_eval_programs the held-out programs' semantics are excluded from every training file;
     # otherwise only the held-out prompts themselves are (a training row never repeats an evaluation row).

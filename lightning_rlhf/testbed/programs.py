@@ -14,14 +14,17 @@ Tests use the APPS / CodeContests stdin -> stdout form, ``{"inputs": ["3 1 4\\n"
 ["4 1 3\\n", ...]}`` (a list printed as its digits separated by single spaces, then a newline; the empty list
 is an empty line), so the very rows can also be scored by running :func:`render_python` in a sandbox.
 
-Difficulty tiers by the *minimal* depth of the program (APPS analogue): ``intro`` = 1-2 operations,
-``interview`` = 3, ``competition`` = 4. A sampled program whose semantics (its outputs on a fixed probe set)
+Difficulty tiers by the *minimal* depth of the program (APPS analogue): ``intro`` = 1 operation,
+``interview`` = 2, ``competition`` = 3-4. A sampled program whose semantics (its outputs on a fixed probe set)
 equals a shorter program's is rejected, so the tier is the real depth; programs whose public examples are
-degenerate (every output equals its input, or every output is empty) are rejected too.
+degenerate (every output equals its input, or every output is empty) are rejected too. Inputs are lists of 5
+digits.
 
-Calibration targets, stated before any training (README "Programs testbed"): a tiny SFT model gets pass@1
+Calibration targets, stated before any training (README "The program testbed"): a tiny SFT model gets pass@1
 about 50 / 15 / 3 % on intro / interview / competition, with pass@64 well above pass@1 on competition (the
-sparse-success regime where RL has signal to work with).
+sparse-success regime where RL has signal to work with). The tiers, the fixed list length and the SFT
+budget (``lightning_rlhf.pipeline.PROGRAM_SETTINGS``) are the outcome of that one calibration; the measured
+numbers are in README.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ OPS: dict[str, Callable[[list[int]], list[int]]] = {
 }
 """The language: op token -> pure function on a list of digits (every value stays in 0..9)."""
 
-TIERS: dict[str, tuple[int, ...]] = {"intro": (1, 2), "interview": (3,), "competition": (4,)}
+TIERS: dict[str, tuple[int, ...]] = {"intro": (1,), "interview": (2,), "competition": (3, 4)}
 """Tier name -> the program depths it holds."""
 
 MAX_PROGRAM_OPS = 8
@@ -200,14 +203,26 @@ class ProgramsConfig:
     """Public examples shown in the prompt."""
     num_hidden: int = 8
     """Hidden tests per row (the reward's tests)."""
-    min_len: int = 4
+    min_len: int = 5
     """Shortest input list."""
-    max_len: int = 7
+    max_len: int = 5
     """Longest input list."""
-    unseen_eval_programs: bool = True
-    """Held-out prompts ask only for programs (by semantics) that no training file demonstrates. False: they
-    are new problems (new examples) drawn like the training ones, so a program may also be demonstrated in
-    training with other inputs (only the held-out prompt texts are kept out); calibration, README."""
+    unseen_eval_programs: bool = False
+    """Held-out prompts ask only for programs (by semantics) that no training file demonstrates (a test of
+    composition; the intro tier has only 16 programs, so at most 16 intro held-out prompts). False: they are
+    new problems (new examples) drawn like the training ones, as APPS test problems are new problems over
+    familiar skills; only the held-out prompt texts are kept out of training."""
+    tiers: tuple[str, ...] = tuple(TIERS)
+    """The tiers every file holds, rows cycling through them in this order (e.g. ``("intro",)``)."""
+
+    def __post_init__(self) -> None:
+        bad = [t for t in self.tiers if t not in TIERS]
+        if bad or not self.tiers:
+            raise ValueError(f"ProgramsConfig.tiers must name some of {list(TIERS)} (got {list(self.tiers)})")
+        if not 1 <= self.min_len <= self.max_len:
+            raise ValueError(
+                f"ProgramsConfig needs 1 <= min_len <= max_len (got {self.min_len}, {self.max_len})"
+            )
 
 
 @dataclass(frozen=True)
@@ -346,6 +361,34 @@ class ProgramReward:
             ok_public = True if shown is None else passes(program, shown)
             out.append(Submission(ok_public, fingerprint(program), passes(program, hidden)))
         return out
+
+
+class PythonProgramReward:
+    """The same exact reward through the code path: each response's program is rendered as Python
+    (:func:`render_python`) and run by :class:`~lightning_rlhf.rewards.CodeExecutionReward` in the sandbox
+    on its row's ``tests``, one subprocess per test. A response that does not parse renders as no code (a
+    ``no_code`` failure). Slower than :class:`ProgramReward` and equal to it (a test checks); it exercises
+    what a user's APPS-style run does. ``metrics()`` are the execution rates (``pass_rate``, ...)."""
+
+    def __init__(self, eos_token: str | None = None, **execution: object) -> None:
+        """
+        Args:
+            eos_token: text cut off the response before parsing (None: the response is already cut).
+            execution: :class:`~lightning_rlhf.rewards.CodeExecutionReward` arguments (``pass_score``,
+                ``timeout_s``, ``num_workers``, ...).
+        """
+        from lightning_rlhf.rewards.code import CodeExecutionReward
+
+        self.eos_token = eos_token
+        self.execution = CodeExecutionReward(**execution)
+
+    def __call__(self, prompts: list[str], responses: list[str], **columns: object) -> list[float]:
+        programs = [parse_program(r, self.eos_token) for r in responses]
+        code = [render_python(p) if p is not None else "" for p in programs]
+        return self.execution(prompts, code, **columns)
+
+    def metrics(self) -> dict[str, float]:
+        return self.execution.metrics()
 
 
 def _check_rows(column: list, name: str) -> None:
