@@ -54,7 +54,8 @@ def test_every_demonstration_and_chosen_program_passes_and_every_mutant_fails(pr
 
 
 def test_held_out_programs_never_appear_in_training(programs):
-    """unseen_eval_programs=True (10 held-out rows per tier: at most 16 intro ones exist). A training program with a held-out program's semantics would pass all 11 of that row's tests."""
+    """unseen_eval_programs=True (10 held-out rows per tier: at most 16 intro ones exist). A training program
+    with a held-out program's semantics would pass all 11 of that row's tests."""
     evaluation = rows(programs / "prompts_eval.jsonl")
     assert [r["tier"] for r in evaluation] == [t for _ in range(10) for t in TIERS]
     trained = {tuple(parse_program(r["completion"])) for r in rows(programs / "sft_train.jsonl")}
