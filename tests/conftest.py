@@ -31,3 +31,19 @@ def tokenizer_dir(tmp_path_factory, tokenizer):
     path = tmp_path_factory.mktemp("tok")
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def word_rl_testbed(tmp_path_factory):
+    """The word testbed the RL tests train on (tests/word_rl.py: 1000 demonstrations, 256 prompts)."""
+    from word_rl import write_rl_testbed
+
+    return write_rl_testbed(tmp_path_factory.mktemp("word_rl"))
+
+
+@pytest.fixture(scope="session")
+def word_sft_start(tmp_path_factory, word_rl_testbed):
+    """The SFT policy every "RL beats SFT" test starts from, trained once (tests/word_rl.py)."""
+    from word_rl import train_sft_start
+
+    return train_sft_start(word_rl_testbed, tmp_path_factory.mktemp("word_sft"))

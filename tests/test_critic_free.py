@@ -5,7 +5,6 @@ import lightning as L
 import pytest
 import torch
 from lightning import Callback
-from transformers import AutoTokenizer
 
 from lightning_rlhf import (
     GRPO,
@@ -13,26 +12,16 @@ from lightning_rlhf import (
     PPOModule,
     PromptDataModule,
     REINFORCEPlusPlus,
-    SFTDataModule,
-    SFTModule,
 )
 from lightning_rlhf.cli import build_cli
-from lightning_rlhf.quickstart import read_prompts
 from lightning_rlhf.testbed.evaluate import evaluate_policy
-from lightning_rlhf.testbed.files import SplitSizes, write_testbed
 from lightning_rlhf.testbed.reward import GoldReward
-from lightning_rlhf.testbed.task import TaskConfig
 from lightning_rlhf.validation import ConfigError
 
 
 @pytest.fixture(scope="module")
-def testbed(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tb")
-    sizes = SplitSizes(
-        sft_train=1000, sft_eval=16, pairs_train=8, pairs_eval=8, prompts_train=256, prompts_eval=96
-    )
-    write_testbed(out, TaskConfig(seed=0), sizes, model_size="tiny")
-    return out
+def testbed(word_rl_testbed):
+    return word_rl_testbed  # tests/word_rl.py, shared with the PPO tests
 
 
 class KeepRollouts(Callback):
@@ -141,24 +130,16 @@ def test_the_cli_takes_the_estimator_by_class_path(testbed, tmp_path):
 
 
 @pytest.mark.parametrize("estimator", [GRPO(), RLOO()], ids=["grpo", "rloo"])
-def test_critic_free_estimators_raise_held_out_gold_reward_over_the_sft_policy(testbed, tmp_path, estimator):
-    """Seeded, the PPO test's budget and settings with the critic swapped for groups of 4 responses: the
-    held-out mean gold reward must rise clearly (measured: GRPO -0.06 -> 0.24, RLOO -0.06 -> 0.21; the PPO
-    test: about +0.3)."""
-    L.seed_everything(0, verbose=False)
-    sft = SFTModule(str(testbed / "init_policy"), learning_rate=3e-3)
-    trainer(tmp_path, max_epochs=2, enable_checkpointing=False, deterministic=True).fit(
-        sft, SFTDataModule(str(testbed / "tokenizer"), str(testbed / "sft_train.jsonl"), batch_size=32)
-    )
-    sft.save_pretrained(tmp_path / "sft")
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "sft")
-    task = GoldReward(str(testbed)).task
-    held_out = read_prompts(testbed / "prompts_eval.jsonl")
-    before = evaluate_policy(sft.policy, tokenizer, task, held_out, samples_per_prompt=2, seed=1)
-
+def test_critic_free_estimators_raise_held_out_gold_reward_over_the_sft_policy(
+    testbed, word_sft_start, tmp_path, estimator
+):
+    """Seeded, the PPO test's start (tests/word_rl.py), budget and settings with the critic swapped for
+    groups of 4 responses: the held-out mean gold reward must rise clearly (measured: GRPO -0.06 -> 0.24,
+    RLOO -0.06 -> 0.21; the PPO test: about +0.3)."""
+    start = word_sft_start
     L.seed_everything(0, verbose=False)
     grpo = PPOModule(
-        str(tmp_path / "sft"),
+        str(start.path),
         reward_function=GoldReward(str(testbed)),
         advantage=estimator,
         num_generations=4,
@@ -169,10 +150,11 @@ def test_critic_free_estimators_raise_held_out_gold_reward_over_the_sft_policy(t
         kl_coef=0.05,
     )
     fit = trainer(tmp_path, max_steps=4 * 30, enable_checkpointing=False, deterministic=True)
-    fit.fit(
-        grpo, PromptDataModule(str(tmp_path / "sft"), str(testbed / "prompts_train.jsonl"), batch_size=16)
+    fit.fit(grpo, PromptDataModule(str(start.path), str(testbed / "prompts_train.jsonl"), batch_size=16))
+    after = evaluate_policy(
+        grpo.policy, start.tokenizer, start.task, start.held_out, samples_per_prompt=2, seed=1
     )
-    after = evaluate_policy(grpo.policy, tokenizer, task, held_out, samples_per_prompt=2, seed=1)
+    before = start.before
     print(type(estimator).__name__, "gold before/after", before["gold_reward"], after["gold_reward"])
     assert after["gold_reward"] > before["gold_reward"] + 0.15, (before, after)
 

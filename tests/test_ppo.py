@@ -8,13 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lightning_rlhf import PPOModule, PromptDataModule, SFTDataModule, SFTModule
+from lightning_rlhf import PPOModule, PromptDataModule
 from lightning_rlhf.modules.ppo import FirstStepCheckError
-from lightning_rlhf.quickstart import read_prompts
 from lightning_rlhf.testbed.evaluate import evaluate_policy
-from lightning_rlhf.testbed.files import SplitSizes, write_testbed
 from lightning_rlhf.testbed.reward import GoldReward
-from lightning_rlhf.testbed.task import TaskConfig
 
 
 def quiet(root, **kwargs) -> L.Trainer:
@@ -57,17 +54,8 @@ def test_a_reward_is_required_to_fit_but_not_to_export():
 
 
 @pytest.fixture(scope="module")
-def testbed(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tb")
-    write_testbed(
-        out,
-        TaskConfig(seed=0),
-        SplitSizes(
-            sft_train=1000, sft_eval=16, pairs_train=8, pairs_eval=8, prompts_train=256, prompts_eval=96
-        ),
-        model_size="tiny",
-    )
-    return out
+def testbed(word_rl_testbed):
+    return word_rl_testbed  # tests/word_rl.py, shared with the critic-free tests
 
 
 def prompts(testbed, batch_size=16):
@@ -145,23 +133,13 @@ def test_adaptive_kl_and_score_statistics_are_checkpointed(testbed, tmp_path, mo
     torch.testing.assert_close(exported.lm_head.weight, module.policy.lm_head.weight)
 
 
-def test_ppo_raises_held_out_gold_reward_over_the_sft_policy(testbed, tmp_path):
-    """Seeded, ~30 s: SFT the tiny policy, then PPO against the testbed's gold reward (a reward function);
-    the held-out mean gold reward must rise clearly (measured: about +0.3)."""
-    L.seed_everything(0, verbose=False)
-    sft = SFTModule(str(testbed / "init_policy"), learning_rate=3e-3)
-    quiet(tmp_path, max_epochs=2, enable_checkpointing=False, deterministic=True).fit(
-        sft, SFTDataModule(str(testbed / "tokenizer"), str(testbed / "sft_train.jsonl"), batch_size=32)
-    )
-    sft.save_pretrained(tmp_path / "sft")
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "sft")
-    task = GoldReward(str(testbed)).task
-    held_out = read_prompts(testbed / "prompts_eval.jsonl")
-    before = evaluate_policy(sft.policy, tokenizer, task, held_out, samples_per_prompt=2, seed=1)
-
+def test_ppo_raises_held_out_gold_reward_over_the_sft_policy(testbed, word_sft_start, tmp_path):
+    """Seeded, ~30 s: from the SFT'd tiny policy (tests/word_rl.py), PPO against the testbed's gold reward
+    (a reward function); the held-out mean gold reward must rise clearly (measured: about +0.3)."""
+    start = word_sft_start
     L.seed_everything(0, verbose=False)
     ppo = PPOModule(
-        str(tmp_path / "sft"),
+        str(start.path),
         reward_function=GoldReward(str(testbed)),
         max_new_tokens=12,
         mini_batch_size=16,
@@ -171,9 +149,11 @@ def test_ppo_raises_held_out_gold_reward_over_the_sft_policy(testbed, tmp_path):
         kl_coef=0.05,
     )
     fit = quiet(tmp_path, max_steps=4 * 30, enable_checkpointing=False, deterministic=True)
-    fit.fit(ppo, PromptDataModule(str(tmp_path / "sft"), str(testbed / "prompts_train.jsonl"), batch_size=64))
-    after = evaluate_policy(ppo.policy, tokenizer, task, held_out, samples_per_prompt=2, seed=1)
-    assert after["gold_reward"] > before["gold_reward"] + 0.15, (before, after)
+    fit.fit(ppo, PromptDataModule(str(start.path), str(testbed / "prompts_train.jsonl"), batch_size=64))
+    after = evaluate_policy(
+        ppo.policy, start.tokenizer, start.task, start.held_out, samples_per_prompt=2, seed=1
+    )
+    assert after["gold_reward"] > start.before["gold_reward"] + 0.15, (start.before, after)
     for name in (
         "rollout/gold_score",
         "rollout/kl",

@@ -205,51 +205,21 @@ def test_policy_copy_is_left_alone(engine, tokenizer):
     assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
 
 
-def test_ppo_with_vllm_rollouts_raises_held_out_gold_reward(tmp_path):
-    """Seeded: SFT the tiny testbed policy, then PPO with generation_engine='vllm' against the gold
-    reward; the held-out mean gold reward (sampled with HF from the trained policy) must rise clearly."""
+def test_ppo_with_vllm_rollouts_raises_held_out_gold_reward(word_rl_testbed, word_sft_start, tmp_path):
+    """Seeded: from the SFT'd tiny testbed policy (tests/word_rl.py, as the HF PPO test), PPO with
+    generation_engine='vllm' against the gold reward; the held-out mean gold reward (sampled with HF from
+    the trained policy) must rise clearly."""
     import lightning as L
-    from transformers import AutoTokenizer
+    from word_rl import cpu_trainer
 
-    from lightning_rlhf import PPOModule, PromptDataModule, SFTDataModule, SFTModule
-    from lightning_rlhf.quickstart import read_prompts
+    from lightning_rlhf import PPOModule, PromptDataModule
     from lightning_rlhf.testbed.evaluate import evaluate_policy
-    from lightning_rlhf.testbed.files import SplitSizes, write_testbed
     from lightning_rlhf.testbed.reward import GoldReward
-    from lightning_rlhf.testbed.task import TaskConfig
 
-    testbed = tmp_path / "tb"
-    sizes = SplitSizes(
-        sft_train=1000, sft_eval=16, pairs_train=8, pairs_eval=8, prompts_train=256, prompts_eval=96
-    )
-    write_testbed(testbed, TaskConfig(seed=0), sizes, model_size="tiny")
-
-    def trainer(**kwargs):
-        return L.Trainer(
-            default_root_dir=tmp_path,
-            accelerator="cpu",
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=False,
-            deterministic=True,
-            **kwargs,
-        )
-
-    L.seed_everything(0, verbose=False)
-    sft = SFTModule(str(testbed / "init_policy"), learning_rate=3e-3)
-    trainer(max_epochs=2).fit(
-        sft, SFTDataModule(str(testbed / "tokenizer"), str(testbed / "sft_train.jsonl"), batch_size=32)
-    )
-    sft.save_pretrained(tmp_path / "sft")
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "sft")
-    task = GoldReward(str(testbed)).task
-    held_out = read_prompts(testbed / "prompts_eval.jsonl")
-    before = evaluate_policy(sft.policy, tokenizer, task, held_out, samples_per_prompt=2, seed=1)
-
+    testbed, start = word_rl_testbed, word_sft_start
     L.seed_everything(0, verbose=False)
     ppo = PPOModule(
-        str(tmp_path / "sft"),
+        str(start.path),
         reward_function=GoldReward(str(testbed)),
         max_new_tokens=12,
         mini_batch_size=16,
@@ -260,11 +230,13 @@ def test_ppo_with_vllm_rollouts_raises_held_out_gold_reward(tmp_path):
         generation_engine="vllm",
         vllm=VLLMSettings(dtype="float32", max_model_len=128),
     )
-    fit = trainer(max_steps=4 * 30)
-    fit.fit(ppo, PromptDataModule(str(tmp_path / "sft"), str(testbed / "prompts_train.jsonl"), batch_size=64))
-    after = evaluate_policy(ppo.policy, tokenizer, task, held_out, samples_per_prompt=2, seed=1)
-    print("gold reward before / after PPO with vLLM rollouts:", before, after)
-    assert after["gold_reward"] > before["gold_reward"] + 0.15, (before, after)
+    fit = cpu_trainer(tmp_path, max_steps=4 * 30, enable_checkpointing=False, deterministic=True)
+    fit.fit(ppo, PromptDataModule(str(start.path), str(testbed / "prompts_train.jsonl"), batch_size=64))
+    after = evaluate_policy(
+        ppo.policy, start.tokenizer, start.task, start.held_out, samples_per_prompt=2, seed=1
+    )
+    print("gold reward before / after PPO with vLLM rollouts:", start.before, after)
+    assert after["gold_reward"] > start.before["gold_reward"] + 0.15, (start.before, after)
     assert ppo.engine is not None and "time/generation" in fit.callback_metrics
 
 
