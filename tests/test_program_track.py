@@ -5,7 +5,6 @@ import json
 import random
 from dataclasses import replace
 
-import lightning as L
 import pytest
 import torch
 
@@ -89,8 +88,9 @@ def intro_sft(tmp_path_factory):
     return out
 
 
-# 32 rollouts of 128 prompts (8 epochs of 512), 4 mini-batches each; measured 30 s in-process.
-PPO_SETTINGS = replace(PROGRAM_SETTINGS, ppo_epochs=8, ppo_rollout_batch=128, ppo_lr=1e-4)
+# 8 rollouts of 128 prompts (2 epochs of 512), 4 mini-batches each: 32 optimizer steps. Measured 0.330 ->
+# 0.370; at lr 1e-4 over 32 rollouts it was 0.330 -> 0.364 (the budget here is the test's, not a tuning).
+PPO_SETTINGS = replace(PROGRAM_SETTINGS, ppo_epochs=2, ppo_rollout_batch=128, ppo_lr=3e-4)
 
 
 def _pass_at_1(out, folder):
@@ -100,41 +100,21 @@ def _pass_at_1(out, folder):
     return report[folder]["intro"]["pass@1"]
 
 
-def test_ppo_on_the_exact_reward_raises_held_out_pass_at_1(intro_sft):
-    """PPO from the SFT policy on the tests' reward alone (no reward model, the in-process checker): held-out
-    pass@1 (64 new problems x 16 samples, same seed) goes up (measured 0.330 -> 0.364)."""
-    train_ppo(intro_sft, PPO_SETTINGS, seed=0, exact_reward=ProgramReward(), save_as="ppo_exact")
-    before, after = _pass_at_1(intro_sft, "sft_policy"), _pass_at_1(intro_sft, "ppo_exact")
+@pytest.mark.parametrize("reward", ["in_process", "python"])
+def test_ppo_on_the_exact_reward_raises_held_out_pass_at_1(intro_sft, reward):
+    """PPO from the SFT policy on the tests' reward alone (no reward model), scored by the in-process checker
+    (10 s) or by rendering each program as Python and running it in the sandbox with CodeExecutionReward
+    (50 s): held-out pass@1 (64 new problems x 16 samples, same seed) goes up. The two get the very same
+    rewards, so they train the very same weights."""
+    exact = ProgramReward() if reward == "in_process" else PythonProgramReward(num_workers=4)
+    train_ppo(intro_sft, PPO_SETTINGS, seed=0, exact_reward=exact, save_as=f"ppo_{reward}")
+    before, after = _pass_at_1(intro_sft, "sft_policy"), _pass_at_1(intro_sft, f"ppo_{reward}")
     assert before > 0.1  # SFT solves some problems: the reward has signal
     assert after >= before + 0.02, (before, after)
-
-
-class _StopAfter(L.Callback):
-    def __init__(self, rollouts):
-        self.rollouts = rollouts
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        trainer.should_stop = batch_idx + 1 >= self.rollouts
-
-
-def test_ppo_through_the_sandboxed_python_rendering_trains_the_same_policy(intro_sft):
-    """The same PPO run scored by rendering each program as Python and running it in the sandbox
-    (CodeExecutionReward) gets the very rewards of the in-process checker, so it trains the very same
-    weights (checked over 2 rollouts; the whole run above took 194 s this way and reproduced 0.364)."""
-    for name, reward in (("exact", ProgramReward()), ("python", PythonProgramReward(num_workers=4))):
-        train_ppo(
-            intro_sft,
-            PPO_SETTINGS,
-            seed=0,
-            exact_reward=reward,
-            save_as=f"short_{name}",
-            callbacks=[_StopAfter(2)],
-        )
-    exact, python = (load_causal_lm(str(intro_sft / f"short_{n}")) for n in ("exact", "python"))
-    sft = load_causal_lm(str(intro_sft / "sft_policy"))
-    pairs = list(zip(exact.parameters(), python.parameters(), sft.parameters(), strict=True))
-    assert all(torch.equal(a, b) for a, b, _ in pairs)
-    assert any(not torch.equal(a, c) for a, _, c in pairs)  # and it did train
+    if reward == "python" and (intro_sft / "ppo_in_process").exists():
+        python, in_process = (load_causal_lm(str(intro_sft / f"ppo_{r}")) for r in ("python", "in_process"))
+        pairs = zip(python.parameters(), in_process.parameters(), strict=True)
+        assert all(torch.equal(a, b) for a, b in pairs)
 
 
 def test_program_quickstart_fast_prints_pass_at_k_per_tier(tmp_path, capsys):
