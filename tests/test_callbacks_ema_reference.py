@@ -237,3 +237,51 @@ def test_resume_from_a_checkpoint_matches_the_uninterrupted_run(model_dirs, tmp_
     assert resumed_ema.state_dict() == full_ema.state_dict() == {"updates": 2, "last_update_step": 6}
     assert_tensors_close(named_tensors(resumed.reference), named_tensors(full.reference))
     assert_tensors_close(named_tensors(resumed.policy), named_tensors(full.policy))
+
+
+def test_decay_per_sample_keeps_the_same_share_whatever_the_rollout_sizes():
+    """η per sequence: updates after 4, 8 and 20 sequences (batch rows x num_generations x ranks) leave
+    (1 - 0.01)^32 of the initial reference when the policy is all zeros: the share depends on the samples
+    seen, not on how they were batched. Counters are the callback's state and survive a reload."""
+    policy = Tiny([0.0, 0.0], scale=0.0)
+    reference = Tiny([1.0, 2.0], scale=4.0)
+    holder = Holder(policy, reference)
+    holder.hparams["num_generations"] = 2
+    ema = EMAReferenceUpdate(decay_per_sample=0.01)
+    ema.on_fit_start(None, holder)
+    step = 0
+    for rows, ranks in ((2, 1), (2, 2), (5, 2)):  # 4, 8 and 20 sequences
+        step += 1
+        batch = {"prompt": ["p"] * rows, "input_ids": torch.zeros(rows, 3)}
+        ema.on_train_batch_end(SimpleNamespace(global_step=step, world_size=ranks), holder, None, batch, 0)
+        assert ema.last_eta == pytest.approx(1 - 0.99 ** (2 * rows * ranks))
+    share = 0.99**32
+    assert reference.weight.tolist() == pytest.approx([share, 2 * share], rel=1e-6)
+    assert reference.scale.item() == pytest.approx(4 * share, rel=1e-6)
+
+    # Samples accumulate until an update (every_n_steps=2): one update after 3 + 3 rows.
+    every = EMAReferenceUpdate(decay_per_sample=0.1, every_n_steps=2)
+    holder = Holder(Tiny([1.0, 1.0], scale=1.0), Tiny([0.0, 0.0], scale=0.0))
+    every.on_fit_start(None, holder)
+    trainer = SimpleNamespace(global_step=1, world_size=1)
+    every.on_train_batch_end(trainer, holder, None, {"x": torch.zeros(3, 1)}, 0)
+    assert every.updates == 0 and every.state_dict()["samples_since_update"] == 3
+    restored = EMAReferenceUpdate(decay_per_sample=0.1, every_n_steps=2)
+    restored.load_state_dict(every.state_dict())
+    restored.on_fit_start(None, holder)
+    restored.on_train_batch_end(
+        SimpleNamespace(global_step=2, world_size=1), holder, None, {"x": torch.zeros(3, 1)}, 1
+    )
+    assert restored.updates == 1 and restored.samples_since_update == 0
+    assert holder.reference.weight.tolist() == pytest.approx([1 - 0.9**6] * 2)
+    with pytest.raises(ValueError, match="decay_per_sample must be"):
+        EMAReferenceUpdate(decay_per_sample=1.0)
+    assert EMAReferenceUpdate().state_key != EMAReferenceUpdate(decay_per_sample=0.01).state_key
+    assert "decay_per_sample" not in EMAReferenceUpdate().state_key  # older checkpoints keep their key
+
+
+def test_decay_per_sample_counts_the_rows_of_a_real_fit(model_dirs, tmp_path):
+    """In a DPO fit each batch holds 2 pairs = 4 sequences (chosen and rejected rows), one update per step."""
+    ema = EMAReferenceUpdate(decay_per_sample=0.01)
+    fit(dpo_module(model_dirs), [ema], tmp_path, max_steps=2)
+    assert ema.updates == 2 and ema.last_eta == pytest.approx(1 - 0.99**4)

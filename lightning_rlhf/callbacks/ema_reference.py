@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from lightning import Callback, LightningModule, Trainer
@@ -36,19 +37,36 @@ class EMAReferenceUpdate(Callback):
     bf16 reference is averaged in float32 and rounded once when stored (with η = 0.001, a change below half
     a bf16 step is lost: keep the reference in float32 if that matters).
 
+    A fixed η per update ties the EMA's strength to the rollout size: after 96 rollouts of 64 prompts
+    ``0.95^96`` ≈ 0.7 % of the initial reference remains, after 12 of 512 it is 54 %. ``decay_per_sample``
+    sets η per *sampled sequence* instead: an update after ``n`` sequences (every rank's training-batch rows
+    since the last update — PPO: prompts, times its ``num_generations``; DPO: chosen and rejected rows)
+    uses ``η = 1 − (1 − decay_per_sample)^n``, so runs of any rollout size that see the same number of
+    samples keep the same share of the initial reference, ``(1 − decay_per_sample)^samples``.
+
     The averaged weights are the module's own ``reference`` submodule, so they are saved in checkpoints and
-    restored on resume with the rest of the module; the counters ``updates`` and ``last_update_step`` are
-    this callback's ``state_dict``.
+    restored on resume with the rest of the module; the counters ``updates``, ``last_update_step`` and
+    ``samples_since_update`` are this callback's ``state_dict``.
     """
 
-    def __init__(self, decay: float = 0.001, every_n_steps: int = 1, start_step: int = 0) -> None:
+    def __init__(
+        self,
+        decay: float = 0.001,
+        every_n_steps: int = 1,
+        start_step: int = 0,
+        decay_per_sample: float | None = None,
+    ) -> None:
         """
         Args:
             decay: η, the policy's weight in each update, in (0, 1] (ReaLHF's ref_ema_eta; 1 = copy policy).
             every_n_steps: Optimizer steps between updates, at least (PPO: at most one update per rollout).
             start_step: No update before this many optimizer steps.
+            decay_per_sample: η per sampled sequence, in (0, 1): each update's η is
+                ``1 − (1 − decay_per_sample)^n`` for the ``n`` sequences trained on since the last one
+                (replaces ``decay``; None = off).
         """
         check("EMAReferenceUpdate", "decay", decay, gt=0, le=1)
+        check("EMAReferenceUpdate", "decay_per_sample", decay_per_sample, gt=0, lt=1, optional=True)
         check("EMAReferenceUpdate", "every_n_steps", every_n_steps, ge=1, integer=True)
         check("EMAReferenceUpdate", "start_step", start_step, ge=0, integer=True)
         if 0.5 < decay < 1:
@@ -60,26 +78,42 @@ class EMAReferenceUpdate(Callback):
         self.decay = decay
         self.every_n_steps = every_n_steps
         self.start_step = start_step
+        self.decay_per_sample = decay_per_sample
         self.updates = 0
         """How many EMA updates have been applied."""
         self.last_update_step = 0
         """``trainer.global_step`` at the last update (0 before the first)."""
+        self.samples_since_update = 0
+        """Sequences trained on (all ranks) since the last update; counted only with decay_per_sample."""
+        self.last_eta = 0.0
+        """η of the last update."""
 
     @property
     @override
     def state_key(self) -> str:
+        per_sample = {} if self.decay_per_sample is None else {"decay_per_sample": self.decay_per_sample}
         return self._generate_state_key(
-            decay=self.decay, every_n_steps=self.every_n_steps, start_step=self.start_step
+            decay=self.decay, every_n_steps=self.every_n_steps, start_step=self.start_step, **per_sample
         )
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"updates": self.updates, "last_update_step": self.last_update_step}
+        state = {"updates": self.updates, "last_update_step": self.last_update_step}
+        if self.decay_per_sample is not None:
+            state["samples_since_update"] = self.samples_since_update
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.updates = int(state_dict["updates"])
         self.last_update_step = int(state_dict["last_update_step"])
+        self.samples_since_update = int(state_dict.get("samples_since_update", 0))
+
+    def eta(self) -> float:
+        """η of an update now: ``decay``, or from ``decay_per_sample`` and the samples since the last one."""
+        if self.decay_per_sample is None:
+            return self.decay
+        return 1.0 - (1.0 - self.decay_per_sample) ** self.samples_since_update
 
     def should_update(self, step: int) -> bool:
         """Whether to update after ``step`` optimizer steps (``trainer.global_step``); override to customise.
@@ -97,18 +131,23 @@ class EMAReferenceUpdate(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self.decay_per_sample is not None:
+            generations = int(getattr(pl_module, "hparams", {}).get("num_generations", 1) or 1)
+            self.samples_since_update += _rows(batch) * generations * getattr(trainer, "world_size", 1)
         step = trainer.global_step
         # `step > last_update_step`: with gradient accumulation several batches end at the same step.
         if step > self.last_update_step and self.should_update(step):
             reference, policy = self._models(pl_module)
+            self.last_eta = self.eta()
             self._update_parameters(reference, policy)
             self.updates += 1
             self.last_update_step = step
+            self.samples_since_update = 0
 
     def _update_parameters(self, reference: nn.Module, policy: nn.Module) -> None:
         """One EMA step (:func:`lightning_rlhf.modules.reference.move_towards_policy`): parameter by
         parameter, matched by name; under ZeRO-3 one gathered tensor pair at a time."""
-        move_towards_policy(reference, policy, self.decay)
+        move_towards_policy(reference, policy, self.last_eta)
 
     def _models(self, pl_module: LightningModule) -> tuple[nn.Module, nn.Module]:
         """(reference, policy) of the module, after checking the EMA can run on them."""
@@ -161,6 +200,20 @@ class EMAReferenceUpdate(Callback):
                 "another architecture cannot be averaged into the reference.)"
             )
         return reference, policy
+
+
+def _rows(batch: Any) -> int:
+    """Rows of a training batch: a mapping's first tensor's (or list's) length, or a tensor's."""
+    values = batch.values() if isinstance(batch, Mapping) else [batch]
+    for value in values:
+        if isinstance(value, Tensor) and value.ndim >= 1:
+            return int(value.shape[0])
+        if isinstance(value, (list, tuple)):
+            return len(value)
+    raise TypeError(
+        f"EMAReferenceUpdate(decay_per_sample=...) cannot count the rows of a {type(batch).__name__} batch; "
+        "use decay instead"
+    )
 
 
 def _shape(tensor: Tensor) -> tuple[int, ...]:
