@@ -390,3 +390,63 @@ def test_gradient_sync_is_blocked_only_before_the_last_micro_batch():
     with module._gradient_sync(last_micro_batch=False):
         pass
     assert entered == [True]
+
+
+class _KeepRollouts(L.Callback):
+    """Each rollout with the critic's raw outputs on it and the value moments before it was collected."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.before = module.value_moments.state_dict()
+
+    def on_rollout_end(self, trainer, module, rollout):
+        from lightning_rlhf.models import response_values
+        from lightning_rlhf.rollout.collect import select_rows
+
+        rows = torch.arange(len(rollout))
+        ids, attention, width = select_rows(
+            rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask, rows
+        )
+        with torch.no_grad():
+            raw = response_values(module.critic.eval(), ids, attention, ids.shape[1] - width)
+        module.critic.train()
+        self.seen.append((rollout, raw, dict(self.before)))
+
+
+def test_value_normalization_standardises_the_critic_targets_by_the_running_return_moments(testbed, tmp_path):
+    """value_normalization: each rollout's values are the critic's outputs de-standardised by the moments
+    before it; afterwards the moments are the mean / variance of every rollout's returns so far (float64
+    reference); the moments are saved with the checkpoint; GRPO (no critic) refuses the flag."""
+    from lightning_rlhf import GRPO
+
+    with pytest.raises(ValueError, match="value_normalization standardises the critic"):
+        PPOModule("m", reward_function=len, advantage=GRPO(), num_generations=2, value_normalization=True)
+    module = PPOModule(
+        str(testbed / "init_policy"),
+        reward_function=GoldReward(str(testbed)),
+        max_new_tokens=6,
+        mini_batch_size=8,
+        micro_batch_size=8,
+        value_normalization=True,
+    )
+    keep = _KeepRollouts()
+    fit = quiet(tmp_path, max_steps=3, callbacks=[keep])
+    fit.fit(module, prompts(testbed, batch_size=8))
+    returns = []
+    for rollout, raw, before in keep.seen:
+        mask = rollout.response_mask.float()
+        std = max(before["var"], 1e-2) ** 0.5
+        torch.testing.assert_close(rollout.values, (raw * std + before["mean"]) * mask, atol=1e-5, rtol=1e-5)
+        returns.append(rollout.returns[mask > 0].double())
+    assert keep.seen[0][2] == {"mean": 0.0, "var": 1.0, "count": 0}  # identity before the first rollout
+    every = torch.cat(returns)
+    moments = module.value_moments
+    assert moments.count == every.numel() and len(keep.seen) == 3
+    assert moments.mean == pytest.approx(float(every.mean()), abs=1e-9)
+    assert moments.var == pytest.approx(float(every.var(unbiased=False)), rel=1e-9)
+    assert keep.seen[1][2]["count"] > 0  # the second rollout was de-standardised by real moments
+    (checkpoint,) = tmp_path.rglob("*.ckpt")
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert saved["ppo_state"]["value_moments"] == moments.state_dict()

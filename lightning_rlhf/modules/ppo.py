@@ -100,6 +100,7 @@ class PPOModule(OnPolicyModule):
         lam: float = 0.95,
         score_clip: float | None = None,
         normalize_scores: bool = False,
+        value_normalization: bool = False,
         early_stop_kl: float | None = None,
         critic_learning_rate: float = 5e-6,
         check_first_step: bool = True,
@@ -136,6 +137,9 @@ class PPOModule(OnPolicyModule):
             lam: Lambda of GAE.
             score_clip: Clip scores to [-score_clip, score_clip] (None = off).
             normalize_scores: Standardise scores by running mean and std.
+            value_normalization: Train the critic on returns standardised by their running mean and std over
+                all rollouts and de-standardise its outputs before GAE (ReaLHF's value_norm, on in the
+                paper's code; the variance is floored at 1e-2). Needs a critic (GAE).
             early_stop_kl: End a rollout's updates early once the approximate KL passes this (None = off).
             critic_learning_rate: Critic AdamW learning rate.
             check_first_step: At the first update check ratio == 1 and policy-reference KL == 0.
@@ -206,6 +210,12 @@ class PPOModule(OnPolicyModule):
             else FixedKLController(kl_coef)
         )
         self.score_moments = RunningMoments()
+        self.value_moments = RunningMoments()
+        if value_normalization and not estimator.needs_critic:
+            raise ConfigError(
+                f"{owner}: value_normalization standardises the critic's targets, but advantage "
+                f"{type(estimator).__name__} uses no critic; set value_normalization: false"
+            )
         self.critic: PreTrainedModel | None = None
         self._first_step_pending = check_first_step
 
@@ -247,6 +257,7 @@ class PPOModule(OnPolicyModule):
         checkpoint["ppo_state"] = {
             "kl_controller": self.kl_controller.state_dict(),
             "score_moments": self.score_moments.state_dict(),
+            "value_moments": self.value_moments.state_dict(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -255,6 +266,8 @@ class PPOModule(OnPolicyModule):
         if state is not None:
             self.kl_controller.load_state_dict(state["kl_controller"])
             self.score_moments.load_state_dict(state["score_moments"])
+            if "value_moments" in state:
+                self.value_moments.load_state_dict(state["value_moments"])
         self._first_step_pending = False  # a resumed run no longer has policy == reference
 
     def on_fit_start(self) -> None:
@@ -297,6 +310,7 @@ class PPOModule(OnPolicyModule):
             shaping=self.shaping,
             columns=repeat_columns(batch.get("columns"), k) if batch.get("columns") else batch.get("columns"),
             moments=self.score_moments,
+            value_moments=self.value_moments if self.hparams.value_normalization else None,
             timings=timings,
             old_logprobs="forward" if synced else self.hparams.old_logprobs,
             **self.sampling_arguments(),
@@ -429,9 +443,11 @@ class PPOModule(OnPolicyModule):
             metrics["ppo/kl_loss"] = kl.detach()
         if self.critic is not None:
             values = response_values(self.critic, mb["input_ids"], mb["attention_mask"], prompt_len)
-            value = ppo_value_loss(
-                values, mb["values"], mb["returns"], mask, clip_range_value=hp.clip_range_value
-            )
+            old_values, returns = mb["values"], mb["returns"]
+            if hp.value_normalization:  # the critic predicts standardised returns (moments of collect)
+                mean, std = self.value_moments.value_scale()
+                old_values, returns = (old_values - mean) / std, (returns - mean) / std
+            value = ppo_value_loss(values, old_values, returns, mask, clip_range_value=hp.clip_range_value)
             loss = loss + hp.value_loss_coef * value.loss
             metrics["ppo/value_loss"] = value.loss.detach()
             metrics["ppo/value_clip_fraction"] = value.clip_fraction

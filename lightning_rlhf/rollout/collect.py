@@ -292,6 +292,7 @@ def collect_rollout(
     moments: RunningMoments | None = None,
     timings: dict[str, float] | None = None,
     old_logprobs: str = "forward",
+    value_moments: RunningMoments | None = None,
 ) -> Rollout:
     """Sample responses to the prompts and compute everything the PPO update needs.
 
@@ -303,6 +304,10 @@ def collect_rollout(
     ``advantage`` (default :class:`GAE`, which needs the ``critic``) turns the token rewards into advantages;
     the critic-free ones read ``group_size`` consecutive rows as the responses to one prompt, and with
     ``critic=None`` the values are zeros.
+    ``value_moments`` (value normalization): the critic predicts returns standardised by these running
+    moments, so its outputs are de-standardised (with the moments before this rollout) before GAE, and the
+    rollout's returns are then folded into the moments. ``Rollout.values`` and ``returns`` stay in reward
+    units either way.
     """
     placement = placement or Placement()
     micro_batch_size = placement.micro_batch_size
@@ -368,6 +373,9 @@ def collect_rollout(
     rewards, kl = kl_penalized_rewards(
         scores, logprobs, ref_logprobs, mask, kl_coef=kl_coef, estimator=shaping.kl_estimator
     )
+    if value_moments is not None and critic is not None:
+        mean, std = value_moments.value_scale()
+        values = values * std + mean
     values = values * mask
     advantages, returns = advantage(
         rewards=rewards,
@@ -378,6 +386,8 @@ def collect_rollout(
         gamma=shaping.gamma,
         lam=shaping.lam,
     )
+    if value_moments is not None and critic is not None:
+        value_moments.update(returns[mask > 0])
     return Rollout(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,

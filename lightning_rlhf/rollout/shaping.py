@@ -70,6 +70,11 @@ class RunningMoments:
     def std(self) -> float:
         return math.sqrt(max(self.var, 0.0))
 
+    def value_scale(self, min_var: float = 1e-2) -> tuple[float, float]:
+        """(mean, std) for value normalization, the variance floored at ``min_var`` (ReaLHF's value-norm
+        floor) so that near-constant returns do not blow the standardised targets up."""
+        return self.mean, math.sqrt(max(self.var, min_var))
+
     def state_dict(self) -> dict:
         return {"mean": self.mean, "var": self.var, "count": self.count}
 
