@@ -9,7 +9,8 @@ value given, e.g. ``PPOModule: clip_range must be > 0 (got -0.2)``. LightningCLI
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -53,6 +54,12 @@ def check(
         )
     if not ok:
         raise ConfigError(f"{owner}: {name} must be {wanted} (got {value!r})")
+
+
+def check_each(owner: str, values: Mapping[str, object], **bounds: Any) -> None:
+    """:func:`check` on every ``name: value`` of ``values`` with the same bounds."""
+    for name, value in values.items():
+        check(owner, name, value, **bounds)
 
 
 def check_callable(owner: str, name: str, value: object, optional: bool = True) -> None:

@@ -33,7 +33,14 @@ from lightning_rlhf.modules.reference import load_frozen_reference
 from lightning_rlhf.rollout.collect import Placement, RewardSources
 from lightning_rlhf.rollout.generation import SamplingConfig
 from lightning_rlhf.rollout.vllm_engine import VLLMEngine, VLLMSettings
-from lightning_rlhf.validation import ConfigError, check, check_callable, check_choice, check_divides
+from lightning_rlhf.validation import (
+    ConfigError,
+    check,
+    check_callable,
+    check_choice,
+    check_divides,
+    check_each,
+)
 from lightning_rlhf.zero import (
     configure_for_manual_accumulation,
     is_partitioned,
@@ -137,13 +144,13 @@ class OnPolicyModule(HFModelModule):
         owner = type(self).__name__
         check_choice(owner, "zero3_generation", zero3_generation, ("gather", "synced"))
         check_choice(owner, "generation_engine", generation_engine, ("hf", "vllm"))
-        for name, value in (
-            ("max_new_tokens", max_new_tokens),
-            ("mini_batch_size", mini_batch_size),
-            ("micro_batch_size", micro_batch_size),
-            ("generation_batch_size", generation_batch_size),
-        ):
-            check(owner, name, value, ge=1, integer=True)
+        sizes = {
+            "max_new_tokens": max_new_tokens,
+            "mini_batch_size": mini_batch_size,
+            "micro_batch_size": micro_batch_size,
+            "generation_batch_size": generation_batch_size,
+        }
+        check_each(owner, sizes, ge=1, integer=True)
         check(owner, "top_k", top_k, ge=0, integer=True)
         check(owner, "top_p", top_p, gt=0, le=1)
         # Learning from samples: greedy decoding (temperature 0) would make every sample the same.

@@ -50,7 +50,7 @@ from lightning_rlhf.rollout.shaping import (
     sequence_kl,
 )
 from lightning_rlhf.rollout.types import Rollout, length_order
-from lightning_rlhf.validation import ConfigError, check, check_choice
+from lightning_rlhf.validation import ConfigError, check, check_choice, check_each
 
 
 class FirstStepCheckError(RuntimeError):
@@ -172,25 +172,21 @@ class PPOModule(OnPolicyModule):
         check_choice(owner, "old_logprobs", old_logprobs, ("forward", "sampling"))
         check(owner, "ppo_epochs", ppo_epochs, ge=1, integer=True)
         check(owner, "kl_horizon", kl_horizon, ge=1, integer=True)
-        for name, value in (
-            ("clip_range", clip_range),
-            ("critic_learning_rate", critic_learning_rate),
-            ("first_step_tolerance", first_step_tolerance),
-        ):
-            check(owner, name, value, gt=0)
-        for name, value in (
-            ("kl_coef", kl_coef),
-            ("entropy_coef", entropy_coef),
-            ("value_loss_coef", value_loss_coef),
-        ):
-            check(owner, name, value, ge=0)
-        for name, value in (
-            ("clip_range_value", clip_range_value),
-            ("score_clip", score_clip),
-            ("early_stop_kl", early_stop_kl),
-            ("target_kl", target_kl),
-        ):
-            check(owner, name, value, gt=0, optional=True)
+        positive = {
+            "clip_range": clip_range,
+            "critic_learning_rate": critic_learning_rate,
+            "first_step_tolerance": first_step_tolerance,
+        }
+        check_each(owner, positive, gt=0)
+        coefficients = {"kl_coef": kl_coef, "entropy_coef": entropy_coef, "value_loss_coef": value_loss_coef}
+        check_each(owner, coefficients, ge=0)
+        switches = {
+            "clip_range_value": clip_range_value,
+            "score_clip": score_clip,
+            "early_stop_kl": early_stop_kl,
+            "target_kl": target_kl,
+        }
+        check_each(owner, switches, gt=0, optional=True)
         check(owner, "dual_clip", dual_clip, gt=1, optional=True)
         check(owner, "gamma", gamma, ge=0, le=1)
         check(owner, "lam", lam, ge=0, le=1)
