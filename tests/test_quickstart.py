@@ -39,3 +39,36 @@ def test_every_stage_is_saved_and_reported(report, capsys):
         assert (out / folder / "config.json").is_file() and (out / folder / "tokenizer.json").is_file()
     assert json.loads((out / "results.json").read_text()) == result
     assert list((out / "reference_logps").glob("train-*.pt")), "DPO did not cache its reference log-probs"
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_the_shipped_critic_free_configs_raise_the_gold_reward_over_sft(
+    report, method, tmp_path, monkeypatch
+):
+    """configs/grpo/testbed.yaml and configs/rloo/testbed.yaml as shipped (48 rollouts of 16 prompts x 4,
+    against the quickstart's reward model, from its SFT policy; ~15 s each): the held-out gold reward rises
+    clearly (measured, seed 0: SFT -0.006, GRPO 0.357, RLOO 0.372; the quickstart's PPO 0.422)."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from lightning_rlhf.cli import cli_main
+    from lightning_rlhf.models import load_causal_lm
+    from lightning_rlhf.quickstart import EVAL_SAMPLES, read_prompts
+    from lightning_rlhf.testbed.evaluate import evaluate_policy
+    from lightning_rlhf.testbed.files import load_task
+
+    out, result = report
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "testbed").symlink_to(out)  # the layout the testbed configs name
+    monkeypatch.chdir(tmp_path)
+    config = Path(__file__).resolve().parents[1] / "configs" / method / "testbed.yaml"
+    cli_main(["fit", "--config", str(config), "--trainer.enable_progress_bar", "false"])
+    policy = load_causal_lm(str(out / f"{method}_policy"))
+    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+    prompts = read_prompts(out / "prompts_eval.jsonl")
+    scored = evaluate_policy(
+        policy, tokenizer, load_task(out), prompts, samples_per_prompt=EVAL_SAMPLES, seed=0
+    )
+    sft = result["policies"]["sft"]["gold_reward"]
+    assert scored["gold_reward"] > sft + 0.15, (sft, scored)
