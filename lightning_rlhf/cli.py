@@ -3,6 +3,7 @@
 lightning-rlhf fit --config configs/sft/testbed.yaml      # any stage, module and data by class_path
 lightning-rlhf testbed --out runs/testbed                  # write the embedded testbed's files
 lightning-rlhf quickstart                                  # the whole testbed pipeline
+lightning-rlhf quickstart --task programs                  # the code track: exact rewards, pass@k per tier
 lightning-rlhf study                                       # the paper study: ablations, seeds, plots
 lightning-rlhf evaluate --policies [a, b] --prompts p.jsonl # compare policies on your prompts
 """
@@ -20,8 +21,10 @@ from lightning_rlhf.validation import ConfigError
 
 _EXTRA_COMMANDS = """\
 lightning-rlhf also has these commands:
-  testbed      write the embedded testbed (data, tokenizer, initial model) to a folder
-  quickstart   run the testbed pipeline and print the gold reward of each stage
+  testbed      write the embedded testbed (data, tokenizer, initial model) to a folder (--task programs:
+               the program-synthesis testbed with hidden tests)
+  quickstart   run the testbed pipeline and print the gold reward of each stage (--task programs: SFT,
+               DPO, DPO-Iter and PPO on exact test rewards, pass@k and 10@64 per tier)
   study        reproduce the paper's findings on the testbed: table, plots and JSON (--fast: a smoke run)
   export       write a checkpoint's trained model as a save_pretrained folder
   evaluate     sample k responses per prompt from policies; scores, win rate, pass@k (--help for flags)
