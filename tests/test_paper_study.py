@@ -102,3 +102,37 @@ def test_fast_study_json_schema_and_sane_numbers(fast_study):
     for row in report["shift_summary"].values():
         assert all(math.isfinite(row[m]["mean"]) for m in SHIFT_METHODS)
     assert report["theorem"] == run_theorem_illustration()
+
+
+def test_fast_study_reports_paired_differences_with_the_decision_rule_first(fast_study):
+    """Per-prompt gold scores are kept for every policy; the report states the rule, then one row per claim
+    whose two arms ran, each with its interval around the mean and a verdict of the rule."""
+    from lightning_rlhf.study.report import COMPARISONS, paired_section
+    from lightning_rlhf.study.stats import bootstrap_interval, paired_differences, verdict
+
+    out, report = fast_study
+    lengths = set()
+    for run in report["runs"]:
+        for name, row in run["policies"].items():
+            per_prompt = row["gold_per_prompt"]
+            lengths.add(len(per_prompt))
+            assert sum(per_prompt) / len(per_prompt) == pytest.approx(row["gold_reward"]), name
+    assert len(lengths) == 1 and lengths.pop() > 1  # one score per held-out prompt, the same prompts
+    table = (out / "paper_study.md").read_text()
+    rule, first_row = (
+        table.index("Decision rule, fixed before the numbers"),
+        table.index("| advantage normalization"),
+    )
+    assert rule < first_row
+    label, a, b, sign = COMPARISONS[3]  # PPO (paper recipe) beats DPO
+    runs = report["runs"]
+    result = bootstrap_interval(
+        paired_differences(
+            [r["policies"][a]["gold_per_prompt"] for r in runs],
+            [r["policies"][b]["gold_per_prompt"] for r in runs],
+        )
+    )
+    assert result.low <= result.mean <= result.high
+    assert f"| {label} | {a} | {b} | {result.mean:+.3f} |" in table and verdict(result, sign) in table
+    old = [{"policies": {"sft": {"gold_reward": 0.1}}}]
+    assert "rerun the study" in "\n".join(paired_section(old))

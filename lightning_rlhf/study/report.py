@@ -7,6 +7,7 @@ import statistics
 from pathlib import Path
 
 from lightning_rlhf.study.runner import METHODS, SHIFT_METHODS
+from lightning_rlhf.study.stats import bootstrap_interval, paired_differences, verdict
 from lightning_rlhf.study.theorem import format_theorem_table
 
 METRICS = ("gold_reward", "win_rate_vs_sft", "rm_score")
@@ -77,6 +78,7 @@ def markdown_report(report: dict) -> str:
         f"The paper (HH-RLHF, OpenAssistant reward; another scale): {paper}.",
         "",
     ]
+    lines += paired_section(report["runs"])
     if report["shift_summary"]:
         shift_seeds = ", ".join(map(str, report["settings"]["shift_seeds"]))
         lines += [
@@ -97,6 +99,51 @@ def markdown_report(report: dict) -> str:
     reward = ", ".join(f'"{y}": {v:.4f}' for y, v in report["theorem"]["reward_model"].items())
     lines += ["", f'Reward model fitted on the pairs: {reward} (it never sees "aa").', ""]
     return "\n".join(lines)
+
+
+# (label, arm A, arm B, +1 when the paper finds B better than A): the paper's claims these arms can test.
+COMPARISONS = (
+    ("advantage normalization helps PPO", "ppo_naive", "ppo_adv_norm", 1),
+    ("a large rollout batch helps PPO", "ppo_naive", "ppo_large_batch", 1),
+    ("an EMA reference helps PPO", "ppo_naive", "ppo_ema", 1),
+    ("PPO (paper recipe) beats DPO", "dpo", "ppo_paper", 1),
+    ("PPO (paper recipe) beats DPO-Iter", "dpo_iter", "ppo_paper", 1),
+    ("DPO-Iter beats DPO", "dpo", "dpo_iter", 1),
+)
+
+
+def paired_section(runs: list[dict]) -> list[str]:
+    """The paired-difference table (gold reward per held-out prompt, B − A), the decision rule first.
+
+    Runs written before per-prompt scores were recorded have none: the section then says so."""
+    header = [
+        "## Paired differences (gold reward per held-out prompt, B − A)",
+        "",
+        "Decision rule, fixed before the numbers: a claim is *reproduced* only if the 95 % bootstrap",
+        "interval of the mean paired difference (prompts resampled within each seed) excludes 0 on the",
+        "paper's side, *contradicted* if it excludes 0 on the other side, else *inconclusive*.",
+        "",
+    ]
+    if not runs or any("gold_per_prompt" not in row for run in runs for row in run["policies"].values()):
+        return [*header, "(These runs carry no per-prompt scores: rerun the study to get this table.)", ""]
+    lines = [
+        *header,
+        "| claim | A | B | mean B − A | 95 % interval | units | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, a, b, sign in COMPARISONS:
+        if a not in runs[0]["policies"] or b not in runs[0]["policies"]:
+            continue
+        diffs = paired_differences(
+            [run["policies"][a]["gold_per_prompt"] for run in runs],
+            [run["policies"][b]["gold_per_prompt"] for run in runs],
+        )
+        result = bootstrap_interval(diffs)
+        lines.append(
+            f"| {label} | {a} | {b} | {result.mean:+.3f} | [{result.low:+.3f}, {result.high:+.3f}] | "
+            f"{result.units} | {verdict(result, sign)} |"
+        )
+    return [*lines, ""]
 
 
 def _curve_stats(runs: list[dict], name: str) -> tuple[list[float], list[float], list[float]]:

@@ -127,8 +127,10 @@ def evaluate_policies(out: Path, s: StudySettings, folders: dict[str, str], seed
         policy = load_causal_lm(str(out / folder))
         texts = generate_texts(policy, tokenizer, prompts, sampling, seed=seed).texts
         golds[name] = gold(prompts, texts)
+        k = s.eval_samples  # prompt-major: prompt i's samples at i * k .. i * k + k - 1
         results[name] = {
             "gold_reward": sum(golds[name]) / len(prompts),
+            "gold_per_prompt": [sum(golds[name][i : i + k]) / k for i in range(0, len(prompts), k)],
             "rm_score": float(score_texts(reward_model, tokenizer, prompts, texts).mean()),
         }
     for name, values in golds.items():
