@@ -35,6 +35,14 @@ from lightning_rlhf.testbed.program_eval import evaluate_programs, format_tier_t
 from lightning_rlhf.testbed.programs import ProgramReward, ProgramsConfig
 from lightning_rlhf.testbed.task import TaskConfig, WordTask
 
+POLICIES = {
+    "untrained": "init_policy",
+    "sft": "sft_policy",
+    "dpo": "dpo_policy",
+    "dpo_iter": "dpo_iter_policy",
+    "ppo": "ppo_policy",
+}
+"""Each stage's policy (name -> folder in the testbed), as both quickstarts train and report them."""
 EVAL_SAMPLES = 4  # samples per held-out prompt: the mean gold reward's standard error drops to ~0.02
 
 
@@ -119,13 +127,6 @@ def word_quickstart(out: Path, args: argparse.Namespace) -> dict:
     with package_logs_at(logging.WARNING):
         summary = run_pipeline(out, settings, seed=args.seed)
     reward_model = AutoModelForSequenceClassification.from_pretrained(out / "reward_model")
-    policies = {
-        "untrained": "init_policy",
-        "sft": "sft_policy",
-        "dpo": "dpo_policy",
-        "dpo_iter": "dpo_iter_policy",
-        "ppo": "ppo_policy",
-    }
     results = {
         name: evaluate_policy(
             load_causal_lm(str(out / folder)),
@@ -136,7 +137,7 @@ def word_quickstart(out: Path, args: argparse.Namespace) -> dict:
             samples_per_prompt=EVAL_SAMPLES,
             seed=args.seed,
         )
-        for name, folder in policies.items()
+        for name, folder in POLICIES.items()
     }
     best = sum(task.best_reward(p) for p in prompts) / len(prompts)
     ceiling = gold_pairwise_accuracy(task, out / "pairs_eval.jsonl")
@@ -186,18 +187,11 @@ def program_quickstart(out: Path, *, seed: int = 0, model_size: str = "tiny", fa
         train_dpo(out, settings, seed)
         train_iterative_dpo(out, settings, seed, exact_reward=exact)
         train_ppo(out, settings, seed, exact_reward=exact)
-        policies = {
-            "untrained": "init_policy",
-            "sft": "sft_policy",
-            "dpo": "dpo_policy",
-            "dpo_iter": "dpo_iter_policy",
-            "ppo": "ppo_policy",
-        }
         print(
             f"sampling {PROGRAM_EVAL_SAMPLES} programs per held-out prompt from each policy ...", flush=True
         )
         report = evaluate_programs(
-            {name: str(out / folder) for name, folder in policies.items()},
+            {name: str(out / folder) for name, folder in POLICIES.items()},
             str(out / "prompts_eval.jsonl"),
             num_samples=PROGRAM_EVAL_SAMPLES,
             pass_k=(1, 5, 10),

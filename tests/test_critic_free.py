@@ -5,6 +5,7 @@ import lightning as L
 import pytest
 import torch
 from lightning import Callback
+from word_rl import cpu_trainer
 
 from lightning_rlhf import (
     GRPO,
@@ -32,18 +33,6 @@ class KeepRollouts(Callback):
         self.rollouts.append(rollout)
 
 
-def trainer(root, callbacks=(), **kwargs):
-    return L.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-        callbacks=list(callbacks),
-        **kwargs,
-    )
-
-
 def prompts(testbed, batch_size):
     return PromptDataModule(
         str(testbed / "init_policy"), str(testbed / "prompts_train.jsonl"), batch_size=batch_size
@@ -65,7 +54,7 @@ def test_groups_of_responses_and_no_critic(testbed, tmp_path, estimator):
         kl_coef=0.0,
     )
     keep = KeepRollouts()
-    fit = trainer(tmp_path, [keep], max_steps=4)
+    fit = cpu_trainer(tmp_path, [keep], max_steps=4)
     fit.fit(module, prompts(testbed, batch_size=4))
     assert module.critic is None and not [k for k in module.state_dict() if k.startswith("critic.")]
     trained = {id(p) for g in fit.optimizers[0].param_groups for p in g["params"]}
@@ -149,7 +138,7 @@ def test_critic_free_estimators_raise_held_out_gold_reward_over_the_sft_policy(
         learning_rate=1e-4,
         kl_coef=0.05,
     )
-    fit = trainer(tmp_path, max_steps=4 * 30, enable_checkpointing=False, deterministic=True)
+    fit = cpu_trainer(tmp_path, max_steps=4 * 30, enable_checkpointing=False, deterministic=True)
     fit.fit(grpo, PromptDataModule(str(start.path), str(testbed / "prompts_train.jsonl"), batch_size=16))
     after = evaluate_policy(
         grpo.policy, start.tokenizer, start.task, start.held_out, samples_per_prompt=2, seed=1
@@ -191,7 +180,7 @@ def test_micro_batches_do_not_change_the_gradient_of_each_aggregation(testbed, t
             check_first_step=False,
         )
         recorder = FirstGradients()
-        trainer(tmp_path, [recorder], max_steps=1, enable_checkpointing=False).fit(
+        cpu_trainer(tmp_path, [recorder], max_steps=1, enable_checkpointing=False).fit(
             module, prompts(testbed, 4)
         )
         grads[micro] = recorder.grads
@@ -213,7 +202,7 @@ def test_kl_as_a_loss_term_is_logged_and_left_out_of_the_rewards(testbed, tmp_pa
         micro_batch_size=8,
         max_new_tokens=6,
     )
-    fit = trainer(tmp_path, [keep], max_steps=3, enable_checkpointing=False)
+    fit = cpu_trainer(tmp_path, [keep], max_steps=3, enable_checkpointing=False)
     fit.fit(module, prompts(testbed, 4))
     rollout = keep.rollouts[-1]
     mask = rollout.response_mask.float()
@@ -254,7 +243,7 @@ def test_grpo_composes_with_the_paper_callbacks_and_resumes(testbed, tmp_path):
         table,
         ModelCheckpoint(tmp_path / "ckpt", filename="last", every_n_train_steps=1),
     ]
-    fit = trainer(tmp_path, callbacks, max_steps=2, enable_checkpointing=True)
+    fit = cpu_trainer(tmp_path, callbacks, max_steps=2, enable_checkpointing=True)
     fit.fit(module, prompts(testbed, 4))
     assert module.critic is None and fit.global_step == 2
     initial = PPOModule(str(testbed / "init_policy"), reward_function=len)
@@ -268,7 +257,7 @@ def test_grpo_composes_with_the_paper_callbacks_and_resumes(testbed, tmp_path):
     assert len(samples) == 4  # 2 rollouts x num_samples 2
     resumed = build()
     keep = KeepRollouts()
-    fit2 = trainer(
+    fit2 = cpu_trainer(
         tmp_path / "again", [AdvantageNormalization(), EMAReferenceUpdate(decay=0.5), keep], max_steps=3
     )
     fit2.fit(resumed, prompts(testbed, 4), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
@@ -289,7 +278,7 @@ def test_grpo_with_lora_holds_neither_a_critic_nor_a_reference_copy(testbed, tmp
         max_new_tokens=6,
         lora=LoraSettings(r=4, alpha=8),
     )
-    fit = trainer(tmp_path, max_steps=2, enable_checkpointing=False)
+    fit = cpu_trainer(tmp_path, max_steps=2, enable_checkpointing=False)
     fit.fit(module, prompts(testbed, 4))
     assert module.critic is None and module.reference is None  # the reference is the policy, adapters off
     trainable = [n for n, p in module.named_parameters() if p.requires_grad]

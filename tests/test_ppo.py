@@ -7,23 +7,12 @@ import lightning as L
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from word_rl import cpu_trainer
 
 from lightning_rlhf import PPOModule, PromptDataModule
 from lightning_rlhf.modules.ppo import FirstStepCheckError
 from lightning_rlhf.testbed.evaluate import evaluate_policy
 from lightning_rlhf.testbed.reward import GoldReward
-
-
-def quiet(root, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-        **kwargs,
-    )
 
 
 @pytest.mark.parametrize(
@@ -78,7 +67,7 @@ def test_first_step_guard_trips_when_dropout_is_left_on(testbed, tmp_path):
         max_new_tokens=8,
     )
     with pytest.raises(FirstStepCheckError, match="dropout left on"):
-        quiet(tmp_path, max_steps=1).fit(module, prompts(testbed))
+        cpu_trainer(tmp_path, max_steps=1).fit(module, prompts(testbed))
     # The same model with dropout disabled (the default) passes the check and trains.
     module = PPOModule(
         str(tmp_path / "dropout_policy"),
@@ -87,7 +76,7 @@ def test_first_step_guard_trips_when_dropout_is_left_on(testbed, tmp_path):
         micro_batch_size=8,
         max_new_tokens=8,
     )
-    quiet(tmp_path, max_steps=2, enable_checkpointing=False).fit(module, prompts(testbed))
+    cpu_trainer(tmp_path, max_steps=2, enable_checkpointing=False).fit(module, prompts(testbed))
 
 
 def test_rollout_batch_must_split_into_mini_batches(testbed, tmp_path):
@@ -99,7 +88,7 @@ def test_rollout_batch_must_split_into_mini_batches(testbed, tmp_path):
         max_new_tokens=4,
     )
     with pytest.raises(ValueError, match="batch_size=16\\) is not divisible by model mini_batch_size=12"):
-        quiet(tmp_path, max_steps=1).fit(module, prompts(testbed))
+        cpu_trainer(tmp_path, max_steps=1).fit(module, prompts(testbed))
 
 
 def test_adaptive_kl_and_score_statistics_are_checkpointed(testbed, tmp_path, monkeypatch):
@@ -112,7 +101,7 @@ def test_adaptive_kl_and_score_statistics_are_checkpointed(testbed, tmp_path, mo
         micro_batch_size=8,
         max_new_tokens=6,
     )
-    quiet(tmp_path, max_steps=4).fit(module, prompts(testbed))
+    cpu_trainer(tmp_path, max_steps=4).fit(module, prompts(testbed))
     assert module.kl_controller.value != 0.1 and module.score_moments.count == 32
     (checkpoint,) = tmp_path.rglob("*.ckpt")
     loaded = PPOModule.load_from_checkpoint(
@@ -148,7 +137,7 @@ def test_ppo_raises_held_out_gold_reward_over_the_sft_policy(testbed, word_sft_s
         critic_learning_rate=1e-3,
         kl_coef=0.05,
     )
-    fit = quiet(tmp_path, max_steps=4 * 30, enable_checkpointing=False, deterministic=True)
+    fit = cpu_trainer(tmp_path, max_steps=4 * 30, enable_checkpointing=False, deterministic=True)
     fit.fit(ppo, PromptDataModule(str(start.path), str(testbed / "prompts_train.jsonl"), batch_size=64))
     after = evaluate_policy(
         ppo.policy, start.tokenizer, start.task, start.held_out, samples_per_prompt=2, seed=1
@@ -189,7 +178,7 @@ def test_validation_samples_held_out_prompts_and_logs_scores(testbed, tmp_path):
         batch_size=16,
     )
     torch.manual_seed(3)
-    metrics = quiet(tmp_path).validate(module, data, verbose=False)[0]
+    metrics = cpu_trainer(tmp_path).validate(module, data, verbose=False)[0]
     assert metrics["val/gold_score"] == pytest.approx(metrics["val/score"], abs=1e-6)
     assert 0 < metrics["val/response_length"] <= 6 and 0 <= metrics["val/eos_rate"] <= 1
 
@@ -237,7 +226,7 @@ def test_micro_batch_size_does_not_change_the_gradient(testbed, tmp_path):
             max_grad_norm=None,
         )
         recorder = _FirstGradients()
-        quiet(tmp_path, max_steps=1, enable_checkpointing=False, callbacks=[recorder]).fit(
+        cpu_trainer(tmp_path, max_steps=1, enable_checkpointing=False, callbacks=[recorder]).fit(
             module, prompts(testbed, batch_size=8)
         )
         grads[micro] = recorder.grads
@@ -432,7 +421,7 @@ def test_value_normalization_standardises_the_critic_targets_by_the_running_retu
         value_normalization=True,
     )
     keep = _KeepRollouts()
-    fit = quiet(tmp_path, max_steps=3, callbacks=[keep])
+    fit = cpu_trainer(tmp_path, max_steps=3, callbacks=[keep])
     fit.fit(module, prompts(testbed, batch_size=8))
     returns = []
     for rollout, raw, before in keep.seen:
