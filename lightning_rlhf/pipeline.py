@@ -24,6 +24,7 @@ from lightning_rlhf.modules.iterative_dpo import IterativeDPOModule
 from lightning_rlhf.modules.ppo import PPOModule
 from lightning_rlhf.modules.reward import RewardModule
 from lightning_rlhf.modules.sft import SFTModule
+from lightning_rlhf.rollout.advantages import AdvantageEstimator
 from lightning_rlhf.testbed.reward import GoldReward
 
 
@@ -76,6 +77,7 @@ def fit(
     *,
     validate: bool = True,
     gradient_clip_val: float | None = None,
+    limit_train_batches: int | None = None,
 ) -> L.Trainer:
     """One quiet, deterministic CPU fit; ``validate=False`` skips the validation loop (the study scores
     policies with the gold reward instead, and validation is a large share of a tiny model's time)."""
@@ -92,6 +94,7 @@ def fit(
         enable_model_summary=False,
         callbacks=callbacks or [],
         limit_val_batches=None if validate else 0,
+        limit_train_batches=limit_train_batches,
         gradient_clip_val=gradient_clip_val,
     )
     trainer.fit(module, data)
@@ -152,13 +155,15 @@ def train_dpo(
     save_as: str = "dpo_policy",
     callbacks: list | None = None,
     validate: bool = True,
+    learning_rate: float | None = None,
 ) -> None:
-    """Offline DPO on the pairs from (and with the reference) ``init``, reference log-probs cached."""
+    """Offline DPO on the pairs from (and with the reference) ``init``, reference log-probs cached;
+    ``learning_rate`` replaces the settings' ``dpo_lr``."""
     s = settings
     module = DPOModule(
         str(out / init),
         loss=SigmoidDPOLoss(beta=s.dpo_beta),
-        learning_rate=s.dpo_lr,
+        learning_rate=learning_rate or s.dpo_lr,
         precompute_reference=True,
         # One cache per reference model; the quickstart's SFT reference keeps its historical folder name.
         reference_cache_dir=str(out / ("reference_logps" if init == "sft_policy" else f"reference_{init}")),
@@ -182,31 +187,48 @@ def train_iterative_dpo(
     *,
     callbacks: list | None = None,
     exact_reward: Callable | None = None,
+    prompts_per_iteration: int | None = None,
+    dpo_epochs: int = 1,
+    epochs: int | None = None,
+    limit_iterations: int | None = None,
+    save_as: str = "dpo_iter_policy",
 ) -> None:
     """DPO-Iter: fresh samples of the policy, paired by the reward model (or by ``exact_reward``, e.g. the
-    program task's tests: the paper's APPS recipe), from the SFT policy."""
+    program task's tests: the paper's APPS recipe), from the SFT policy. An iteration samples 4 responses
+    for each of ``prompts_per_iteration`` prompts (default ``batch_size``), trains ``dpo_epochs`` passes of
+    ``batch_size`` mini-batches on the pairs, then makes the policy the next iteration's reference; large
+    iterations are the paper's rounds."""
     s = settings
     sft_dir = str(out / "sft_policy")
+    per_iteration = prompts_per_iteration or s.batch_size
     module = IterativeDPOModule(
         sft_dir,
         **_reward_sources(out, exact_reward),
         loss=SigmoidDPOLoss(beta=s.dpo_beta),
         num_samples=4,
+        dpo_epochs=dpo_epochs,
         max_new_tokens=s.max_new_tokens,
         mini_batch_size=s.batch_size,
         micro_batch_size=s.batch_size,
-        generation_batch_size=4 * s.batch_size,  # one generate call per iteration
+        generation_batch_size=4 * s.batch_size,
         learning_rate=s.iterative_dpo_lr,
     )
     prompts = PromptDataModule(
         sft_dir,
         str(out / "prompts_train.jsonl"),
-        batch_size=s.batch_size,
+        batch_size=per_iteration,
         seed=seed,
         apply_chat_template=False,
     )
-    fit(module, prompts, s.iterative_dpo_epochs, seed, callbacks)
-    module.save_pretrained(out / "dpo_iter_policy")
+    fit(
+        module,
+        prompts,
+        epochs or s.iterative_dpo_epochs,
+        seed,
+        callbacks,
+        limit_train_batches=limit_iterations,
+    )
+    module.save_pretrained(out / save_as)
 
 
 def train_ppo(
@@ -220,26 +242,43 @@ def train_ppo(
     save_as: str = "ppo_policy",
     callbacks: list | None = None,
     exact_reward: Callable | None = None,
+    learning_rate: float | None = None,
+    ema_decay_per_sample: float | None = None,
+    value_normalization: bool = False,
+    advantage: AdvantageEstimator | None = None,
+    num_generations: int = 1,
+    epochs: int | None = None,
+    limit_rollouts: int | None = None,
 ) -> None:
     """PPO against the reward model (or ``exact_reward``, no reward model: the critic then starts from the
     policy) from the SFT policy; the defaults are the paper's recipe (a 512-prompt rollout batch, advantage
     normalization, an EMA reference). Every rollout is split into 4 mini-batches whatever its size, so a
-    smaller rollout batch also means smaller, noisier and more frequent updates."""
+    smaller rollout batch also means smaller, noisier and more frequent updates.
+
+    The study's knobs: ``learning_rate`` (default the settings' ``ppo_lr``), an EMA with η per sampled
+    sequence (``ema_decay_per_sample``, else the settings' η per rollout), the critic's value
+    normalization, an ``advantage`` estimator (GRPO, RLOO: no critic) with ``num_generations`` responses per
+    prompt, ``epochs`` over the prompts (default the settings' ``ppo_epochs``) and ``limit_rollouts`` per
+    epoch."""
     s = settings
     rollout_batch = rollout_batch or s.ppo_rollout_batch
+    sequences = rollout_batch * num_generations
     sft_dir = str(out / "sft_policy")
     module = PPOModule(
         sft_dir,
         **_reward_sources(out, exact_reward),
         max_new_tokens=s.max_new_tokens,
-        mini_batch_size=rollout_batch // 4,
-        micro_batch_size=max(1, rollout_batch // 8),
+        mini_batch_size=sequences // 4,
+        micro_batch_size=max(1, sequences // 8),
         kl_coef=s.ppo_kl_coef,
         gamma=1.0,
         lam=1.0,
         score_clip=20.0,
-        learning_rate=s.ppo_lr,
+        learning_rate=learning_rate or s.ppo_lr,
         critic_learning_rate=s.ppo_critic_lr,
+        value_normalization=value_normalization,
+        advantage=advantage,
+        num_generations=num_generations,
     )
     prompts = PromptDataModule(
         sft_dir,
@@ -249,6 +288,13 @@ def train_ppo(
         apply_chat_template=False,
     )
     tricks = [AdvantageNormalization()] if normalize_advantages else []
-    tricks += [EMAReferenceUpdate(decay=s.ppo_ema_decay)] if ema_reference else []
-    fit(module, prompts, s.ppo_epochs, seed, tricks + (callbacks or []))
+    if ema_reference:
+        ema = (
+            EMAReferenceUpdate(decay_per_sample=ema_decay_per_sample)
+            if ema_decay_per_sample is not None
+            else EMAReferenceUpdate(decay=s.ppo_ema_decay)
+        )
+        tricks.append(ema)
+    trainer_epochs = epochs or s.ppo_epochs
+    fit(module, prompts, trainer_epochs, seed, tricks + (callbacks or []), limit_train_batches=limit_rollouts)
     module.save_pretrained(out / save_as)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_rlhf.losses import SigmoidDPOLoss
-from lightning_rlhf.study.runner import METHODS, SHIFT_METHODS
+from lightning_rlhf.study.arms import ARMS, COMPARISONS, DPO_LEARNING_RATES, TASKS
 from lightning_rlhf.study.theorem import BanditSettings, response_logps, run_theorem_illustration
 
 
@@ -61,78 +61,154 @@ def test_reward_curve_validates_its_arguments():
 
 @pytest.fixture(scope="module")
 def fast_study(tmp_path_factory):
+    """The --fast smoke study, one seed, both tasks, every arm (also the CUT ones) and one shift point."""
     pytest.importorskip("matplotlib")
     from lightning_rlhf.study.main import main
 
     out = tmp_path_factory.mktemp("paper_study")
-    return out, main(["--fast", "--out", str(out)])
+    return out, main(["--fast", "--seeds", "0", "--out", str(out)])
 
 
 def test_fast_study_writes_table_plots_and_json(fast_study):
     out, report = fast_study
-    for name in ("paper_study.md", "paper_study.json", "curves.png", "shift.png"):
+    for name in (
+        "paper_study.md",
+        "paper_study.json",
+        "curves_words.png",
+        "curves_programs.png",
+        "shift.png",
+    ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        if name.endswith(".png"):
+            assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "paper_study.json").read_text()) == json.loads(json.dumps(report))
     table = (out / "paper_study.md").read_text()
-    for name in METHODS:
-        assert f"| {name} |" in table, name
+    for task in TASKS:
+        for name in ("sft", "dpo", *(n for n in ARMS if ARMS[n].kind != "dpo" and task in ARMS[n].tasks)):
+            assert f"| {name} |" in table, (task, name)
+    # the rule comes before any number
+    assert table.index("Decision rule, fixed before the numbers") < table.index("| advantage normalization")
 
 
 def test_fast_study_json_schema_and_sane_numbers(fast_study):
     _, report = fast_study
-    assert set(report) >= {"settings", "methods", "runs", "shift_runs", "summary", "shift_summary", "theorem"}
-    seeds = list(report["settings"]["seeds"])
-    assert [run["seed"] for run in report["runs"]] == seeds
-    for name in METHODS:
-        for metric in ("gold_reward", "win_rate_vs_sft", "rm_score"):
-            stat = report["summary"][name][metric]
-            assert len(stat["values"]) == len(seeds)
-            assert math.isfinite(stat["mean"]) and math.isfinite(stat["std"]) and stat["std"] >= 0
-        gold = report["summary"][name]["gold_reward"]["mean"]
-        assert -3.0 < gold < 2.0, name  # the task's rewards lie in about [-1 - 0.25 * 12, 1.5]
-        assert 0.0 <= report["summary"][name]["win_rate_vs_sft"]["mean"] <= 1.0
-    assert report["summary"]["sft"]["win_rate_vs_sft"]["values"] == [0.5] * len(seeds)
-    for run in report["runs"]:
-        assert set(run["curves"]) == set(METHODS) - {"sft"}
-        for curve in run["curves"].values():
-            assert len(curve) >= 2 and curve[0]["batch"] == 0
-            assert all(math.isfinite(point["reward"]) for point in curve)
-    assert [float(s) for s in report["shift_summary"]] == sorted(report["settings"]["shifts"])
-    for row in report["shift_summary"].values():
-        assert all(math.isfinite(row[m]["mean"]) for m in SHIFT_METHODS)
+    assert set(report) >= {
+        "settings",
+        "arms",
+        "runs",
+        "summary",
+        "paired",
+        "tiers",
+        "shift_summary",
+        "theorem",
+    }
+    assert set(report["runs"]) == set(TASKS)
+    for task, runs in report["runs"].items():
+        assert [run["seed"] for run in runs] == [0]
+        run = runs[0]
+        trained = [n for n in ARMS if task in ARMS[n].tasks]
+        assert set(run["arms"]) == set(trained)
+        assert run["dpo_pick"] in {f"dpo_lr{lr:g}" for lr in DPO_LEARNING_RATES}
+        for name, record in run["arms"].items():
+            curve = record["curve"]
+            assert len(curve) >= 2 and curve[0]["batch"] == 0 and curve[0]["samples"] == 0, name
+            # the best point is the first maximum of the validation curve
+            rewards = [point["reward"] for point in curve]
+            assert record["best_point"] == rewards.index(max(rewards)), name
+            assert all(math.isfinite(r) for r in rewards), name
+            samples = curve[-1]["samples"]
+            expected = 0 if ARMS[name].kind == "dpo" else report["settings"]["samples"][task]
+            assert samples == expected, (task, name)  # every on-policy arm samples the same budget
+        for key, scores in run["scores"].items():
+            per_prompt = scores["per_prompt"]
+            assert len(per_prompt) == len(run["scores"]["sft"]["per_prompt"]) > 1, key
+            if task == "words":
+                assert sum(per_prompt) / len(per_prompt) == pytest.approx(scores["gold_reward"]), key
+                assert 0.0 <= scores["win_rate_vs_sft"] <= 1.0
+            else:
+                every = scores["tiers"]["all"]
+                assert 0 <= every["pass@1"] <= every["pass@5"] <= every["pass@10"] <= 1, key
+                assert sum(per_prompt) / len(per_prompt) == pytest.approx(every["pass@5"]), key
+                assert 0 <= every["false_positive_rate"] <= every["parse_rate"] <= 1, key
+    assert report["summary"]["words"]["sft"]["final"]["win_rate_vs_sft"]["values"] == [0.5]
+    assert [float(s) for s in report["shift_summary"]] == [0.0]
     assert report["theorem"] == run_theorem_illustration()
 
 
-def test_fast_study_reports_paired_differences_with_the_decision_rule_first(fast_study):
-    """Per-prompt gold scores are kept for every policy; the report states the rule, then one row per claim
-    whose two arms ran, each with its interval around the mean and a verdict of the rule."""
-    from lightning_rlhf.study.report import COMPARISONS, paired_section
+def test_fast_study_paired_rows_recompute_from_the_per_prompt_scores(fast_study):
+    from lightning_rlhf.study.report import policy_key
     from lightning_rlhf.study.stats import bootstrap_interval, paired_differences, verdict
 
+    _, report = fast_study
+    for task, rows in report["paired"].items():
+        runs = report["runs"][task]
+        assert {row["label"] for row in rows} == {
+            c.label for c in COMPARISONS if all(_ran_on(task, name) for name in (c.a, c.b))
+        }
+        for row in rows:
+            for ckpt in ("best", "final"):
+                diffs = paired_differences(
+                    [r["scores"][policy_key(r, row["a"], ckpt)]["per_prompt"] for r in runs],
+                    [r["scores"][policy_key(r, row["b"], ckpt)]["per_prompt"] for r in runs],
+                )
+                result = bootstrap_interval(diffs)
+                assert row[ckpt]["mean"] == pytest.approx(result.mean)
+                assert (row[ckpt]["low"], row[ckpt]["high"]) == (result.low, result.high)
+                if row["sign"]:
+                    assert row[ckpt]["verdict"] == verdict(result, row["sign"])
+
+
+def _ran_on(task: str, name: str) -> bool:
+    return name in ("sft", "dpo") or task in ARMS[name].tasks
+
+
+def test_best_checkpoint_folder_scores_what_its_curve_point_recorded(fast_study):
+    """The saved best policy, sampled on the validation prompts with the curve's seed, gives the validation
+    reward its point recorded: the folder holds the weights of that point, not the final ones."""
+    from transformers import AutoTokenizer
+
+    from lightning_rlhf.models import load_causal_lm
+    from lightning_rlhf.rollout.generation import SamplingConfig, generate_texts
+    from lightning_rlhf.study.main import FAST as settings
+    from lightning_rlhf.study.runner import _validation
+
     out, report = fast_study
-    lengths = set()
-    for run in report["runs"]:
-        for name, row in run["policies"].items():
-            per_prompt = row["gold_per_prompt"]
-            lengths.add(len(per_prompt))
-            assert sum(per_prompt) / len(per_prompt) == pytest.approx(row["gold_reward"]), name
-    assert len(lengths) == 1 and lengths.pop() > 1  # one score per held-out prompt, the same prompts
-    table = (out / "paper_study.md").read_text()
-    rule, first_row = (
-        table.index("Decision rule, fixed before the numbers"),
-        table.index("| advantage normalization"),
-    )
-    assert rule < first_row
-    label, a, b, sign = COMPARISONS[3]  # PPO (paper recipe) beats DPO
-    runs = report["runs"]
-    result = bootstrap_interval(
-        paired_differences(
-            [r["policies"][a]["gold_per_prompt"] for r in runs],
-            [r["policies"][b]["gold_per_prompt"] for r in runs],
-        )
-    )
-    assert result.low <= result.mean <= result.high
-    assert f"| {label} | {a} | {b} | {result.mean:+.3f} |" in table and verdict(result, sign) in table
-    old = [{"policies": {"sft": {"gold_reward": 0.1}}}]
-    assert "rerun the study" in "\n".join(paired_section(old))
+    job = out / "words_seed0"
+    prompts, reward = _validation(job, settings, "words", 0)
+    tokenizer = AutoTokenizer.from_pretrained(job / "tokenizer")
+    checked = 0
+    for name, record in report["runs"]["words"][0]["arms"].items():
+        for folder, point in ((f"{name}_best", record["best_point"]), (f"{name}_final", -1)):
+            texts = generate_texts(
+                load_causal_lm(str(job / folder)),
+                tokenizer,
+                prompts,
+                SamplingConfig(max_new_tokens=settings.word_stages.max_new_tokens),
+                seed=0,
+            ).texts
+            score = sum(reward(prompts, texts)) / len(prompts)
+            assert score == pytest.approx(record["curve"][point]["reward"], abs=1e-9), folder
+            checked += 1
+    assert checked == 2 * len(report["runs"]["words"][0]["arms"])
+
+
+def test_interrupted_study_resumes_and_retrains_only_what_is_missing(fast_study):
+    """A job whose result.json and one arm's record are gone retrains only that arm (bit-identically, the
+    runs are deterministic) and reproduces every score; a rerun with other settings is refused."""
+    from dataclasses import replace
+
+    from lightning_rlhf.study.main import FAST, check_same_settings
+    from lightning_rlhf.study.runner import run_job
+
+    out, report = fast_study
+    job = out / "words_seed0"
+    kept = {p.name: p.stat().st_mtime_ns for p in (job / "arms").glob("*.json") if p.stem != "ppo_B"}
+    (job / "result.json").unlink()
+    (job / "arms" / "ppo_B.json").unlink()
+    again = run_job(job, replace(FAST, seeds=(0,)), "words", 0)
+    before = report["runs"]["words"][0]
+    assert again["scores"] == before["scores"]
+    assert again["arms"]["ppo_B"]["curve"] == before["arms"]["ppo_B"]["curve"]
+    assert {p.name: p.stat().st_mtime_ns for p in (job / "arms").glob("*.json") if p.stem != "ppo_B"} == kept
+    with pytest.raises(SystemExit, match="other settings.*samples"):
+        check_same_settings(out, replace(FAST, seeds=(0,), samples={"words": 256, "programs": 256}))

@@ -1,4 +1,4 @@
-"""Turn the study's job results into numbers over seeds, a markdown report and two PNG plots."""
+"""Turn the study's job results into numbers over seeds, paired comparisons, a markdown report and plots."""
 
 from __future__ import annotations
 
@@ -6,13 +6,28 @@ import math
 import statistics
 from pathlib import Path
 
-from lightning_rlhf.study.runner import METHODS, SHIFT_METHODS
+from lightning_rlhf.study.arms import ARMS, COMPARISONS, Comparison
+from lightning_rlhf.study.runner import PAIRED_PASS_K, PROGRAM_SUBMISSIONS, SHIFT_ARMS
 from lightning_rlhf.study.stats import bootstrap_interval, paired_differences, verdict
 from lightning_rlhf.study.theorem import format_theorem_table
 
-METRICS = ("gold_reward", "win_rate_vs_sft", "rm_score")
-# Xu et al. (2024), Table 2, HH-RLHF, OpenAssistant reward: what the testbed's ordering is compared with.
-PAPER_HH_RLHF = {"dpo": 0.611, "ppo_paper": 0.718}
+WORD_METRICS = ("gold_reward", "win_rate_vs_sft", "rm_score")
+
+
+def program_metrics(samples: int) -> tuple[str, ...]:
+    """The program table's columns when every test prompt got ``samples`` samples (10@64 in the full run)."""
+    return (
+        "pass@1",
+        "pass@5",
+        "pass@10",
+        f"{PROGRAM_SUBMISSIONS}@{samples}",
+        "parse_rate",
+        "false_positive_rate",
+    )
+
+
+CHECKPOINTS = ("best", "final")
+TIER_ORDER = ("intro", "interview", "competition")
 
 
 def require_matplotlib() -> None:
@@ -32,23 +47,149 @@ def mean_std(values: list[float]) -> dict[str, float | list[float]]:
     return {"mean": statistics.fmean(values), "std": std, "values": list(values)}
 
 
-def summarise(runs: list[dict], methods: tuple[str, ...]) -> dict[str, dict]:
-    """``{method: {metric: mean_std}}`` over the runs (seeds)."""
+def policy_key(run: dict, name: str, checkpoint: str) -> str:
+    """The key of arm ``name``'s ``checkpoint`` in ``run["scores"]`` ("dpo" is the run's grid pick)."""
+    if name == "sft":
+        return "sft"
+    if name == "dpo":
+        name = run["dpo_pick"]
+    return f"{name}/{checkpoint}"
+
+
+def _ran(run: dict, name: str) -> bool:
+    if name == "sft":
+        return True
+    if name == "dpo":
+        return bool(run["dpo_pick"])
+    return f"{name}/final" in run["scores"]
+
+
+def runs_with(runs: list[dict], *names: str) -> list[dict]:
+    """The runs (seeds) that trained every arm of ``names`` (controls may run on fewer seeds)."""
+    return [run for run in runs if all(_ran(run, name) for name in names)]
+
+
+def has_arm(runs: list[dict], name: str) -> bool:
+    return bool(runs_with(runs, name))
+
+
+def report_arms(runs: list[dict]) -> list[str]:
+    """The arms a task's table lists, in order: SFT, the DPO pick, then every trained non-grid arm."""
+    names = ["sft"] + (["dpo"] if has_arm(runs, "dpo") else [])
+    return names + [n for n in ARMS if ARMS[n].kind != "dpo" and has_arm(runs, n)]
+
+
+def metric(run: dict, task: str, key: str, name: str) -> float:
+    scores = run["scores"][key]
+    return scores[name] if task == "words" else scores["tiers"]["all"][name]
+
+
+def summarise(task: str, runs: list[dict], samples: int) -> dict[str, dict]:
+    """``{arm: {checkpoint: {metric: mean_std}}}`` over the runs (seeds) of one task (``samples``: per test
+    prompt; it names the n@k column)."""
+    names = WORD_METRICS if task == "words" else program_metrics(samples)
+    out: dict[str, dict] = {}
+    every_run = runs
+    for arm in report_arms(every_run):
+        runs = runs_with(every_run, arm)
+        out[arm] = {"seeds": [run["seed"] for run in runs]}
+        for ckpt in CHECKPOINTS:
+            keys = [policy_key(run, arm, ckpt) for run in runs]
+            available = [
+                m for m in names if all(m in _all(run, task, k) for run, k in zip(runs, keys, strict=True))
+            ]
+            out[arm][ckpt] = {
+                m: mean_std([metric(run, task, k, m) for run, k in zip(runs, keys, strict=True)])
+                for m in available
+            }
+    return out
+
+
+def _all(run: dict, task: str, key: str) -> dict:
+    scores = run["scores"][key]
+    return scores if task == "words" else scores["tiers"]["all"]
+
+
+def tier_summary(runs: list[dict], name: str, samples: int) -> dict[str, dict]:
+    """Programs: ``{tier: {metric: mean_std}}`` of arm ``name``'s best checkpoint over the runs."""
+    columns = ("pass@5", f"{PROGRAM_SUBMISSIONS}@{samples}")
+    runs = runs_with(runs, name)
+    keys = [policy_key(run, name, "best") for run in runs]
+    tiers = [
+        t
+        for t in TIER_ORDER
+        if all(t in run["scores"][k]["tiers"] for run, k in zip(runs, keys, strict=True))
+    ]
     return {
-        name: {metric: mean_std([run["policies"][name][metric] for run in runs]) for metric in METRICS}
-        for name in methods
+        tier: {
+            m: mean_std([run["scores"][k]["tiers"][tier][m] for run, k in zip(runs, keys, strict=True)])
+            for m in columns
+            if all(m in run["scores"][k]["tiers"][tier] for run, k in zip(runs, keys, strict=True))
+        }
+        for tier in tiers
     }
 
 
+def paired(runs: list[dict], comparison: Comparison, checkpoint: str) -> dict | None:
+    """Mean paired difference B − A (per test prompt, per seed), its bootstrap interval and the verdict."""
+    runs = runs_with(runs, comparison.a, comparison.b)
+    if not runs:
+        return None
+    diffs = paired_differences(
+        [run["scores"][policy_key(run, comparison.a, checkpoint)]["per_prompt"] for run in runs],
+        [run["scores"][policy_key(run, comparison.b, checkpoint)]["per_prompt"] for run in runs],
+    )
+    result = bootstrap_interval(diffs)
+    if comparison.sign:
+        call = verdict(result, comparison.sign)
+    else:  # no paper claim: say only whether the interval separates the arms
+        call = "B > A" if result.low > 0 else "B < A" if result.high < 0 else "no difference shown"
+    return {
+        "mean": result.mean,
+        "low": result.low,
+        "high": result.high,
+        "units": result.units,
+        "verdict": call,
+    }
+
+
+def paired_table(task_runs: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """``{task: [{"label", "a", "b", "paper", "best": .., "final": ..}]}`` for every testable comparison."""
+    out: dict[str, list[dict]] = {}
+    for task, runs in task_runs.items():
+        rows = []
+        for c in COMPARISONS:
+            best = paired(runs, c, "best")
+            if best is None:
+                continue
+            rows.append(
+                {
+                    "label": c.label,
+                    "a": c.a,
+                    "b": c.b,
+                    "sign": c.sign,
+                    "paper": c.paper.get(task, ""),
+                    "seeds": [run["seed"] for run in runs_with(runs, c.a, c.b)],
+                    "best": best,
+                    "final": paired(runs, c, "final"),
+                }
+            )
+        out[task] = rows
+    return out
+
+
 def summarise_shift(shift_runs: list[dict]) -> dict[str, dict]:
-    """``{shift: {"reward_model_accuracy": ..., method: gold mean_std}}``, shifts as sorted string keys."""
+    """``{shift: {"reward_model_accuracy": ..., "sft"/arm: gold mean_std}}`` (best checkpoints)."""
     by_shift: dict[float, list[dict]] = {}
     for run in shift_runs:
         by_shift.setdefault(run["behaviour_shift"], []).append(run)
     return {
         f"{shift:g}": {
             "reward_model_accuracy": mean_std([r["reward_model_accuracy"] for r in runs]),
-            **{m: mean_std([r["policies"][m]["gold_reward"] for r in runs]) for m in SHIFT_METHODS},
+            **{
+                name: mean_std([r["scores"][policy_key(r, name, "best")]["gold_reward"] for r in runs])
+                for name in ("sft", *SHIFT_ARMS)
+            },
         }
         for shift, runs in sorted(by_shift.items())
     }
@@ -58,37 +199,98 @@ def _pm(stat: dict) -> str:
     return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
 
 
+def _interval(row: dict | None, scale: float) -> str:
+    if row is None:
+        return "–"
+    return (
+        f"{scale * row['mean']:+.3f} [{scale * row['low']:+.3f}, {scale * row['high']:+.3f}] {row['verdict']}"
+    )
+
+
+DECISION_RULE = [
+    "Decision rule, fixed before the numbers: for each comparison B − A the units are (seed, test prompt)",
+    "pairs — both arms start from that seed's SFT policy and are scored on the same prompts with the same",
+    "sampling seed. A claim of the paper counts as *reproduced* only if the 95 % bootstrap interval of the",
+    "mean paired difference (prompts resampled within each seed, 2000 resamples) excludes 0 on the paper's",
+    "side, *contradicted* if it excludes 0 on the other side, else *inconclusive*. The verdict that counts",
+    "uses each arm's best-validation checkpoint (the paper's selection rule); the final checkpoint is shown",
+    "beside it. Scores per prompt: the word task's mean gold reward, the program task's",
+    f"pass@{PAIRED_PASS_K} (the paper's APPS metric in Table 3). Rows without a paper claim only say whether",
+    "the arms differ.",
+]
+
+
 def markdown_report(report: dict) -> str:
-    """The study's tables: methods, the shift sweep and the Theorem 4.1 illustration."""
-    seeds = report["settings"]["seeds"]
-    lines = [
-        f"## Methods (testbed behaviour shift 1.0; mean ± std over seeds {', '.join(map(str, seeds))})",
-        "",
-        "| method | gold reward | win rate vs SFT (gold) | reward-model score | what it is |",
-        "|---|---|---|---|---|",
-    ]
-    for name, row in report["summary"].items():
-        cells = " | ".join(_pm(row[m]) for m in METRICS)
-        lines.append(f"| {name} | {cells} | {METHODS[name]} |")
-    accuracy = mean_std([run["reward_model_accuracy"] for run in report["runs"]])
-    paper = ", ".join(f"{name} {value}" for name, value in PAPER_HH_RLHF.items())
-    lines += [
-        "",
-        f"Reward model pairwise accuracy on held-out pairs: {_pm(accuracy)}.",
-        f"The paper (HH-RLHF, OpenAssistant reward; another scale): {paper}.",
-        "",
-    ]
-    lines += paired_section(report["runs"])
-    if report["shift_summary"]:
-        shift_seeds = ", ".join(map(str, report["settings"]["shift_seeds"]))
+    """The study's tables: per task the arms and the paired comparisons, the shift sweep, the bandit."""
+    s = report["settings"]
+    lines = ["## Decision rule", "", *DECISION_RULE, ""]
+    for task, runs in report["runs"].items():
+        seeds = ", ".join(str(run["seed"]) for run in runs)
+        summary = report["summary"][task]
+        scale, unit = (1.0, "gold reward") if task == "words" else (100.0, f"pass@{PAIRED_PASS_K} in points")
         lines += [
-            f"## Distribution shift (gold reward; seeds {shift_seeds})",
+            f"## {task}: paired comparisons (B − A, {unit}; seeds {seeds})",
             "",
-            "| behaviour shift | SFT | DPO | PPO (paper recipe) | reward-model accuracy |",
+            "| comparison | paper | best-validation checkpoint | final checkpoint |",
+            "|---|---|---|---|",
+        ]
+        for row in report["paired"][task]:
+            fewer = "" if len(row["seeds"]) == len(runs) else f" (seeds {', '.join(map(str, row['seeds']))})"
+            lines.append(
+                f"| {row['label']}{fewer} | {row['paper'] or '–'} | {_interval(row['best'], scale)} | "
+                f"{_interval(row['final'], scale)} |"
+            )
+        names = WORD_METRICS if task == "words" else program_metrics(s["eval_samples"][task])
+        lines += [
+            "",
+            f"## {task}: every arm (mean ± std over seeds {seeds}; {s['samples'][task]} training samples per "
+            "on-policy arm)",
+            "",
+            "| arm | checkpoint | " + " | ".join(names) + " | what it is |",
+            "|---|---|" + "---|" * len(names) + "---|",
+        ]
+        for arm, by_ckpt in summary.items():
+            doc = (
+                "SFT policy (every arm starts here)"
+                if arm == "sft"
+                else (
+                    "DPO at the validation pick of the lr grid: "
+                    + ", ".join(sorted({run["dpo_pick"] for run in runs}))
+                    if arm == "dpo"
+                    else ARMS[arm].doc
+                )
+            )
+            if len(by_ckpt["seeds"]) != len(runs):
+                doc += f" (seeds {', '.join(map(str, by_ckpt['seeds']))})"
+            for ckpt in ("final",) if arm == "sft" else CHECKPOINTS:
+                row = by_ckpt[ckpt]
+                cells = " | ".join(_pm(row[m]) if m in row else "–" for m in names)
+                lines.append(f"| {arm} | {ckpt if arm != 'sft' else '–'} | {cells} | {doc} |")
+        if task == "words":
+            accuracy = mean_std([run["reward_model_accuracy"] for run in runs])
+            lines += ["", f"Reward model pairwise accuracy on held-out pairs: {_pm(accuracy)}."]
+        else:
+            n_at_k = f"{PROGRAM_SUBMISSIONS}@{s['eval_samples'][task]}"
+            lines += ["", f"By tier (best-validation checkpoints; pass@5 / {n_at_k}, mean over seeds):", ""]
+            tiers = report["tiers"][task]
+            tier_names = [t for t in TIER_ORDER if t in next(iter(tiers.values()))]
+            lines += ["| arm | " + " | ".join(tier_names) + " |", "|---|" + "---|" * len(tier_names)]
+            for arm, by_tier in tiers.items():
+                cells = " | ".join(
+                    " / ".join(f"{stat['mean']:.3f}" for stat in by_tier[t].values()) for t in tier_names
+                )
+                lines.append(f"| {arm} | {cells} |")
+        lines.append("")
+    if report["shift_summary"]:
+        shift_seeds = ", ".join(map(str, s["shift_seeds"]))
+        lines += [
+            f"## Distribution shift (words, gold reward of best checkpoints; seeds {shift_seeds})",
+            "",
+            "| behaviour shift | SFT | DPO (lr 1e-3) | PPO D (paper recipe) | reward-model accuracy |",
             "|---|---|---|---|---|",
         ]
         for shift, row in report["shift_summary"].items():
-            cells = " | ".join(_pm(row[m]) for m in SHIFT_METHODS)
+            cells = " | ".join(_pm(row[m]) for m in ("sft", *SHIFT_ARMS))
             lines.append(f"| {shift} | {cells} | {_pm(row['reward_model_accuracy'])} |")
         lines.append("")
     lines += [
@@ -101,100 +303,46 @@ def markdown_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-# (label, arm A, arm B, +1 when the paper finds B better than A): the paper's claims these arms can test.
-COMPARISONS = (
-    ("advantage normalization helps PPO", "ppo_naive", "ppo_adv_norm", 1),
-    ("a large rollout batch helps PPO", "ppo_naive", "ppo_large_batch", 1),
-    ("an EMA reference helps PPO", "ppo_naive", "ppo_ema", 1),
-    ("PPO (paper recipe) beats DPO", "dpo", "ppo_paper", 1),
-    ("PPO (paper recipe) beats DPO-Iter", "dpo_iter", "ppo_paper", 1),
-    ("DPO-Iter beats DPO", "dpo", "dpo_iter", 1),
-)
-
-
-def paired_section(runs: list[dict]) -> list[str]:
-    """The paired-difference table (gold reward per held-out prompt, B − A), the decision rule first.
-
-    Runs written before per-prompt scores were recorded have none: the section then says so."""
-    header = [
-        "## Paired differences (gold reward per held-out prompt, B − A)",
-        "",
-        "Decision rule, fixed before the numbers: a claim is *reproduced* only if the 95 % bootstrap",
-        "interval of the mean paired difference (prompts resampled within each seed) excludes 0 on the",
-        "paper's side, *contradicted* if it excludes 0 on the other side, else *inconclusive*.",
-        "",
-    ]
-    if not runs or any("gold_per_prompt" not in row for run in runs for row in run["policies"].values()):
-        return [*header, "(These runs carry no per-prompt scores: rerun the study to get this table.)", ""]
-    lines = [
-        *header,
-        "| claim | A | B | mean B − A | 95 % interval | units | verdict |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for label, a, b, sign in COMPARISONS:
-        if a not in runs[0]["policies"] or b not in runs[0]["policies"]:
-            continue
-        diffs = paired_differences(
-            [run["policies"][a]["gold_per_prompt"] for run in runs],
-            [run["policies"][b]["gold_per_prompt"] for run in runs],
-        )
-        result = bootstrap_interval(diffs)
-        lines.append(
-            f"| {label} | {a} | {b} | {result.mean:+.3f} | [{result.low:+.3f}, {result.high:+.3f}] | "
-            f"{result.units} | {verdict(result, sign)} |"
-        )
-    return [*lines, ""]
-
-
-def _curve_stats(runs: list[dict], name: str) -> tuple[list[float], list[float], list[float]]:
-    """x (fraction of the method's training batches), mean and std of the gold reward over seeds."""
-    histories = [run["curves"][name] for run in runs]
+def _curve_stats(runs: list[dict], name: str, x: str) -> tuple[list[float], list[float]]:
+    """x (samples or optimizer steps) and the mean validation score over seeds."""
+    histories = [run["arms"][name]["curve"] for run in runs if name in run["arms"]]
     length = min(len(h) for h in histories)
-    last = max(histories[0][length - 1]["batch"], 1)
-    xs = [histories[0][i]["batch"] / last for i in range(length)]
-    values = [[h[i]["reward"] for h in histories] for i in range(length)]
-    means = [statistics.fmean(v) for v in values]
-    stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
-    return xs, means, stds
+    xs = [histories[0][i][x] for i in range(length)]
+    means = [statistics.fmean(h[i]["reward"] for h in histories) for i in range(length)]
+    return xs, means
 
 
-def plot_curves(report: dict, path: Path) -> None:
-    """Gold reward against training progress, one line per method (mean over seeds, band = ± std)."""
+def plot_curves(report: dict, task: str, path: Path) -> None:
+    """Validation score against training samples (on-policy arms) and against optimizer steps (all arms)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    groups = (
-        ("DPO family", ("dpo", "dpo_sft", "dpo_iter")),
-        ("PPO ablations", tuple(m for m in METHODS if m.startswith("ppo"))),
-    )
-    sft = report["summary"]["sft"]["gold_reward"]["mean"]
-    for ax, (title, names) in zip(axes, groups, strict=True):
-        names = [name for name in names if name in report["runs"][0]["curves"]]
+    runs = report["runs"][task]
+    names = [n for n in ARMS if any(n in run["arms"] for run in runs)]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+    for ax, x in zip(axes, ("samples", "global_step"), strict=True):
         for name in names:
-            xs, means, stds = _curve_stats(report["runs"], name)
+            if x == "samples" and ARMS[name].kind == "dpo":
+                continue  # offline: it samples nothing
+            xs, means = _curve_stats(runs, name, x)
             ax.plot(xs, means, marker="o", markersize=3, label=name)
-            ax.fill_between(
-                xs,
-                [m - s for m, s in zip(means, stds, strict=True)],
-                [m + s for m, s in zip(means, stds, strict=True)],
-                alpha=0.15,
-            )
-        ax.axhline(sft, color="grey", linestyle=":", label="SFT (final eval)")
-        ax.set_title(title)
-        ax.set_xlabel("training progress (fraction of the method's training batches)")
+        ax.set_xlabel("training samples" if x == "samples" else "optimizer steps")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0].set_ylabel(f"gold reward ({report['settings']['curve_prompts']} held-out prompts)")
+        ax.legend(fontsize=7, ncol=2)
+    if task == "programs":
+        axes[1].set_xscale("symlog", linthresh=10)
+    unit = "gold reward" if task == "words" else "mean exact reward (10 x pass rate)"
+    axes[0].set_ylabel(f"validation {unit}, mean over seeds")
+    fig.suptitle(f"{task}: validation curves")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def plot_shift(report: dict, path: Path) -> None:
-    """Final gold reward of SFT, DPO and PPO against the preference data's behaviour shift."""
+    """Gold reward of SFT, DPO and PPO D against the preference data's behaviour shift."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -203,12 +351,12 @@ def plot_shift(report: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.5))
     shifts = list(report["shift_summary"])
     xs = [float(s) for s in shifts]
-    for name in SHIFT_METHODS:
+    for name in ("sft", *SHIFT_ARMS):
         means = [report["shift_summary"][s][name]["mean"] for s in shifts]
         stds = [report["shift_summary"][s][name]["std"] for s in shifts]
         ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=name)
     ax.set_xlabel("behaviour shift of the preference data (0 = the SFT distribution)")
-    ax.set_ylabel("gold reward (held-out prompts)")
+    ax.set_ylabel("gold reward (test prompts)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

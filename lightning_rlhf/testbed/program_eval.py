@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from lightning_rlhf.evaluate import PolicySamples, evaluate, parse_n_at_k, summarize
+from lightning_rlhf.metrics import pass_at_k
 from lightning_rlhf.rollout.generation import SamplingConfig
 from lightning_rlhf.testbed.programs import TIERS, ProgramReward
 
@@ -36,20 +37,18 @@ def _subset(policy: PolicySamples, prompts: Sequence[int], k: int) -> PolicySamp
     )
 
 
-def evaluate_programs(
+def sample_programs(
     policies: Mapping[str, str],
     prompts_file: str,
     *,
     num_samples: int = 64,
-    pass_k: Sequence[int] = (1, 5, 10),
     n_at_k: Sequence[str] = ("10@64",),
     sampling: SamplingConfig = PROGRAM_SAMPLING,
     seed: int = 0,
     progress: bool = False,
-) -> dict[str, dict[str, dict[str, float]]]:
-    """``{policy name: {tier: {"pass@1": .., "10@64": .., "eos_rate": .., "prompts": n}}}`` plus an
-    ``"all"`` tier, for the policy folders in ``policies`` (name -> folder) on ``prompts_file``'s rows
-    (which need ``tests``, ``public_tests`` and ``tier`` columns, as the testbed writes them)."""
+) -> tuple[list[PolicySamples], list[str]]:
+    """Each policy's ``num_samples`` programs per row of ``prompts_file`` scored by the hidden tests (with
+    n@k submissions when ``n_at_k`` is not empty), and every row's tier."""
     names = list(policies)
     _, found, rendered = evaluate(
         [policies[n] for n in names],
@@ -72,7 +71,54 @@ def evaluate_programs(
             f"{prompts_file}: {len(tiers)} rows but {len(rendered)} prompts were evaluated "
             "(rows were dropped; see the log above)"
         )
+    return samples, tiers
+
+
+def evaluate_programs(
+    policies: Mapping[str, str],
+    prompts_file: str,
+    *,
+    num_samples: int = 64,
+    pass_k: Sequence[int] = (1, 5, 10),
+    n_at_k: Sequence[str] = ("10@64",),
+    sampling: SamplingConfig = PROGRAM_SAMPLING,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """``{policy name: {tier: {"pass@1": .., "10@64": .., "eos_rate": .., "prompts": n}}}`` plus an
+    ``"all"`` tier, for the policy folders in ``policies`` (name -> folder) on ``prompts_file``'s rows
+    (which need ``tests``, ``public_tests`` and ``tier`` columns, as the testbed writes them)."""
+    samples, tiers = sample_programs(
+        policies,
+        prompts_file,
+        num_samples=num_samples,
+        n_at_k=n_at_k,
+        sampling=sampling,
+        seed=seed,
+        progress=progress,
+    )
     return tier_report(samples, tiers, num_samples=num_samples, pass_k=pass_k, n_at_k=n_at_k)
+
+
+def per_prompt_pass_at_k(policy: PolicySamples, num_samples: int, k: int) -> list[float]:
+    """The unbiased pass@k of each prompt (``num_samples`` samples per prompt, prompt-major)."""
+    values = policy.scores[SCORER]
+    threshold = ProgramReward().pass_score
+    return [
+        pass_at_k(num_samples, sum(v >= threshold for v in values[i : i + num_samples]), k)
+        for i in range(0, len(values), num_samples)
+    ]
+
+
+def submission_rates(policy: PolicySamples) -> dict[str, float]:
+    """``parse_rate`` (samples that parse as a program) and ``false_positive_rate`` (samples that pass the
+    public examples but fail the hidden tests), each a share of all samples; needs ``submissions``."""
+    subs = policy.submissions or []
+    n = max(len(subs), 1)
+    return {
+        "parse_rate": sum(s.cluster is not None for s in subs) / n,
+        "false_positive_rate": sum(s.passes_public and not s.passes_hidden for s in subs) / n,
+    }
 
 
 def tier_report(
@@ -100,6 +146,8 @@ def tier_report(
         )
         for policy, row in zip(samples, summary, strict=True):
             metrics = {k: float(v) for k, v in row.items() if k != "policy" and not k.startswith("score/")}
+            if policy.submissions is not None:
+                metrics.update(submission_rates(_subset(policy, rows, num_samples)))
             report[policy.name][tier] = {**metrics, "prompts": float(len(rows))}
     return report
 
