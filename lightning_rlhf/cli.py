@@ -148,13 +148,28 @@ def cli_main(args: list[str] | None = None) -> None:
         quiet_third_party()
     try:
         _run_command(argv, args)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, ValueError) as err:
         # A bad flag, file or row: the message names it and what to do, so a traceback only hides it.
-        if verbose:
+        # jsonargparse re-raises a module's ConfigError from __init__ as "Does not validate against any
+        # of the Union subtypes" with the whole config dumped; the package's own error is in its causes.
+        found = package_error(err)
+        if verbose or found is None:
             raise
-        print(f"lightning-rlhf: error: {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"lightning-rlhf: error: {type(found).__name__}: {found}", file=sys.stderr)
         print("(run with --verbose for the traceback)", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def package_error(err: BaseException) -> ConfigError | DataError | None:
+    """``err`` itself or the first ConfigError / DataError among its causes (None: not the package's)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, (ConfigError, DataError)):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _run_command(argv: list[str], args: list[str] | None) -> None:

@@ -271,3 +271,40 @@ def test_a_misspelt_flag_is_an_error_not_a_prefix_match(subcommand, capsys):
     with pytest.raises(SystemExit):
         build_cli(args, run=bool(subcommand))
     assert "unrecognized arguments: --trainer.max_step 3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--model.init_args.clip_range", "0"], "ConfigError: PPOModule: clip_range must be > 0 (got 0.0)"),
+        (["--model.init_args.value_normalization", "true"], "value_normalization"),
+    ],
+)
+def test_a_module_config_error_reaches_the_terminal_as_one_line(
+    flags, message, capsys, tmp_path, monkeypatch
+):
+    """A ConfigError raised in a module's __init__ while LightningCLI builds it arrives wrapped by
+    jsonargparse ("Does not validate against any of the Union subtypes" and the whole config); the command
+    prints the package's own message and exits 2, no traceback, no config dump."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(REPO / "configs/grpo/testbed.yaml"), *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Union subtypes" not in err and "Namespace(" not in err
+    assert "(run with --verbose for the traceback)" in err
+
+
+def test_package_error_finds_the_cause_and_leaves_others_alone():
+    from lightning_rlhf.cli import package_error
+    from lightning_rlhf.validation import ConfigError
+
+    inner = ConfigError("X: y must be > 0")
+    try:
+        try:
+            raise inner
+        except ConfigError as err:
+            raise ValueError("Does not validate against any of the Union subtypes") from err
+    except ValueError as outer:
+        assert package_error(outer) is inner
+    assert package_error(ValueError("a bug")) is None
