@@ -61,12 +61,13 @@ def test_reward_curve_validates_its_arguments():
 
 @pytest.fixture(scope="module")
 def fast_study(tmp_path_factory):
-    """The --fast smoke study, one seed, both tasks, every arm (also the CUT ones) and one shift point."""
+    """The --fast smoke study, one seed, both tasks, every arm (also the budget cuts) and one shift point."""
     pytest.importorskip("matplotlib")
     from lightning_rlhf.study.main import main
 
     out = tmp_path_factory.mktemp("paper_study")
-    return out, main(["--fast", "--seeds", "0", "--out", str(out)])
+    # --jobs 2: the program and word jobs in parallel processes (pytest alone leaves the second core idle)
+    return out, main(["--fast", "--seeds", "0", "--jobs", "2", "--out", str(out)])
 
 
 def test_fast_study_writes_table_plots_and_json(fast_study):

@@ -126,3 +126,31 @@ def test_study_settings_name_what_is_wrong():
     assert task_arms("words", tuple(ARMS)) == tuple(n for n in ARMS if "words" in ARMS[n].tasks)
     assert set(BUDGET_CUTS) <= set(CONTROLS) and all(math.isfinite(ARMS[n].lr_scale) for n in ARMS)
     assert replace(StudySettings(), control_seeds=(0,)).control_seeds == (0,)
+
+
+def test_fill_doc_replaces_only_the_marked_block(tmp_path):
+    from lightning_rlhf.study.main import BEGIN, END, fill_doc
+
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"# Title\nprose before\n{BEGIN}\nold table\n{END}\nprose after\n")
+    fill_doc(doc, "| new | table |\n")
+    assert doc.read_text() == f"# Title\nprose before\n{BEGIN}\n| new | table |\n{END}\nprose after\n"
+    doc.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="doc.md needs one"):
+        fill_doc(doc, "x")
+
+
+def test_the_committed_study_doc_is_the_study_output_unedited():
+    """docs/paper_study.md's tables are the committed run's report, and that report is what today's
+    report code writes from the committed JSON: no number in them was typed by hand."""
+    from pathlib import Path
+
+    from lightning_rlhf.study.main import BEGIN, END
+    from lightning_rlhf.study.report import markdown_report
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    generated = (docs / "paper_study" / "paper_study.md").read_text(encoding="utf-8")
+    report = json.loads((docs / "paper_study" / "paper_study.json").read_text(encoding="utf-8"))
+    assert markdown_report(report) + "\n" == generated
+    block = (docs / "paper_study.md").read_text(encoding="utf-8").split(BEGIN)[1].split(END)[0]
+    assert block.strip() == generated.strip()

@@ -45,12 +45,9 @@ from lightning_rlhf.study.theorem import format_theorem_table, run_theorem_illus
 from lightning_rlhf.testbed.files import ProgramSplitSizes, SplitSizes
 from lightning_rlhf.testbed.task import TaskConfig
 
-FULL = StudySettings(
-    arms=tuple(name for name in ARMS if name not in BUDGET_CUTS), control_seeds=(0, 1), shifts=(3.0,)
-)
-"""The committed study (docs/paper_study.md). Every cut holds the 30-minute budget on 2 cores, in the order
-its issue fixed: E and F are not run (``--arms`` runs them), GRPO (a control) runs on two seeds, and the
-shift sweep adds one point (3.0) to the main runs' 1.0."""
+FULL = StudySettings(arms=tuple(name for name in ARMS if name not in BUDGET_CUTS), shifts=(3.0,))
+"""The committed study (docs/paper_study.md): every arm but E (``arms.BUDGET_CUTS``: the 30-minute budget on
+2 cores), 3 seeds, and a shift sweep that adds one point (3.0) to the main runs' 1.0."""
 FAST = StudySettings(
     seeds=(0, 1),
     samples={"words": 128, "programs": 128},
@@ -104,7 +101,33 @@ def check_same_settings(out: Path, settings: StudySettings) -> None:
         )
 
 
-def run_study(out: Path, settings: StudySettings, *, jobs: int = 1) -> dict:
+def record_invocation(out: Path, seconds: float, jobs: int, trained: int) -> list[dict]:
+    """Append this invocation to ``out/invocations.json`` (wall time, --jobs, jobs it ran rather than
+    reused): the report's wall time is the sum over the invocations that trained, not a resumed rerun's."""
+    path = out / "invocations.json"
+    history = json.loads(path.read_text()) if path.is_file() else []
+    history.append({"seconds": seconds, "jobs": jobs, "jobs_run": trained})
+    path.write_text(json.dumps(history, indent=1) + "\n")
+    return history
+
+
+BEGIN, END = "<!-- study tables: begin -->", "<!-- study tables: end -->"
+
+
+def fill_doc(doc: Path, tables: str) -> None:
+    """Replace what lies between the BEGIN and END markers of ``doc`` with ``tables`` (the study's report),
+    so the document's numbers are the study's, never typed by hand."""
+    text = doc.read_text(encoding="utf-8")
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise SystemExit(
+            f"lightning-rlhf study: {doc} needs one '{BEGIN}' line and, after it, one '{END}' line"
+        )
+    head, rest = text.split(BEGIN)
+    tail = rest.split(END)[1]
+    doc.write_text(f"{head}{BEGIN}\n{tables.strip()}\n{END}{tail}", encoding="utf-8")
+
+
+def run_study(out: Path, settings: StudySettings, *, jobs: int = 1, doc: Path | None = None) -> dict:
     """Run (or resume) every job, then write the report files into ``out``; returns the report."""
     require_matplotlib()
     start = time.perf_counter()
@@ -130,6 +153,7 @@ def run_study(out: Path, settings: StudySettings, *, jobs: int = 1) -> dict:
         and not (x == default_shift and s in settings.seeds)
         and set(SHIFT_ARMS) <= set(task_arms("words", settings.arms))
     ]
+    finished = sum((Path(job[0]) / "result.json").is_file() for job in main_jobs + sweep)
     if jobs > 1:
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
             results = list(pool.map(_worker, main_jobs + sweep))
@@ -162,6 +186,7 @@ def run_study(out: Path, settings: StudySettings, *, jobs: int = 1) -> dict:
         "shift_summary": summarise_shift(reused + sweep_runs) if sweep_runs else {},
         "theorem": theorem,
         "job_seconds": sum(r["seconds"] for r in results),
+        "jobs": jobs,
     }
     check_finite(report)
     for task in runs:
@@ -169,10 +194,16 @@ def run_study(out: Path, settings: StudySettings, *, jobs: int = 1) -> dict:
     if report["shift_summary"]:
         plot_shift(report, out / "shift.png")
     report["seconds"] = time.perf_counter() - start
+    report["invocations"] = record_invocation(out, report["seconds"], jobs, len(main_jobs + sweep) - finished)
     (out / "paper_study.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "paper_study.md").write_text(markdown_report(report) + "\n")
     print("\n" + markdown_report(report), flush=True)
-    print(f"Study written to {out}/ ({report['seconds']:.0f} s)", flush=True)
+    if doc is not None:
+        fill_doc(doc, markdown_report(report))
+    print(
+        f"Study written to {out}/ ({report['seconds']:.0f} s)" + (f"; tables in {doc}" if doc else ""),
+        flush=True,
+    )
     return report
 
 
@@ -204,7 +235,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--shifts", type=float, nargs="*", default=None, help="behaviour shifts of the sweep (none: no sweep)"
     )
+    parser.add_argument(
+        "--doc",
+        type=Path,
+        default=None,
+        help=f"a markdown file whose block between '{BEGIN}' and '{END}' gets the tables",
+    )
     args = parser.parse_args(argv)
+    if args.doc is not None and not args.doc.is_file():
+        parser.error(f"--doc {args.doc}: no such file")
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1 (got {args.jobs})")
     settings = FAST if args.fast else FULL
@@ -227,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
         settings = replace(settings, **changes)
     except ValueError as err:
         parser.error(str(err))
-    return run_study(Path(args.out), settings, jobs=args.jobs)
+    return run_study(Path(args.out), settings, jobs=args.jobs, doc=args.doc)
 
 
 if __name__ == "__main__":

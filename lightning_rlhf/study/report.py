@@ -6,7 +6,7 @@ import math
 import statistics
 from pathlib import Path
 
-from lightning_rlhf.study.arms import ARMS, COMPARISONS, Comparison
+from lightning_rlhf.study.arms import ARMS, COMPARISONS, CONTROLS, DPO_LEARNING_RATES, Comparison
 from lightning_rlhf.study.runner import PAIRED_PASS_K, PROGRAM_SUBMISSIONS, SHIFT_ARMS
 from lightning_rlhf.study.stats import bootstrap_interval, paired_differences, verdict
 from lightning_rlhf.study.theorem import format_theorem_table
@@ -220,10 +220,41 @@ DECISION_RULE = [
 ]
 
 
+def run_lines(report: dict) -> list[str]:
+    """What this run was: its arms, budget, seeds, the arms left out, and how long it took."""
+    s = report["settings"]
+    left_out = [name for name in ARMS if name not in s["arms"]]
+    controls = (
+        "every seed" if s["control_seeds"] is None else "seeds " + ", ".join(map(str, s["control_seeds"]))
+    )
+    samples = ", ".join(f"{task} {n}" for task, n in s["samples"].items() if task in s["tasks"])
+    lines = [
+        f"- Tasks {', '.join(s['tasks'])}; seeds {', '.join(map(str, s['seeds']))}; training samples per "
+        f"on-policy arm: {samples}; control arms ({', '.join(CONTROLS)}) on {controls}.",
+        f"- Arms not run: {', '.join(left_out) or 'none'}"
+        + (" (cut for the time budget, in the order the protocol fixed)." if left_out else "."),
+        f"- EMA reference: η per sample so that {s['ema_sft_share']:g} of the SFT weights remain after the "
+        f"budget; DPO learning rates {', '.join(f'{lr:g}' for lr in DPO_LEARNING_RATES)} (picked on "
+        f"validation); DPO-Iter {s['iterative_dpo_rounds']} rounds x {s['iterative_dpo_epochs']} epochs.",
+        f"- Validation: {s['checkpoints']} checkpoints per arm after the start; test samples per prompt: "
+        + ", ".join(f"{task} {n}" for task, n in s["eval_samples"].items() if task in s["tasks"])
+        + ".",
+    ]
+    trained = [run for run in report.get("invocations", []) if run["jobs_run"]]
+    if trained:
+        wall = sum(run["seconds"] for run in trained)
+        jobs = ", ".join(sorted({str(run["jobs"]) for run in trained}))
+        lines.append(
+            f"- Wall time {wall:.0f} s ({wall / 60:.1f} min) with --jobs {jobs} over {len(trained)} "
+            f"invocation(s) that trained; {report['job_seconds']:.0f} s summed over the jobs."
+        )
+    return lines
+
+
 def markdown_report(report: dict) -> str:
     """The study's tables: per task the arms and the paired comparisons, the shift sweep, the bandit."""
     s = report["settings"]
-    lines = ["## Decision rule", "", *DECISION_RULE, ""]
+    lines = ["## This run", "", *run_lines(report), "", "## Decision rule", "", *DECISION_RULE, ""]
     for task, runs in report["runs"].items():
         seeds = ", ".join(str(run["seed"]) for run in runs)
         summary = report["summary"][task]
