@@ -1,6 +1,5 @@
 """SFTModule: next-token cross-entropy on response tokens only, and SFT raises the gold reward."""
 
-
 import lightning as L
 import pytest
 import torch

@@ -78,8 +78,9 @@ CONTROLS = ("ppo_E", "ppo_A_r1", "ppo_B_r1", "grpo")
 """Arms outside the paper's own comparisons; ``StudySettings.control_seeds`` can run them on fewer seeds."""
 BUDGET_CUTS = ("ppo_E",)
 """Dropped from the full study to hold its 30-minute budget. The study's issue fixed the order of the cuts
-(E, then F, then the third seed of the controls: ``control_seeds``); measured, every arm would take about
-32 minutes and all but E about 29 (docs/paper_study.md), so only E is cut. ``--arms`` runs it."""
+(E, then F, then the third seed of the controls: ``control_seeds``). Estimated from the per-arm times of a
+measured run (docs/paper_study.md), every arm would take about 32 minutes and all but E about 29, so only
+E is cut. ``--arms`` runs it."""
 
 
 @dataclass(frozen=True)

@@ -161,11 +161,8 @@ def run_study(out: Path, settings: StudySettings, *, jobs: int = 1, doc: Path | 
         results = [_worker(job) for job in main_jobs + sweep]
     main_results, sweep_runs = results[: len(main_jobs)], results[len(main_jobs) :]
     runs = {task: [r for r in main_results if r["task"] == task] for task in settings.tasks}
-    reused = [
-        run
-        for run in runs.get("words", [])
-        if sweep and default_shift in settings.shifts and run["seed"] in settings.shift_seeds
-    ]
+    # The main word runs are the sweep's point at the default shift (1.0) for the sweep's seeds.
+    reused = [run for run in runs.get("words", []) if sweep and run["seed"] in settings.shift_seeds]
     report = {
         "settings": settings_dict(settings),
         "arms": {name: ARMS[name].doc for name in settings.arms},

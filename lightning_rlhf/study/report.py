@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 
 from lightning_rlhf.study.arms import ARMS, COMPARISONS, CONTROLS, DPO_LEARNING_RATES, Comparison
-from lightning_rlhf.study.runner import PAIRED_PASS_K, PROGRAM_SUBMISSIONS, SHIFT_ARMS
+from lightning_rlhf.study.runner import PAIRED_PASS_K, PROGRAM_SUBMISSIONS, SHIFT_COLUMNS
 from lightning_rlhf.study.stats import bootstrap_interval, paired_differences, verdict
 from lightning_rlhf.study.theorem import format_theorem_table
 
@@ -188,7 +188,7 @@ def summarise_shift(shift_runs: list[dict]) -> dict[str, dict]:
             "reward_model_accuracy": mean_std([r["reward_model_accuracy"] for r in runs]),
             **{
                 name: mean_std([r["scores"][policy_key(r, name, "best")]["gold_reward"] for r in runs])
-                for name in ("sft", *SHIFT_ARMS)
+                for name in SHIFT_COLUMNS
             },
         }
         for shift, runs in sorted(by_shift.items())
@@ -317,11 +317,12 @@ def markdown_report(report: dict) -> str:
         lines += [
             f"## Distribution shift (words, gold reward of best checkpoints; seeds {shift_seeds})",
             "",
-            "| behaviour shift | SFT | DPO (lr 1e-3) | PPO D (paper recipe) | reward-model accuracy |",
+            "| behaviour shift | SFT | DPO (validation pick of the grid) | PPO D (paper recipe) | "
+            "reward-model accuracy |",
             "|---|---|---|---|---|",
         ]
         for shift, row in report["shift_summary"].items():
-            cells = " | ".join(_pm(row[m]) for m in ("sft", *SHIFT_ARMS))
+            cells = " | ".join(_pm(row[m]) for m in SHIFT_COLUMNS)
             lines.append(f"| {shift} | {cells} | {_pm(row['reward_model_accuracy'])} |")
         lines.append("")
     lines += [
@@ -382,7 +383,7 @@ def plot_shift(report: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.5))
     shifts = list(report["shift_summary"])
     xs = [float(s) for s in shifts]
-    for name in ("sft", *SHIFT_ARMS):
+    for name in SHIFT_COLUMNS:
         means = [report["shift_summary"][s][name]["mean"] for s in shifts]
         stds = [report["shift_summary"][s][name]["std"] for s in shifts]
         ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=name)

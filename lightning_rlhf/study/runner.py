@@ -43,8 +43,10 @@ from lightning_rlhf.testbed.programs import ProgramReward, ProgramsConfig
 from lightning_rlhf.testbed.reward import GoldReward
 from lightning_rlhf.testbed.task import TaskConfig
 
-SHIFT_ARMS = ("dpo_lr0.001", "ppo_D")
-"""The shift sweep's arms (DPO at the grid's middle learning rate: the sweep has no grid)."""
+SHIFT_ARMS = (*(f"dpo_lr{lr:g}" for lr in DPO_LEARNING_RATES), "ppo_D")
+"""The shift sweep's arms: DPO (its grid, the validation pick scored) and the paper's PPO recipe."""
+SHIFT_COLUMNS = ("sft", "dpo", "ppo_D")
+"""What the shift table reports per point ("dpo" is the pick)."""
 PROGRAM_PASS_K = (1, 5, 10)
 PROGRAM_SUBMISSIONS = 10
 """n of the reported n@k: up to 10 submissions of the k samples (the full study: 10@64, the paper's form)."""
@@ -345,7 +347,7 @@ def run_job(out: Path, s: StudySettings, task: str, seed: int, shift: float | No
     dpo = pick_dpo(records)
     # Only the DPO grid's pick is scored on the test prompts (the others lost on validation); a best
     # checkpoint that is the last point is the final policy, scored once.
-    scored = [n for n in names if ARMS[n].kind != "dpo" or n == dpo or shift is not None]
+    scored = [n for n in names if ARMS[n].kind != "dpo" or n == dpo]
     folders = {"sft": "sft_policy"}
     for name in scored:
         folders[f"{name}/final"] = f"{name}_final"
