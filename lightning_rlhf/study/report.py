@@ -354,12 +354,13 @@ def plot_curves(report: dict, task: str, path: Path) -> None:
     runs = report["runs"][task]
     names = [n for n in ARMS if any(n in run["arms"] for run in runs)]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+    colours = {name: plt.cm.tab20(i % 20) for i, name in enumerate(ARMS)}  # one colour per arm, both panels
     for ax, x in zip(axes, ("samples", "global_step"), strict=True):
         for name in names:
             if x == "samples" and ARMS[name].kind == "dpo":
                 continue  # offline: it samples nothing
             xs, means = _curve_stats(runs, name, x)
-            ax.plot(xs, means, marker="o", markersize=3, label=name)
+            ax.plot(xs, means, marker="o", markersize=3, label=name, color=colours[name])
         ax.set_xlabel("training samples" if x == "samples" else "optimizer steps")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
