@@ -79,11 +79,6 @@ def report_arms(runs: list[dict]) -> list[str]:
     return names + [n for n in ARMS if ARMS[n].kind != "dpo" and has_arm(runs, n)]
 
 
-def metric(run: dict, task: str, key: str, name: str) -> float:
-    scores = run["scores"][key]
-    return scores[name] if task == "words" else scores["tiers"]["all"][name]
-
-
 def summarise(task: str, runs: list[dict], samples: int) -> dict[str, dict]:
     """``{arm: {checkpoint: {metric: mean_std}}}`` over the runs (seeds) of one task (``samples``: per test
     prompt; it names the n@k column)."""
@@ -99,7 +94,7 @@ def summarise(task: str, runs: list[dict], samples: int) -> dict[str, dict]:
                 m for m in names if all(m in _all(run, task, k) for run, k in zip(runs, keys, strict=True))
             ]
             out[arm][ckpt] = {
-                m: mean_std([metric(run, task, k, m) for run, k in zip(runs, keys, strict=True)])
+                m: mean_std([_all(run, task, k)[m] for run, k in zip(runs, keys, strict=True)])
                 for m in available
             }
     return out

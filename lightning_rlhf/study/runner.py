@@ -37,7 +37,13 @@ from lightning_rlhf.rollout.generation import SamplingConfig, generate_texts
 from lightning_rlhf.rollout.scoring import score_texts
 from lightning_rlhf.study.arms import ARMS, CONTROLS, DPO_LEARNING_RATES, GRPO_GROUP, TASKS, Arm, task_arms
 from lightning_rlhf.study.checkpoints import ValidationCheckpoints
-from lightning_rlhf.testbed.files import ProgramSplitSizes, SplitSizes, write_program_testbed, write_testbed
+from lightning_rlhf.testbed.files import (
+    ProgramSplitSizes,
+    SplitSizes,
+    write_jsonl,
+    write_program_testbed,
+    write_testbed,
+)
 from lightning_rlhf.testbed.program_eval import per_prompt_pass_at_k, sample_programs, tier_report
 from lightning_rlhf.testbed.programs import ProgramReward, ProgramsConfig
 from lightning_rlhf.testbed.reward import GoldReward
@@ -96,18 +102,14 @@ class StudySettings:
         for task in self.tasks:
             budget = self.samples[task]
             for name in task_arms(task, self.arms):
-                arm = ARMS[name]
-                if arm.kind in ("ppo", "grpo"):
-                    group = GRPO_GROUP if arm.kind == "grpo" else 1
-                    batch = arm.prompts_per_rollout // self.batch_scale * group
-                elif arm.kind == "dpo_iter":
-                    batch = self.iterative_dpo_rounds * 4
-                else:
+                rollout = self.rollout(task, name)
+                if rollout is None:
                     continue
-                if budget < batch or budget % batch:
+                prompts, batch = rollout
+                if prompts < 1 or budget % batch:
                     raise ValueError(
-                        f"the {task} budget of {budget} samples must be a multiple of arm {name}'s {batch} "
-                        "samples per rollout (set --samples to a multiple of 512)"
+                        f"the {task} budget of {budget} samples must be a multiple of arm {name}'s "
+                        f"{max(batch, 1)} samples per rollout (set --samples to a multiple of 512)"
                     )
         if not 0 < self.ema_sft_share < 1:
             raise ValueError(f"StudySettings.ema_sft_share must be in (0, 1) (got {self.ema_sft_share})")
@@ -115,23 +117,29 @@ class StudySettings:
     def stages(self, task: str) -> StageSettings:
         return self.program_stages if task == "programs" else self.word_stages
 
+    def rollout(self, task: str, name: str) -> tuple[int, int] | None:
+        """(prompts, sampled responses) of one batch of on-policy arm ``name`` on ``task`` (None: offline
+        DPO). A DPO-Iter batch is one round: the budget over ``iterative_dpo_rounds``, 4 samples a prompt."""
+        arm = ARMS[name]
+        if arm.kind == "dpo":
+            return None
+        if arm.kind == "dpo_iter":
+            prompts = self.samples[task] // (self.iterative_dpo_rounds * 4)
+            return prompts, 4 * prompts
+        prompts = arm.prompts_per_rollout // self.batch_scale
+        return prompts, prompts * (GRPO_GROUP if arm.kind == "grpo" else 1)
+
 
 def _rows(path: Path) -> list[dict]:
     with path.open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _write_rows(path: Path, rows: list[dict]) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
-
-
 def split_held_out(out: Path) -> None:
     """``prompts_eval.jsonl`` -> ``prompts_val.jsonl`` (odd rows) and ``prompts_test.jsonl`` (even rows)."""
     rows = _rows(out / "prompts_eval.jsonl")
-    _write_rows(out / "prompts_val.jsonl", rows[1::2])
-    _write_rows(out / "prompts_test.jsonl", rows[0::2])
+    write_jsonl(out / "prompts_val.jsonl", rows[1::2])
+    write_jsonl(out / "prompts_test.jsonl", rows[0::2])
 
 
 def schedule(samples: int, per_batch: int, dataset_rows: int, prompts_per_batch: int) -> tuple[int, int]:
@@ -198,9 +206,9 @@ def train_arm(out: Path, s: StudySettings, task: str, name: str, seed: int) -> d
         curve = _checkpoints(out, s, task, seed, batches, 0)
         train_dpo(out, st, seed, save_as=final, callbacks=[curve], validate=False, learning_rate=arm.dpo_lr)
     elif arm.kind == "dpo_iter":
-        per_round = budget // (s.iterative_dpo_rounds * 4)
-        epochs, per_epoch = schedule(budget, 4 * per_round, prompt_rows, per_round)
-        curve = _checkpoints(out, s, task, seed, epochs * per_epoch, 4 * per_round)
+        per_round, per_batch = s.rollout(task, name)
+        epochs, per_epoch = schedule(budget, per_batch, prompt_rows, per_round)
+        curve = _checkpoints(out, s, task, seed, epochs * per_epoch, per_batch)
         train_iterative_dpo(
             out,
             st,
@@ -214,9 +222,7 @@ def train_arm(out: Path, s: StudySettings, task: str, name: str, seed: int) -> d
             save_as=final,
         )
     else:
-        group = GRPO_GROUP if arm.kind == "grpo" else 1
-        batch = arm.prompts_per_rollout // s.batch_scale
-        per_batch = batch * group
+        batch, per_batch = s.rollout(task, name)
         epochs, per_epoch = schedule(budget, per_batch, prompt_rows, batch)
         curve = _checkpoints(out, s, task, seed, epochs * per_epoch, per_batch)
         train_ppo(
@@ -234,7 +240,7 @@ def train_arm(out: Path, s: StudySettings, task: str, name: str, seed: int) -> d
             learning_rate=st.ppo_lr * arm.lr_scale,
             value_normalization=arm.kind == "ppo",
             advantage=GRPO(scale_rewards=True) if arm.kind == "grpo" else None,
-            num_generations=group,
+            num_generations=per_batch // batch,
             epochs=epochs,
             limit_rollouts=per_epoch,
         )

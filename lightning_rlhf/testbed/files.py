@@ -62,7 +62,7 @@ def tokenizer_corpus(task: WordTask) -> list[str]:
     return corpus
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
+def write_jsonl(path: Path, rows: list[dict]) -> None:
     with path.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
@@ -117,12 +117,12 @@ def write_testbed(
     pairs = [task.preference_pair(p, rng) for p in train_prompts(sizes.pairs_train + sizes.pairs_eval)]
     prompts = [{"prompt": p.text} for p in train_prompts(sizes.prompts_train)]
 
-    _write_jsonl(out / "sft_train.jsonl", sft)
-    _write_jsonl(out / "sft_eval.jsonl", sft_eval)
-    _write_jsonl(out / "pairs_train.jsonl", pairs[: sizes.pairs_train])
-    _write_jsonl(out / "pairs_eval.jsonl", pairs[sizes.pairs_train :])
-    _write_jsonl(out / "prompts_train.jsonl", prompts)
-    _write_jsonl(out / "prompts_eval.jsonl", [{"prompt": text} for text in eval_prompts])
+    write_jsonl(out / "sft_train.jsonl", sft)
+    write_jsonl(out / "sft_eval.jsonl", sft_eval)
+    write_jsonl(out / "pairs_train.jsonl", pairs[: sizes.pairs_train])
+    write_jsonl(out / "pairs_eval.jsonl", pairs[sizes.pairs_train :])
+    write_jsonl(out / "prompts_train.jsonl", prompts)
+    write_jsonl(out / "prompts_eval.jsonl", [{"prompt": text} for text in eval_prompts])
     (out / "task.json").write_text(json.dumps(task.describe(), indent=1, sort_keys=True) + "\n")
 
     tokenizer = train_tokenizer(tokenizer_corpus(task))
@@ -235,12 +235,12 @@ def write_program_testbed(
         {"prompt": p.prompt, "chosen": _program_text(p.program), "rejected": _program_text(_mutant(p, rng))}
         for p in train_problems(sizes.pairs_train + sizes.pairs_eval)
     ]
-    _write_jsonl(out / "sft_train.jsonl", sft)
-    _write_jsonl(out / "sft_eval.jsonl", sft_eval)
-    _write_jsonl(out / "pairs_train.jsonl", pairs[: sizes.pairs_train])
-    _write_jsonl(out / "pairs_eval.jsonl", pairs[sizes.pairs_train :])
-    _write_jsonl(out / "prompts_train.jsonl", [prompt_row(p) for p in train_problems(sizes.prompts_train)])
-    _write_jsonl(out / "prompts_eval.jsonl", [prompt_row(p) for p in eval_problems])
+    write_jsonl(out / "sft_train.jsonl", sft)
+    write_jsonl(out / "sft_eval.jsonl", sft_eval)
+    write_jsonl(out / "pairs_train.jsonl", pairs[: sizes.pairs_train])
+    write_jsonl(out / "pairs_eval.jsonl", pairs[sizes.pairs_train :])
+    write_jsonl(out / "prompts_train.jsonl", [prompt_row(p) for p in train_problems(sizes.prompts_train)])
+    write_jsonl(out / "prompts_eval.jsonl", [prompt_row(p) for p in eval_problems])
     (out / "task.json").write_text(
         json.dumps({"task": "programs", **dataclasses.asdict(config)}, indent=1, sort_keys=True) + "\n"
     )
