@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import zlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
@@ -236,30 +237,76 @@ def base_state_dict(model: nn.Module, keep_vars: bool = False) -> dict[str, torc
     return state
 
 
-@torch.no_grad()
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The weights a PEFT model computes with, adapters merged (W + scale·B·A), under transformers names.
 
     New tensors for the adapted layers; the model, its base weights and its adapters are not touched (no
     ``merge_and_unload``), so it can be called between updates of a model in training. A module trained
-    fully beside the adapters (``modules_to_save``) gives its trained copy.
+    fully beside the adapters (``modules_to_save``) gives its trained copy. A plain model gives its
+    ``state_dict()``. For a ZeRO-3 partitioned model use :func:`merged_weights`, which gathers as it goes.
     """
-    if not is_peft_model(model):
-        return model.state_dict()
-    base = model.get_base_model()
-    active = model.active_adapter
-    state = {}
-    for name, tensor in base_state_dict(model).items():
-        state[name] = tensor
-    for layer_name, module in base.named_modules():
-        if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
-            if active in getattr(module, "lora_A", {}) and not getattr(module, "merged", False):
+    return dict(merged_weights(model))
+
+
+@torch.no_grad()
+def merged_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of :func:`merged_state_dict`, in its order, one module at a time.
+
+    Under ZeRO-3 each module's parameters are gathered only while its entries are read, and the entries are
+    copies, so no rank ever holds more than one module's whole weights besides what the reader keeps.
+    Gathering is collective: every rank must read the whole iterator, in the same order. For a model
+    that is not partitioned nothing is gathered or copied (the tensors are the model's own, detached).
+    """
+    from lightning_rlhf.zero import gathered_tensors, is_partitioned
+
+    peft = is_peft_model(model)
+    base = model.get_base_model() if peft else model
+    copies = is_partitioned(base)
+    stack: list[tuple[str, nn.Module]] = [("", base)]
+    while stack:
+        prefix, module = stack.pop()
+        if peft and _active_lora_layer(module, model.active_adapter):
+            with gathered_tensors(list(module.parameters())):
                 weight = module.base_layer.weight
-                state[f"{layer_name}.weight"] = weight + module.get_delta_weight(active).to(weight.dtype)
-        elif hasattr(module, "modules_to_save") and hasattr(module, "original_module"):
-            for key, tensor in module.modules_to_save[active].state_dict().items():
-                state[f"{layer_name}.{key}"] = tensor
-    return state
+                merged = weight + module.get_delta_weight(model.active_adapter).to(weight.dtype)
+                for key, tensor in module.base_layer.state_dict().items():
+                    value = merged if key == "weight" else (tensor.clone() if copies else tensor)
+                    yield prefix + key, value
+            continue
+        if peft and hasattr(module, "modules_to_save") and hasattr(module, "original_module"):
+            stack.append((prefix, module.modules_to_save[model.active_adapter]))
+            continue
+        with gathered_tensors(list(module.parameters(recurse=False))):
+            for key, tensor in _own_entries(module):
+                yield prefix + key, (tensor.clone() if copies else tensor.detach())
+        children = []
+        for name, child in module.named_children():
+            if peft and name.startswith("lora_"):
+                continue
+            # PEFT's wrappers add a level (base_layer / original_module) the plain names do not have.
+            wrapper = peft and name in ("base_layer", "original_module")
+            children.append((prefix if wrapper else f"{prefix}{name}.", child))
+        stack.extend(reversed(children))
+
+
+def _own_entries(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """A module's own ``state_dict`` entries (parameters, then persistent buffers), not its children's."""
+    for key, tensor in module._parameters.items():
+        if tensor is not None:
+            yield key, tensor
+    for key, tensor in module._buffers.items():
+        if tensor is not None and key not in module._non_persistent_buffers_set:
+            yield key, tensor
+
+
+def _active_lora_layer(module: nn.Module, active: str) -> bool:
+    """Whether ``module`` is a LoRA layer whose ``active`` adapter is on and not merged into its weights."""
+    return (
+        hasattr(module, "get_delta_weight")
+        and hasattr(module, "base_layer")
+        and active in getattr(module, "lora_A", {})
+        and not getattr(module, "merged", False)
+    )
 
 
 @torch.no_grad()

@@ -35,6 +35,7 @@ class Run:
     module_kwargs: dict = field(default_factory=dict)
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on the CPU
     precision: str = "32-true"
+    engine_check: bool = False  # vLLM: after fit, each rank compares its engine with its policy
 
 
 def free_port() -> int:
@@ -159,6 +160,8 @@ def _fit(run: Run, rank: int, world_size: int, testbed: Path, out_dir: Path) -> 
         if isinstance(model, torch.nn.Module):
             with gathered(model):  # whole tensors on every rank under ZeRO-3
                 weights[name] = sum(float(p.double().pow(2).sum()) for p in model.parameters())
+    if run.engine_check:
+        _check_engine(module, trainer, testbed, out_dir / f"{run.tag}_engine_rank{rank}.json")
     if rank == 0:
         record = {"steps": steps, "weights": weights, "global_step": trainer.global_step}
         record["cache_reference"] = cache_reference
@@ -166,6 +169,55 @@ def _fit(run: Run, rank: int, world_size: int, testbed: Path, out_dir: Path) -> 
             record["kl_coef"] = float(module.kl_controller.value)
         (out_dir / f"{run.tag}.json").write_text(json.dumps(record))
     trainer.strategy.barrier()
+
+
+def _check_engine(module, trainer, testbed: Path, out: Path) -> None:
+    """Greedy continuations of a few held-out prompts by this rank's vLLM engine against its policy's own
+    (HF generate and a training forward, whole weights under ZeRO-3): before the sync (the engine is one
+    update phase behind the policy) and after it. Collective under ZeRO-3 (every rank calls it)."""
+    import torch
+
+    from lightning_rlhf.models import response_token_logprobs
+    from lightning_rlhf.quickstart import read_prompts
+    from lightning_rlhf.rollout.generation import SamplingConfig, generate_responses, left_pad_prompts
+    from lightning_rlhf.rollout.types import select_rows
+    from lightning_rlhf.zero import whole_model_for_generation
+
+    tokenizer, engine = module.tokenizer, module.engine
+    prompts = read_prompts(testbed / "prompts_eval.jsonl")[:4]
+    greedy = SamplingConfig(max_new_tokens=6, temperature=0.0)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+
+    def from_engine():
+        rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        return engine.generate(rows, greedy, eos_token_id=eos, pad_token_id=pad, seed=0, logprobs=True)
+
+    policy = module.policy
+    policy.eval()
+    with torch.no_grad(), whole_model_for_generation(trainer, policy):
+        ids, mask = left_pad_prompts(tokenizer, prompts, torch.device("cpu"))
+        response_ids, response_mask = generate_responses(
+            policy, ids, mask, greedy, eos_token_id=eos, pad_token_id=pad
+        )
+        input_ids, attention_mask, width = select_rows(
+            ids, mask, response_ids, response_mask, torch.arange(len(prompts))
+        )
+        logprobs = response_token_logprobs(policy, input_ids, attention_mask, input_ids.shape[1] - width)[0]
+    want_ids, want_mask = response_ids[:, :width], response_mask[:, :width]
+    want = logprobs * want_mask
+
+    def gap(got) -> dict:
+        got_ids, got_mask, got_logprobs = got
+        same = got_ids.shape == want_ids.shape and bool(
+            torch.equal(got_ids, want_ids) and torch.equal(got_mask, want_mask)
+        )
+        diff = float((got_logprobs - want).abs().max()) if same else float("inf")
+        return {"same_tokens": same, "logprob_gap": diff}
+
+    stale = gap(from_engine())
+    engine.sync_weights(policy)  # collective under ZeRO-3
+    synced = gap(from_engine())
+    out.write_text(json.dumps({"stale": stale, "synced": synced}))
 
 
 def _record_cache_reference(module, record: dict) -> None:

@@ -25,6 +25,15 @@ def test_ci_runs_the_readme_test_command():
     assert test_command in ci.splitlines(), "README's test command and .ci/run have drifted apart"
 
 
+def test_ci_runs_the_readme_vllm_test_command():
+    """The vLLM environment's command in README (its own bash block) is the one .ci/run runs, indented in a
+    subshell there."""
+    readme = (REPO / "README.md").read_text()
+    vllm_command = next(b for b in bash_blocks(readme) if "-m vllm" in b).strip()
+    ci = [line.strip() for line in (REPO / ".ci/run").read_text().splitlines()]
+    assert vllm_command in ci, "README's vLLM test command and .ci/run have drifted apart"
+
+
 def test_readme_main_command_runs_the_quickstart():
     main_command = bash_blocks((REPO / "README.md").read_text())[0].strip()
     assert main_command.endswith("lightning-rlhf quickstart")

@@ -113,20 +113,16 @@ def test_merged_state_dict_equals_merge_and_unload_and_leaves_the_adapters(token
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_ppo_refuses_vllm_under_zero3_at_setup(monkeypatch):
-    """Refused when fitting starts, before any engine is built (so also without vllm installed)."""
-    from types import SimpleNamespace
-
-    from lightning_rlhf import PPOModule
-    from lightning_rlhf.modules import on_policy
+@pytest.mark.parametrize("module", ["PPOModule", "IterativeDPOModule"])
+def test_synced_zero3_generation_is_refused_with_vllm_naming_both_flags(module):
+    """HF's synced decoding from ZeRO-3 shards has no meaning for a vLLM engine: refused when the module is
+    built (before any engine or trainer), naming zero3_generation and generation_engine."""
+    import lightning_rlhf
     from lightning_rlhf.validation import ConfigError
 
-    monkeypatch.setattr(on_policy, "configure_for_manual_accumulation", lambda *args: None)
-    module = PPOModule("some/model", reward_function=lambda p, r: r, generation_engine="vllm")
-    module._trainer = SimpleNamespace(strategy=SimpleNamespace(config={"zero_optimization": {"stage": 3}}))
-    with pytest.raises(ConfigError, match="generation_engine='vllm' does not support ZeRO-3"):
-        module.setup("fit")
-    assert module.engine is None
+    cls = getattr(lightning_rlhf, module)
+    with pytest.raises(ConfigError, match=r"zero3_generation='synced'.*generation_engine='vllm'"):
+        cls("some/model", reward_function=lambda p, r: r, zero3_generation="synced", generation_engine="vllm")
 
 
 def test_auto_dtype_is_the_policy_folders(tmp_path):

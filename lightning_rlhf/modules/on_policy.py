@@ -123,7 +123,7 @@ class OnPolicyModule(HFModelModule):
                 full copy per rank) or keep them partitioned and decode with ``synced`` ranks (least memory).
             generation_engine: Who samples: HF ``generate`` on the policy (``hf``) or a colocated vLLM engine
                 built from ``model`` that receives the policy's weights before every rollout (``vllm``;
-                needs vllm installed; not under ZeRO-3 yet).
+                needs vllm installed; under ZeRO-3 the weights are gathered one module at a time).
             vllm: Settings of the vLLM engine (dtype, max_model_len, seed, memory share, sleep mode).
             missing_eos_penalty: Subtracted from the score of responses that never emit EOS (None = off).
             mini_batch_size: Sequences (PPO) or pairs (DPO-Iter) per optimizer step.
@@ -144,6 +144,12 @@ class OnPolicyModule(HFModelModule):
         owner = type(self).__name__
         check_choice(owner, "zero3_generation", zero3_generation, ("gather", "synced"))
         check_choice(owner, "generation_engine", generation_engine, ("hf", "vllm"))
+        if generation_engine == "vllm" and zero3_generation == "synced":
+            raise ConfigError(
+                f"{owner}: zero3_generation='synced' decodes with HF generate from ZeRO-3 shards, which "
+                "generation_engine='vllm' does not do (the engine holds whole weights, synced one parameter "
+                "at a time); drop zero3_generation or use generation_engine='hf'"
+            )
         sizes = {
             "max_new_tokens": max_new_tokens,
             "mini_batch_size": mini_batch_size,
@@ -229,12 +235,9 @@ class OnPolicyModule(HFModelModule):
                 self._trainer.strategy.config, self.hparams.max_grad_norm, owner
             )
         if stage == "fit" and self.sampling.generation_engine == "vllm" and self.engine is None:
-            if zero_stage(self._trainer) == 3:
-                raise ConfigError(
-                    f"{owner}: generation_engine='vllm' does not support ZeRO-3 yet (the weight sync "
-                    "would gather the partitioned policy); use generation_engine='hf' with ZeRO-3"
-                )
-            self.engine = VLLMEngine(self.hparams.model, self.vllm_settings)
+            self.engine = VLLMEngine(
+                self.hparams.model, self.vllm_settings, local_rank=self._trainer.local_rank
+            )
 
     # ------------------------------------------------------------------ sampling
     def sampling_arguments(self, *, training: bool = True) -> dict:
@@ -283,8 +286,10 @@ class OnPolicyModule(HFModelModule):
         return {"engine": self.engine, "seed": zlib.crc32(key)}
 
     def _generation_placement(self) -> dict:
-        """How ``generate`` sees a ZeRO-3 policy: whole weights gathered once, or shards, ranks in step."""
-        if not is_partitioned(self.policy):
+        """How ``generate`` sees a ZeRO-3 policy: whole weights gathered once, or shards, ranks in step.
+
+        Nothing with a vLLM engine: it samples from its own whole copy of the weights."""
+        if self.engine is not None or not is_partitioned(self.policy):
             return {}
         if self.hparams.zero3_generation == "gather":
             return {"generation_context": lambda: whole_model_for_generation(self.trainer, self.policy)}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
@@ -22,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_rlhf.data.tokenize import prompt_token_ids
-from lightning_rlhf.lora import is_peft_model, merged_state_dict
+from lightning_rlhf.lora import merged_weights
 from lightning_rlhf.rollout.generation import (
     Generated,
     SamplingConfig,
@@ -117,21 +116,19 @@ def row_seeds(seed: int, n: int) -> list[int]:
     return torch.randint(0, 2**62, (n,), generator=generator).tolist()
 
 
-def trained_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
-    """(name, tensor) under the plain transformers names; a PEFT model's adapters merged on the fly."""
-    state = merged_state_dict(model) if is_peft_model(model) else model.state_dict()
-    yield from state.items()
-
-
 class VLLMEngine:
     """A colocated ``vllm.LLM`` for one policy: :meth:`generate` samples, :meth:`sync_weights` follows it.
 
-    Built from a ``save_pretrained`` folder (weights, config and tokenizer). On CPU the engine runs in the
-    training process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``; the engine subprocess does not start there) and
-    the attention kernel needs a head dimension vLLM supports (32 and 64 work, 16 does not).
+    Built from a ``save_pretrained`` folder (weights, config and tokenizer). In a distributed job (a
+    process group is initialised) each rank holds its own engine, on its ``local_rank``'s device. On CPU
+    the engine runs in the training process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``; the engine subprocess
+    does not start there) and the attention kernel needs a head dimension vLLM supports (32 and 64 work, 16
+    does not).
     """
 
-    def __init__(self, model: str, settings: VLLMSettings | None = None) -> None:
+    def __init__(
+        self, model: str, settings: VLLMSettings | None = None, local_rank: int | None = None
+    ) -> None:
         self.settings = settings = settings or VLLMSettings()
         on_gpu = torch.cuda.is_available()
         if settings.enable_sleep_mode and not on_gpu:
@@ -152,6 +149,13 @@ class VLLMEngine:
         }
         if settings.max_model_len is not None:
             kwargs["max_model_len"] = settings.max_model_len
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Under DDP / DeepSpeed every training rank builds an engine of its own and samples its own
+            # prompts: vLLM's "external launcher" mode joins the job's existing process group (each engine
+            # a tensor-parallel group of one) instead of starting a group of its own.
+            kwargs["distributed_executor_backend"] = "external_launcher"
+            os.environ.setdefault("RANK", str(torch.distributed.get_rank()))
+            os.environ.setdefault("LOCAL_RANK", str(local_rank if local_rank is not None else 0))
         if on_gpu:
             kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
             kwargs["enable_sleep_mode"] = settings.enable_sleep_mode
@@ -250,20 +254,14 @@ class VLLMEngine:
         backend's weight processing run again, and the result copied into the kernel tensors in place.
         Writing into the processed parameters directly fails on CPU (they have no ``weight_loader``).
 
-        TODO(ZeRO-3): gather one parameter at a time instead of refusing partitioned models.
+        The weights stream in one module at a time (:func:`~lightning_rlhf.lora.merged_weights`): a ZeRO-3
+        policy is gathered module by module while vLLM reads it, so no rank holds a second whole copy of
+        the trained model besides the engine's. Under ZeRO-3 every rank must call this together.
         """
-        from lightning_rlhf.zero import is_partitioned
-
-        if is_partitioned(model):
-            raise NotImplementedError(
-                "VLLMEngine.sync_weights: ZeRO-3 partitioned policies are not supported yet; "
-                "use generation_engine='hf' with ZeRO-3"
-            )
         self.wake_up()
-        weights = ((name, tensor.detach()) for name, tensor in trained_weights(model))
         # In-process engine: the generator reaches the worker as it is (no serialisation of the weights).
         self.llm.collective_rpc(
-            "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
+            "reload_weights", kwargs={"weights_iterator": merged_weights(model), "is_checkpoint_format": True}
         )
 
     def sleep(self) -> None:

@@ -205,39 +205,49 @@ def test_policy_copy_is_left_alone(engine, tokenizer):
     assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
 
 
-def test_ppo_with_vllm_rollouts_raises_held_out_gold_reward(word_rl_testbed, word_sft_start, tmp_path):
-    """Seeded: from the SFT'd tiny testbed policy (tests/word_rl.py, as the HF PPO test), PPO with
-    generation_engine='vllm' against the gold reward; the held-out mean gold reward (sampled with HF from
+@pytest.mark.parametrize("method", ["ppo", "grpo"])
+def test_vllm_rollouts_raise_held_out_gold_reward(word_rl_testbed, word_sft_start, tmp_path, method):
+    """Seeded: from the SFT'd tiny testbed policy (tests/word_rl.py), PPO (critic, GAE) and GRPO (groups of
+    4, no critic) with generation_engine='vllm' against the gold reward, with the settings and budget of
+    their HF tests (test_ppo.py, test_critic_free.py); the held-out mean gold reward (sampled with HF from
     the trained policy) must rise clearly."""
     import lightning as L
     from word_rl import cpu_trainer
 
-    from lightning_rlhf import PPOModule, PromptDataModule
+    from lightning_rlhf import GRPO, PPOModule, PromptDataModule
     from lightning_rlhf.testbed.evaluate import evaluate_policy
     from lightning_rlhf.testbed.reward import GoldReward
 
     testbed, start = word_rl_testbed, word_sft_start
+    if method == "ppo":
+        kwargs, prompts_per_rollout = {"critic_learning_rate": 1e-3}, 64
+    else:
+        kwargs, prompts_per_rollout = {"advantage": GRPO(), "num_generations": 4}, 16
     L.seed_everything(0, verbose=False)
-    ppo = PPOModule(
+    module = PPOModule(
         str(start.path),
         reward_function=GoldReward(str(testbed)),
         max_new_tokens=12,
         mini_batch_size=16,
         micro_batch_size=16,
         learning_rate=1e-4,
-        critic_learning_rate=1e-3,
         kl_coef=0.05,
         generation_engine="vllm",
         vllm=VLLMSettings(dtype="float32", max_model_len=128),
+        **kwargs,
     )
     fit = cpu_trainer(tmp_path, max_steps=4 * 30, enable_checkpointing=False, deterministic=True)
-    fit.fit(ppo, PromptDataModule(str(start.path), str(testbed / "prompts_train.jsonl"), batch_size=64))
-    after = evaluate_policy(
-        ppo.policy, start.tokenizer, start.task, start.held_out, samples_per_prompt=2, seed=1
+    data = PromptDataModule(
+        str(start.path), str(testbed / "prompts_train.jsonl"), batch_size=prompts_per_rollout
     )
-    print("gold reward before / after PPO with vLLM rollouts:", start.before, after)
+    fit.fit(module, data)
+    after = evaluate_policy(
+        module.policy, start.tokenizer, start.task, start.held_out, samples_per_prompt=2, seed=1
+    )
+    print(f"gold reward before / after {method} with vLLM rollouts:", start.before, after)
     assert after["gold_reward"] > start.before["gold_reward"] + 0.15, (start.before, after)
-    assert ppo.engine is not None and "time/generation" in fit.callback_metrics
+    assert module.engine is not None and "time/generation" in fit.callback_metrics
+    assert (module.critic is None) == (method == "grpo")
 
 
 def test_ppo_old_logprobs_from_vllm_pass_the_first_step_guard(tmp_path, tokenizer):
