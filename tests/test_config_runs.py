@@ -63,10 +63,10 @@ def config_inputs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def deepspeed_records(request, config_inputs, tmp_path_factory):
-    """The selected configs that run under DeepSpeed, fitted one after another in one subprocess.
+    """The selected configs that run under DeepSpeed, fitted in two subprocesses side by side.
 
-    One process for all of them keeps DeepSpeed out of pytest and pays its imports and process group once;
-    each fit has its own working folder and record, and a failing one does not stop the others.
+    Subprocesses keep DeepSpeed out of pytest and pay its imports and process group once each; each fit
+    has its own working folder and record, and a failing one does not stop the others.
     """
     pytest.importorskip("deepspeed")
     selected = [
