@@ -147,7 +147,7 @@ class OnPolicyModule(HFModelModule):
         if generation_engine == "vllm" and zero3_generation == "synced":
             raise ConfigError(
                 f"{owner}: zero3_generation='synced' decodes with HF generate from ZeRO-3 shards, which "
-                "generation_engine='vllm' does not do (the engine holds whole weights, synced one parameter "
+                "generation_engine='vllm' does not do (the engine holds whole weights, streamed one module "
                 "at a time); drop zero3_generation or use generation_engine='hf'"
             )
         sizes = {
