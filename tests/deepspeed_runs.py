@@ -12,6 +12,7 @@ import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import fork_server
 import torch.multiprocessing as mp
 from gloo import join_or_kill
 
@@ -45,15 +46,17 @@ def free_port() -> int:
 
 
 def spawn(testbed: Path, out_dir: Path, runs: list[Run], nprocs: int, timeout_s: float = 600) -> dict:
-    """Run ``runs`` in order on ``nprocs`` spawned ranks; returns ``{tag: record}`` written by rank 0."""
+    """Run ``runs`` in order on ``nprocs`` ranks (forked from the preloaded server, tests/fork_server.py);
+    returns ``{tag: record}`` written by rank 0."""
     port = free_port()
+    fork_server.context()
     payload = [asdict(r) for r in runs]
     processes = mp.start_processes(
         _worker,
         args=(nprocs, port, str(testbed), str(out_dir), payload),
         nprocs=nprocs,
         join=False,
-        start_method="spawn",
+        start_method=fork_server.START_METHOD,
     )
     join_or_kill(processes, timeout_s)
     return {r.tag: json.loads((out_dir / f"{r.tag}.json").read_text()) for r in runs}

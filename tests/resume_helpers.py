@@ -16,7 +16,6 @@ step. ``FINAL`` is the rank's ``final.pt`` (``final-rank{r}.pt``).
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import signal
 import socket
@@ -25,6 +24,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import fork_server
 import pytest
 import torch
 
@@ -95,20 +95,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# The jobs' heavy imports (lightning_rlhf alone took 4-8 s on 2 shared cores), done once in a fork server
-# that forks every job's processes: a 2-rank run otherwise spent most of its time importing, twice.
-_PRELOAD = ["torch", "lightning", "transformers", "lightning_rlhf"]
-_context = None
-
-
-def _fork_context():
-    global _context
-    if _context is None:
-        _context = mp.get_context("forkserver")
-        _context.set_forkserver_preload(_PRELOAD)
-    return _context
-
-
 def _job_process(code: str, argv: list[str], env: dict, log: str, cwd: str | None = None) -> None:
     """A job's process: ``python -c code *argv`` with ``env`` (in ``cwd``), stdout and stderr to ``log``."""
     os.environ.clear()
@@ -128,7 +114,7 @@ def _job_process(code: str, argv: list[str], env: dict, log: str, cwd: str | Non
 
 def start_job_process(code: str, argv: list[str], env: dict, log: Path, cwd: Path | None = None):
     """Start one process of a job (see :func:`_job_process`); returns the started process."""
-    process = _fork_context().Process(
+    process = fork_server.context().Process(
         target=_job_process, args=(code, argv, env, str(log), None if cwd is None else str(cwd))
     )
     process.start()

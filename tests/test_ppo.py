@@ -3,6 +3,7 @@
 import contextlib
 import json
 
+import fork_server
 import lightning as L
 import pytest
 import torch
@@ -184,7 +185,7 @@ def test_validation_samples_held_out_prompts_and_logs_scores(testbed, tmp_path):
 
 
 class _RankState(L.Callback):
-    """Writes each rank's step count and PPO controller state at the end of fit (ddp_spawn children)."""
+    """Writes each rank's step count and PPO controller state at the end of fit (DDP rank processes)."""
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
@@ -265,7 +266,7 @@ def test_two_ddp_ranks_stay_in_step_with_early_stop_and_adaptive_kl(testbed, tmp
     fit = L.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy="ddp_spawn",
+        strategy=fork_server.ddp_strategy(),
         max_steps=5,
         logger=False,
         enable_progress_bar=False,
@@ -286,7 +287,7 @@ def test_two_ddp_ranks_stay_in_step_with_early_stop_and_adaptive_kl(testbed, tmp
 
 
 class _FirstGradientsToFile(L.Callback):
-    """Saves rank 0's policy gradients at the first optimizer step (ddp_spawn children write files)."""
+    """Saves rank 0's policy gradients at the first optimizer step (DDP rank processes write files)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -337,7 +338,7 @@ def test_ddp_skips_the_all_reduce_before_the_last_micro_batch_with_the_same_grad
         fit = L.Trainer(
             accelerator="cpu",
             devices=2,
-            strategy="ddp_spawn",
+            strategy=fork_server.ddp_strategy(),
             max_steps=1,
             logger=False,
             enable_progress_bar=False,

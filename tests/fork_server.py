@@ -1,0 +1,42 @@
+"""The one fork server that starts the test suite's extra Python processes: gloo and DeepSpeed ranks, and the
+crash-and-resume jobs.
+
+A fresh interpreter spends 6-8 s of CPU importing torch, lightning, transformers and lightning_rlhf on the
+2-core CI machine, and a two-rank test used to pay that twice before doing any work. The server imports them
+once per pytest process and forks every process from there. Nothing else runs in it (no torch op, no thread
+pool, no process group), so a child starts as a fresh interpreter would, less the imports; it unpickles its
+target by reference, as under ``spawn``.
+
+A child inherits the server's environment as it was when the server started, not the caller's current one:
+whatever a process needs (rank, port, world size) goes in its arguments and is set inside it.
+"""
+
+import multiprocessing as mp
+
+PRELOAD = ["torch", "lightning", "transformers", "lightning_rlhf"]
+_context = None
+
+
+def context():
+    """The ``forkserver`` context with :data:`PRELOAD` (set before the server first starts)."""
+    global _context
+    if _context is None:
+        _context = mp.get_context("forkserver")
+        _context.set_forkserver_preload(PRELOAD)
+    return _context
+
+
+START_METHOD = "forkserver"
+"""For ``torch.multiprocessing.start_processes``: call :func:`context` first, so the server preloads."""
+
+
+def ddp_strategy():
+    """Lightning's DDP over gloo, its ranks forked from the server (``"ddp_spawn"`` would start fresh
+    interpreters).
+
+    Lightning picks the rendezvous port in the caller and pickles it into the ranks with the strategy, so
+    the server's older environment does not matter here."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    context()
+    return DDPStrategy(start_method=START_METHOD, process_group_backend="gloo")
