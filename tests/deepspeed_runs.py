@@ -179,35 +179,19 @@ def _check_engine(module, trainer, testbed: Path, out: Path) -> None:
     (HF generate and a training forward, whole weights under ZeRO-3): before the sync (the engine is one
     update phase behind the policy) and after it. Collective under ZeRO-3 (every rank calls it)."""
     import torch
+    from greedy import engine_greedy, hf_greedy
 
-    from lightning_rlhf.models import response_token_logprobs
     from lightning_rlhf.quickstart import read_prompts
-    from lightning_rlhf.rollout.generation import SamplingConfig, generate_responses, left_pad_prompts
-    from lightning_rlhf.rollout.types import select_rows
     from lightning_rlhf.zero import whole_model_for_generation
 
-    tokenizer, engine = module.tokenizer, module.engine
     prompts = read_prompts(testbed / "prompts_eval.jsonl")[:4]
-    greedy = SamplingConfig(max_new_tokens=6, temperature=0.0)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-
-    def from_engine():
-        rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        return engine.generate(rows, greedy, eos_token_id=eos, pad_token_id=pad, seed=0, logprobs=True)
-
     policy = module.policy
     policy.eval()
-    with torch.no_grad(), whole_model_for_generation(trainer, policy):
-        ids, mask = left_pad_prompts(tokenizer, prompts, torch.device("cpu"))
-        response_ids, response_mask = generate_responses(
-            policy, ids, mask, greedy, eos_token_id=eos, pad_token_id=pad
-        )
-        input_ids, attention_mask, width = select_rows(
-            ids, mask, response_ids, response_mask, torch.arange(len(prompts))
-        )
-        logprobs = response_token_logprobs(policy, input_ids, attention_mask, input_ids.shape[1] - width)[0]
-    want_ids, want_mask = response_ids[:, :width], response_mask[:, :width]
-    want = logprobs * want_mask
+    with whole_model_for_generation(trainer, policy):
+        want_ids, want_mask, want = hf_greedy(policy, module.tokenizer, prompts, max_new_tokens=6)
+
+    def from_engine():
+        return engine_greedy(module.engine, module.tokenizer, prompts, max_new_tokens=6)
 
     def gap(got) -> dict:
         got_ids, got_mask, got_logprobs = got
@@ -218,7 +202,7 @@ def _check_engine(module, trainer, testbed: Path, out: Path) -> None:
         return {"same_tokens": same, "logprob_gap": diff}
 
     stale = gap(from_engine())
-    engine.sync_weights(policy)  # collective under ZeRO-3
+    module.engine.sync_weights(policy)  # collective under ZeRO-3
     synced = gap(from_engine())
     out.write_text(json.dumps({"stale": stale, "synced": synced}))
 

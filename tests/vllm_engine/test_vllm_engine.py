@@ -9,11 +9,12 @@ import pytest
 
 vllm = pytest.importorskip("vllm")
 
+import greedy  # noqa: E402
 import torch  # noqa: E402
 
 from lightning_rlhf.models import response_token_logprobs  # noqa: E402
 from lightning_rlhf.rollout.collect import Placement, RewardSources, sample_and_score  # noqa: E402
-from lightning_rlhf.rollout.generation import SamplingConfig, generate_responses, left_pad_prompts  # noqa: E402
+from lightning_rlhf.rollout.generation import SamplingConfig, left_pad_prompts  # noqa: E402
 from lightning_rlhf.rollout.types import select_rows  # noqa: E402
 from lightning_rlhf.rollout.vllm_engine import VLLMEngine, VLLMSettings  # noqa: E402
 from lightning_rlhf.testbed.models import build_causal_lm  # noqa: E402
@@ -21,7 +22,7 @@ from lightning_rlhf.testbed.models import build_causal_lm  # noqa: E402
 pytestmark = pytest.mark.vllm
 
 PROMPTS = ["alpha beta", "gamma", "delta epsilon zeta", "beta beta"]
-GREEDY = SamplingConfig(max_new_tokens=8, temperature=0.0)
+GREEDY = greedy.greedy(max_new_tokens=8)
 
 
 @pytest.fixture(scope="module")
@@ -45,30 +46,11 @@ def fresh_policy(tokenizer):
 
 
 def hf_greedy(model, tokenizer, prompts=PROMPTS):
-    """HF's greedy responses and their log-probs at temperature 1 from a full forward."""
-    eos = tokenizer.eos_token_id
-    ids, mask = left_pad_prompts(tokenizer, prompts, torch.device("cpu"))
-    response_ids, response_mask = generate_responses(
-        model, ids, mask, GREEDY, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id
-    )
-    input_ids, attention_mask, width = select_rows(
-        ids, mask, response_ids, response_mask, torch.arange(len(prompts))
-    )
-    with torch.no_grad():
-        logprobs = response_token_logprobs(model, input_ids, attention_mask, input_ids.shape[1] - width)[0]
-    return response_ids[:, :width], response_mask[:, :width], logprobs * response_mask[:, :width]
+    return greedy.hf_greedy(model, tokenizer, prompts, GREEDY.max_new_tokens)
 
 
 def engine_greedy(engine, tokenizer, prompts=PROMPTS):
-    rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    return engine.generate(
-        rows,
-        GREEDY,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        seed=0,
-        logprobs=True,
-    )
+    return greedy.engine_greedy(engine, tokenizer, prompts, GREEDY.max_new_tokens)
 
 
 def train_a_few_steps(model, tokenizer, steps=3):
@@ -374,15 +356,15 @@ def test_evaluate_samples_with_vllm_like_hf_greedy(policy_dir, tmp_path):
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    greedy = {"max_new_tokens": 8, "temperature": 0.0}
+    settings = {"max_new_tokens": 8, "temperature": 0.0}
     kwargs = dict(
         reward_functions={"length": lambda p, r: [float(len(x)) for x in r]}, apply_chat_template=False
     )
-    hf_summary, hf, _ = evaluate([policy_dir], str(prompts), sampling=SamplingConfig(**greedy), **kwargs)
+    hf_summary, hf, _ = evaluate([policy_dir], str(prompts), sampling=SamplingConfig(**settings), **kwargs)
     vllm_summary, ours, _ = evaluate(
         [policy_dir],
         str(prompts),
-        sampling=SamplingConfig(**greedy, generation_engine="vllm"),
+        sampling=SamplingConfig(**settings, generation_engine="vllm"),
         vllm=VLLMSettings(max_model_len=128),
         **kwargs,
     )
