@@ -11,6 +11,7 @@ from lightning_rlhf.testbed.programs import (
     TIERS,
     ProgramReward,
     ProgramTask,
+    fingerprint,
     minimal_depth,
     parse_program,
     passes,
@@ -76,6 +77,27 @@ def test_parse_program_cuts_eos_and_rejects_bad_tokens():
     assert parse_program("") is None
     assert parse_program("rev frobnicate") is None
     assert parse_program(" ".join(["rev"] * 9)) is None
+
+
+def test_fingerprint_is_the_outputs_on_the_probes_at_every_length():
+    """The tabulated fingerprint (3-op prefixes precomputed) against running each program on every probe:
+    every program of up to 2 ops, and 300 random ones of 3 to 8 ops."""
+    from lightning_rlhf.testbed.programs import _PROBES
+
+    def brute_force(program):
+        return tuple(tuple(run_program(program, probe)) for probe in _PROBES)
+
+    rng = random.Random(0)
+    programs = [[]] + [[a] for a in OPS] + [[a, b] for a in OPS for b in OPS]
+    programs += [[rng.choice(list(OPS)) for _ in range(rng.randint(3, 8))] for _ in range(300)]
+    for program in programs:
+        assert fingerprint(program) == brute_force(program), program
+        assert fingerprint(tuple(program)) == brute_force(program), program
+    assert fingerprint(["rev", "rev"]) == fingerprint([]) != fingerprint(["rev"])
+    with pytest.raises(KeyError):
+        fingerprint(["rev", "rev", "rev", "frobnicate"])
+    with pytest.raises(KeyError):
+        fingerprint(["frobnicate"])
 
 
 def test_add3_four_times_is_minimal_depth_two_not_four():
