@@ -61,13 +61,24 @@ def test_reward_curve_validates_its_arguments():
 
 @pytest.fixture(scope="module")
 def fast_study(tmp_path_factory):
-    """The --fast smoke study, one seed, both tasks, every arm (also the budget cuts) and one shift point."""
+    """The --fast smoke study, one seed, both tasks, every arm (also the budget cuts) and one shift point, on
+    the nano testbed models (the tests check the study's plumbing, not its numbers; 62 s of CPU instead of
+    138 s with the tiny ones, measured)."""
     pytest.importorskip("matplotlib")
     from lightning_rlhf.study.main import main
 
     out = tmp_path_factory.mktemp("paper_study")
-    # --jobs 2: the program and word jobs in parallel processes (pytest alone leaves the second core idle)
-    return out, main(["--fast", "--seeds", "0", "--jobs", "2", "--out", str(out)])
+    # --jobs 2: the program and word jobs in parallel processes (the --jobs path of the study)
+    return out, main(["--fast", "--seeds", "0", "--jobs", "2", "--model-size", "nano", "--out", str(out)])
+
+
+def fast_settings():
+    """The settings the fixture's study ran with (``FAST`` on the nano models)."""
+    from dataclasses import replace
+
+    from lightning_rlhf.study.main import FAST
+
+    return replace(FAST, model_size="nano")
 
 
 def test_fast_study_writes_table_plots_and_json(fast_study):
@@ -170,9 +181,9 @@ def test_best_checkpoint_folder_scores_what_its_curve_point_recorded(fast_study)
 
     from lightning_rlhf.models import load_causal_lm
     from lightning_rlhf.rollout.generation import SamplingConfig, generate_texts
-    from lightning_rlhf.study.main import FAST as settings
     from lightning_rlhf.study.runner import _validation
 
+    settings = fast_settings()
     out, report = fast_study
     job = out / "words_seed0"
     prompts, reward = _validation(job, settings, "words", 0)
@@ -198,9 +209,10 @@ def test_interrupted_study_resumes_and_retrains_only_what_is_missing(fast_study)
     runs are deterministic) and reproduces every score; a rerun with other settings is refused."""
     from dataclasses import replace
 
-    from lightning_rlhf.study.main import FAST, check_same_settings
+    from lightning_rlhf.study.main import check_same_settings
     from lightning_rlhf.study.runner import run_job
 
+    settings = fast_settings()
     out, report = fast_study
     job = out / "words_seed0"
     kept = {p.name: p.stat().st_mtime_ns for p in (job / "arms").glob("*.json") if p.stem != "ppo_B"}
@@ -210,7 +222,7 @@ def test_interrupted_study_resumes_and_retrains_only_what_is_missing(fast_study)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads // 2))
     try:
-        again = run_job(job, replace(FAST, seeds=(0,)), "words", 0)
+        again = run_job(job, replace(settings, seeds=(0,)), "words", 0)
     finally:
         torch.set_num_threads(threads)
     before = report["runs"]["words"][0]
@@ -218,4 +230,4 @@ def test_interrupted_study_resumes_and_retrains_only_what_is_missing(fast_study)
     assert again["arms"]["ppo_B"]["curve"] == before["arms"]["ppo_B"]["curve"]
     assert {p.name: p.stat().st_mtime_ns for p in (job / "arms").glob("*.json") if p.stem != "ppo_B"} == kept
     with pytest.raises(SystemExit, match="other settings.*samples"):
-        check_same_settings(out, replace(FAST, seeds=(0,), samples={"words": 256, "programs": 256}))
+        check_same_settings(out, replace(settings, seeds=(0,), samples={"words": 256, "programs": 256}))
