@@ -235,7 +235,10 @@ def test_every_public_argument_has_a_one_line_doc():
 
 @pytest.mark.parametrize(
     ("script", "args"),
-    [("sft_plain_trainer.py", []), ("ppo_plain_trainer.py", ["--model-size", "nano", "--max-steps", "8"])],
+    [
+        ("sft_plain_trainer.py", ["--model-size", "nano", "--max-steps", "8"]),
+        ("ppo_plain_trainer.py", ["--model-size", "nano", "--max-steps", "8"]),
+    ],
 )
 def test_examples_run(script, args, tmp_path):
     """The example scripts a user copies from still run (shortened where they take an option for it)."""
