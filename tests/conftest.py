@@ -47,3 +47,60 @@ def word_sft_start(tmp_path_factory, word_rl_testbed):
     from word_rl import train_sft_start
 
     return train_sft_start(word_rl_testbed, tmp_path_factory.mktemp("word_sft"))
+
+
+# The suite on several cores (README's test command: pytest -n auto).
+
+MAX_WORKERS = 4
+
+
+def _usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: a worker per usable core, at most ``MAX_WORKERS``. Each worker imports torch and the rest
+    and builds its own session fixtures (about 1 GB each), and past a few workers the longest file alone (the
+    quickstart, ~4 min) sets the wall time."""
+    return max(1, min(_usable_cpus(), MAX_WORKERS))
+
+
+# Under xdist each worker, and every process it starts, gets its share of the cores. Two workers each running
+# torch's default pool over both cores of the 2-core CI machine took 16:49 (the quickstart fixture alone
+# 623 s, three times its time alone); with a thread each, 13:13 (measured).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+if _WORKERS:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, _usable_cpus() // _WORKERS))
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+# Under xdist, whole files go to the workers in collection order, a worker asking for more as it runs low: a
+# file's module fixtures (a trained quickstart, a study) are built once, and the longest files (CPU seconds on
+# 2 cores, measured) go first, so that no worker starts one while the other is finishing. Within a file, and
+# for every file not named, the order is unchanged.
+LONGEST_FIRST = (
+    "test_quickstart.py",
+    "test_paper_study.py",
+    "test_program_track.py",
+    "test_deepspeed.py",
+    "test_config_runs.py",
+    "test_configs.py",
+    "test_console.py",
+    "test_ppo.py",
+    "test_kill_resume_ranks.py",
+    "test_critic_free.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    first = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Whole files, in collection order (xdist's own ``loadfile`` would reorder them by test count)."""
+    from xdist.scheduler import LoadFileScheduling
+
+    config.option.loadscopereorder = False
+    return LoadFileScheduling(config, log)

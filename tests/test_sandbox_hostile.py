@@ -21,21 +21,38 @@ TESTS = [{"inputs": [""], "outputs": [EXPECTED]}]
 
 
 def sandbox_processes() -> list[str]:
-    """Processes (zombies included) a sandboxed program could have left: its uids, or a sandbox cwd."""
-    found = []
+    """Processes (zombies included) a sandboxed program of this test could have left: its uids, or a sandbox
+    cwd. Another test process may be running sandboxes of its own meanwhile (pytest -n: one per worker), so
+    a sandbox process counts only when the first process above it that is no sandbox process is this one or
+    init (an orphan); one whose chain leads to another live process is that process's business."""
+    table = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/status") as f:
                 fields = dict(line.split(":", 1) for line in f if ":" in line)
-            uid = int(fields["Uid"].split()[0])
+            uid, ppid = int(fields["Uid"].split()[0]), int(fields["PPid"])
             try:
                 cwd = os.readlink(f"/proc/{pid}/cwd")
             except OSError:
                 cwd = ""
         except (OSError, KeyError, ValueError):
             continue  # it ended while we looked
-        if _UID_BASE <= uid < _UID_BASE + 256 or "lrlhf-sandbox-" in cwd:
-            found.append(f"{pid} {fields.get('Name', '').strip()} {fields.get('State', '').strip()}")
+        sandboxed = _UID_BASE <= uid < _UID_BASE + 256 or "lrlhf-sandbox-" in cwd
+        table[int(pid)] = (
+            ppid,
+            sandboxed,
+            f"{pid} {fields.get('Name', '').strip()} {fields.get('State', '').strip()}",
+        )
+    found = []
+    for pid, (ppid, sandboxed, description) in table.items():
+        if not sandboxed:
+            continue
+        seen = {pid}
+        while ppid in table and table[ppid][1] and ppid not in seen:
+            seen.add(ppid)
+            ppid = table[ppid][0]
+        if ppid in (os.getpid(), 1, 0) or ppid not in table:
+            found.append(description)
     return found
 
 
