@@ -65,9 +65,9 @@ def pytest_xdist_auto_num_workers(config):
     return max(1, min(_usable_cpus(), MAX_WORKERS))
 
 
-# Under xdist each worker, and every process it starts, gets its share of the cores. Two workers each running
-# torch's default pool over both cores of the 2-core CI machine took 16:49 (the quickstart fixture alone
-# 623 s, three times its time alone); with a thread each, 13:13 (measured).
+# Under xdist each worker, and every process it starts, gets its share of the cores: two workers each running
+# torch's default pool over both cores of the 2-core CI machine oversubscribe them (an earlier stop measured
+# the quickstart fixture at 623 s that way, three times its time alone).
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
 if _WORKERS:
     os.environ["OMP_NUM_THREADS"] = str(max(1, _usable_cpus() // _WORKERS))
