@@ -22,11 +22,12 @@ from lightning_rlhf import (
 from lightning_rlhf.quickstart import read_prompts
 from lightning_rlhf.testbed.evaluate import evaluate_policy
 from lightning_rlhf.testbed.files import write_testbed
+from lightning_rlhf.testbed.models import MODEL_SIZES
 from lightning_rlhf.testbed.reward import GoldReward
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", default="runs/ppo_example")
-parser.add_argument("--model-size", default="tiny")
+parser.add_argument("--model-size", default="tiny", choices=sorted(MODEL_SIZES), help="testbed model size")
 parser.add_argument("--max-steps", type=int, default=80)
 args = parser.parse_args()
 

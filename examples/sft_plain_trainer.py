@@ -13,10 +13,11 @@ from lightning_rlhf import SFTDataModule, SFTModule
 from lightning_rlhf.quickstart import read_prompts
 from lightning_rlhf.testbed.evaluate import evaluate_policy
 from lightning_rlhf.testbed.files import load_task, write_testbed
+from lightning_rlhf.testbed.models import MODEL_SIZES
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", default="runs/example")
-parser.add_argument("--model-size", default="tiny")
+parser.add_argument("--model-size", default="tiny", choices=sorted(MODEL_SIZES), help="testbed model size")
 parser.add_argument("--max-steps", type=int, default=-1, help="stop early (default: the 2 epochs)")
 args = parser.parse_args()
 
