@@ -49,14 +49,13 @@ def spawn(testbed: Path, out_dir: Path, runs: list[Run], nprocs: int, timeout_s:
     """Run ``runs`` in order on ``nprocs`` ranks (forked from the preloaded server, tests/fork_server.py);
     returns ``{tag: record}`` written by rank 0."""
     port = free_port()
-    fork_server.context()
     payload = [asdict(r) for r in runs]
     processes = mp.start_processes(
         _worker,
         args=(nprocs, port, str(testbed), str(out_dir), payload),
         nprocs=nprocs,
         join=False,
-        start_method=fork_server.START_METHOD,
+        start_method=fork_server.start_method(),
     )
     join_or_kill(processes, timeout_s)
     return {r.tag: json.loads((out_dir / f"{r.tag}.json").read_text()) for r in runs}

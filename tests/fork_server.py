@@ -26,8 +26,10 @@ def context():
     return _context
 
 
-START_METHOD = "forkserver"
-"""For ``torch.multiprocessing.start_processes``: call :func:`context` first, so the server preloads."""
+def start_method() -> str:
+    """``start_method`` for ``torch.multiprocessing.start_processes``, with the server's preload set."""
+    context()
+    return "forkserver"
 
 
 def ddp_strategy():
@@ -38,5 +40,4 @@ def ddp_strategy():
     the server's older environment does not matter here."""
     from lightning.pytorch.strategies import DDPStrategy
 
-    context()
-    return DDPStrategy(start_method=START_METHOD, process_group_backend="gloo")
+    return DDPStrategy(start_method=start_method(), process_group_backend="gloo")

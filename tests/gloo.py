@@ -15,13 +15,12 @@ def run_on_two_gloo_ranks(worker: Callable, out_dir: Path, timeout_s: float = 12
     A failing rank re-raises its traceback here; a hung rendezvous fails after ``timeout_s`` and leftover
     processes are killed, so a broken collective can never hang the test suite.
     """
-    fork_server.context()
     processes = mp.start_processes(
         worker,
         args=(2, str(out_dir / "init"), str(out_dir)),
         nprocs=2,
         join=False,
-        start_method=fork_server.START_METHOD,
+        start_method=fork_server.start_method(),
     )
     join_or_kill(processes, timeout_s)
     assert [p.exitcode for p in processes.processes] == [0, 0]

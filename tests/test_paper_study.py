@@ -59,6 +59,9 @@ def test_reward_curve_validates_its_arguments():
         RewardCurve(["x"], lambda p, r: [0.0] * len(p), tokenizer=None, every_n_batches=0)
 
 
+FAST_MODEL_SIZE = "nano"
+
+
 @pytest.fixture(scope="module")
 def fast_study(tmp_path_factory):
     """The --fast smoke study, one seed, both tasks, every arm (also the budget cuts) and one shift point, on
@@ -69,7 +72,8 @@ def fast_study(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("paper_study")
     # --jobs 2: the program and word jobs in parallel processes (the --jobs path of the study)
-    return out, main(["--fast", "--seeds", "0", "--jobs", "2", "--model-size", "nano", "--out", str(out)])
+    args = ["--fast", "--seeds", "0", "--jobs", "2", "--model-size", FAST_MODEL_SIZE, "--out", str(out)]
+    return out, main(args)
 
 
 def fast_settings():
@@ -78,7 +82,7 @@ def fast_settings():
 
     from lightning_rlhf.study.main import FAST
 
-    return replace(FAST, model_size="nano")
+    return replace(FAST, model_size=FAST_MODEL_SIZE)
 
 
 def test_fast_study_writes_table_plots_and_json(fast_study):
