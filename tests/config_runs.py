@@ -23,7 +23,6 @@ import copy
 import json
 import os
 import shutil
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -304,46 +303,44 @@ def fit_all(jobs: list[dict]) -> None:
         Path(job["record"]).write_text(json.dumps(record))
 
 
+_FIT_ALL_JOB = """
+import json, os, sys
+import deepspeed_cpu  # sets DS_ACCELERATOR=cpu before anything imports deepspeed
+from config_runs import fit_all
+fit_all(json.loads(open(sys.argv[1]).read()))
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)  # as tests/deepspeed_runs.py: skip native teardown, which once aborted after the last fit
+"""
+
+
 def fit_all_in_subprocess(jobs: list[dict], out_dir: Path, timeout_s: float, processes: int = 2) -> None:
-    """:func:`fit_all` in fresh processes, each rank 0 of 1 (DeepSpeed's process group stays out of pytest).
+    """:func:`fit_all` in processes of their own, each rank 0 of 1 (DeepSpeed's process group stays out of
+    pytest), forked from the preloaded server (tests/fork_server.py; a fresh interpreter paid ~8 s of
+    imports).
 
     The jobs are dealt round-robin to ``processes`` processes that run side by side: each is single-threaded
-    (OMP_NUM_THREADS=1, see fit()), so one alone leaves the second core idle (measured on 2 cores: the
-    24 fits took 103 s in one process, 48 s in two). Their logs are joined into ``fit_all.log``.
+    (see fit()), so one alone leaves the second core idle when pytest runs on one worker (measured on 2
+    cores: the 24 fits took 103 s in one process, 48 s in two). Their logs are joined into ``fit_all.log``.
     """
-    import subprocess
-
     from deepspeed_runs import free_port
+    from resume_helpers import start_job_process
 
-    here = Path(__file__).resolve().parent
-    path = os.pathsep.join([str(here.parent), str(here), os.environ.get("PYTHONPATH", "")])
     running = []
     for i in range(processes):
         part = jobs[i::processes]
         if not part:
             continue
         (out_dir / f"jobs{i}.json").write_text(json.dumps(part))
-        env = {**os.environ, "PYTHONPATH": path, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", NODE_RANK="0", OMP_NUM_THREADS="1")
-        log = (out_dir / f"fit_all{i}.log").open("w")
-        command = [sys.executable, __file__, str(out_dir / f"jobs{i}.json")]
-        running.append((subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        log = out_dir / f"fit_all{i}.log"
+        running.append(start_job_process(_FIT_ALL_JOB, [str(out_dir / f"jobs{i}.json")], env, log))
     deadline = time.monotonic() + timeout_s
-    for process, log in running:
-        try:
-            process.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
+    for process in running:
+        process.join(timeout=max(1.0, deadline - time.monotonic()))
+        if process.is_alive():
             process.kill()
-            process.wait()
-        log.close()
+            process.join()
     logs = [(out_dir / f"fit_all{i}.log").read_text() for i in range(len(running))]
     (out_dir / "fit_all.log").write_text("".join(logs))
-
-
-if __name__ == "__main__":
-    import deepspeed_cpu  # noqa: F401  (sets DS_ACCELERATOR=cpu before anything imports deepspeed)
-
-    fit_all(json.loads(Path(sys.argv[1]).read_text()))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # as tests/deepspeed_runs.py: skip native teardown, which once aborted after the last fit

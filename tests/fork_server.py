@@ -13,7 +13,22 @@ whatever a process needs (rank, port, world size) goes in its arguments and is s
 
 import multiprocessing as mp
 
-PRELOAD = ["torch", "lightning", "transformers", "lightning_rlhf"]
+PRELOAD = [
+    "torch",
+    "lightning",
+    "transformers",
+    "lightning_rlhf",
+    # The modules the children unpickle their targets from (pytest too, through resume_helpers).
+    "gloo",
+    "deepspeed_runs",
+    "resume_helpers",
+    # DeepSpeed on CPU (sets DS_ACCELERATOR before importing it), and the module DeepSpeed's optimizer check
+    # imports when an engine starts: it applies torch.compile at import, which imports torch._inductor and
+    # torch._dynamo's debug tools. That took each rank ~1.5 s of CPU alone and 4-6 s of wall time beside the
+    # other rank and pytest (py-spy, a 2-rank ZeRO-2 PPO run); a missing module is skipped.
+    "deepspeed_cpu",
+    "deepspeed.runtime.zero.muon.muon_optimizer",
+]
 _context = None
 
 
