@@ -90,6 +90,16 @@ LONGEST_FIRST = (
     "test_ppo.py",
     "test_kill_resume_ranks.py",
     "test_critic_free.py",
+    # files of 8-21 s: after them only files of a few seconds are left to hand out, so the two workers end
+    # within seconds of each other (without them, one core idled for the last ~20 s)
+    "test_real_model_cli.py",
+    "test_sandbox_hostile.py",
+    "test_benchmarks.py",
+    "test_gpu_scripts.py",
+    "test_kill_resume.py",
+    "test_program_files.py",
+    "test_lora.py",
+    "test_data_fuzz.py",
 )
 
 

@@ -18,6 +18,11 @@ PRELOAD = [
     "lightning",
     "transformers",
     "lightning_rlhf",
+    # What a child imported on first use (py-spy over the whole suite: ~10 s of the children's time): the
+    # test models' family, PEFT for LoRA, the testbed's reward.
+    "transformers.models.llama.modeling_llama",
+    "peft",
+    "lightning_rlhf.testbed.reward",
     # The modules the children unpickle their targets from (pytest too, through resume_helpers).
     "gloo",
     "deepspeed_runs",
