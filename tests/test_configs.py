@@ -139,9 +139,13 @@ def test_fit_from_testbed_config(tmp_path, monkeypatch):
 
 
 def test_console_script_help_lists_every_command():
-    exe = shutil.which("lightning-rlhf") or [sys.executable, "-m", "lightning_rlhf.cli"]
-    cmd = [exe, "--help"] if isinstance(exe, str) else [*exe, "--help"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ})
+    """The installed ``lightning-rlhf`` script, looked up beside this interpreter: README runs the suite as
+    ``.venv/bin/python -m pytest`` without activating the venv, so the script is not on PATH there (the test
+    used to fall back to ``python -m lightning_rlhf.cli`` and never ran the script)."""
+    beside = shutil.which("lightning-rlhf", path=str(Path(sys.executable).parent))
+    exe = beside or shutil.which("lightning-rlhf")
+    assert exe is not None, "the lightning-rlhf console script is not installed (pip install -e .)"
+    result = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120, env={**os.environ})
     assert result.returncode == 0, result.stderr
     words = set(result.stdout.replace(",", " ").replace("{", " ").replace("}", " ").split())
     for word in ("testbed", "quickstart", "study", "export", "fit", "validate", "test"):
