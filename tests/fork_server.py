@@ -33,6 +33,7 @@ PRELOAD = [
     # other rank and pytest (py-spy, a 2-rank ZeRO-2 PPO run); a missing module is skipped.
     "deepspeed_cpu",
     "deepspeed.runtime.zero.muon.muon_optimizer",
+    "fork_server_frozen",  # last: gc.freeze() over all of the above
 ]
 _context = None
 
