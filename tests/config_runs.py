@@ -323,7 +323,7 @@ def fit_all_in_subprocess(jobs: list[dict], out_dir: Path, timeout_s: float, pro
     (see fit()), so one alone leaves the second core idle when pytest runs on one worker (measured on 2
     cores: the 24 fits took 103 s in one process, 48 s in two). Their logs are joined into ``fit_all.log``.
     """
-    from deepspeed_runs import free_port
+    from fork_server import free_port
     from resume_helpers import start_job_process
 
     running = []

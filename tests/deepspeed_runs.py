@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,16 +38,10 @@ class Run:
     engine_check: bool = False  # vLLM: after fit, each rank compares its engine with its policy
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(testbed: Path, out_dir: Path, runs: list[Run], nprocs: int, timeout_s: float = 600) -> dict:
     """Run ``runs`` in order on ``nprocs`` ranks (forked from the preloaded server, tests/fork_server.py);
     returns ``{tag: record}`` written by rank 0."""
-    port = free_port()
+    port = fork_server.free_port()
     payload = [asdict(r) for r in runs]
     processes = mp.start_processes(
         _worker,

@@ -1,17 +1,19 @@
-"""The one fork server that starts the test suite's extra Python processes: gloo and DeepSpeed ranks, and the
-crash-and-resume jobs.
+"""The one fork server that starts the test suite's extra Python processes: gloo, DeepSpeed and Lightning DDP
+ranks, the crash-and-resume jobs and the DeepSpeed config fits; and :func:`free_port` for their rendezvous.
 
 A fresh interpreter spends 6-8 s of CPU importing torch, lightning, transformers and lightning_rlhf on the
-2-core CI machine, and a two-rank test used to pay that twice before doing any work. The server imports them
-once per pytest process and forks every process from there. Nothing else runs in it (no torch op, no thread
-pool, no process group), so a child starts as a fresh interpreter would, less the imports; it unpickles its
-target by reference, as under ``spawn``.
+2-core CI machine, and a two-rank test used to pay that twice before doing any work. The server imports those
+and what the children import on first use (:data:`PRELOAD`) once per pytest process, freezes them for the
+garbage collector, and forks every process from there. Nothing else runs in it (no torch op, no thread pool,
+no process group), so a child starts as a fresh interpreter would, less the imports; it unpickles its target
+by reference, as under ``spawn``.
 
 A child inherits the server's environment as it was when the server started, not the caller's current one:
 whatever a process needs (rank, port, world size) goes in its arguments and is set inside it.
 """
 
 import multiprocessing as mp
+import socket
 
 PRELOAD = [
     "torch",
@@ -45,6 +47,13 @@ def context():
         _context = mp.get_context("forkserver")
         _context.set_forkserver_preload(PRELOAD)
     return _context
+
+
+def free_port() -> int:
+    """A free TCP port on localhost, for a process group's ``MASTER_PORT``."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def start_method() -> str:

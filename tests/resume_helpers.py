@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sys
 import textwrap
 import time
@@ -89,12 +88,6 @@ CALLBACKS = textwrap.dedent(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _job_process(code: str, argv: list[str], env: dict, log: str, cwd: str | None = None) -> None:
     """A job's process: ``python -c code *argv`` with ``env`` (in ``cwd``), stdout and stderr to ``log``."""
     os.environ.clear()
@@ -142,7 +135,7 @@ def run_job(
     if ranks > 1:
         env.update(
             MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(free_port()),
+            MASTER_PORT=str(fork_server.free_port()),
             WORLD_SIZE=str(ranks),
             NODE_RANK="0",
             RESUME_STRATEGY=strategy,

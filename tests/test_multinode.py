@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from resume_helpers import free_port, start_job_process
+from fork_server import free_port
+from resume_helpers import start_job_process
 from safetensors.torch import load_file
 from test_readme import bash_blocks
 
